@@ -1,0 +1,42 @@
+"""orbax checkpoints under ``<workdir>/checkpoints``: params, optimizer state and step as separate items,
+so evaluation restores the parameters alone. Restore targets carry the *current* mesh's shardings."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(workdir: str | Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=("params", "opt_state", "meta"))
+
+
+def save(mngr: ocp.CheckpointManager, state: dict, extra_meta: dict | None = None) -> int:
+    step = int(jax.device_get(state["step"]))
+    mngr.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        meta=ocp.args.JsonSave({"step": step, **(extra_meta or {})})))
+    return step
+
+
+def restore_target(abstract: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry the new shardings (never the saved layout by accident)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def restore_params(workdir: str | Path, abstract_params: Any, shardings: Any, step: int | None = None):
+    """(params, step) from the latest (or given) checkpoint of ``workdir``."""
+    mngr = manager(workdir)
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {Path(workdir) / 'checkpoints'}")
+    out = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(restore_target(abstract_params, shardings))))
+    mngr.close()
+    return out["params"], step

@@ -1,0 +1,183 @@
+"""Typed run configuration. Presets in ``configs/*.py`` return a ``Config``; the CLI overrides any field
+with ``--config.<section>.<field>=value`` (ml_collections config flags)."""
+
+import dataclasses
+import difflib
+
+import jax.numpy as jnp
+
+from stem_jax.stem import LOOKUP_MODES, stem_layer_indices
+
+FFN_KINDS = ("dense", "stem")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DATA_SOURCES = ("default", "text", "tfds")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 6
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 512
+    seq_len: int = 128
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+    # "dense" (SwiGLU everywhere) or "stem" (STEM FFN in `stem_layers`, SwiGLU elsewhere).
+    ffn: str = "stem"
+    # "1/3" | "1/2" | "full" | comma-separated indices; the rule is in stem.stem_layer_indices.
+    stem_layers: str = "1/3"
+    # Width of the STEM rows; 0 means d_ff. Any other value is an error (the row gates d_ff features).
+    stem_dim: int = 0
+    # "shard_map" (masked local gather + reduce-scatter) or "xla" (XLA-partitioned gather, the reference).
+    stem_lookup: str = "shard_map"
+    tie_embeddings: bool = False
+    # Std of every backbone matrix (trunc-normal, +-3 sigma); 0 uses Lingua's fan_in**-0.5.
+    init_std: float = 0.02
+    # Compute dtype; parameters stay float32.
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class DataConfig:
+    # "default" (embedded KJV + Shakespeare), "text" (`text_files`) or "tfds" (`tfds_name`).
+    source: str = "default"
+    text_files: str = ""            # comma-separated paths
+    tfds_name: str = ""             # e.g. "my_builder/config:1.0.0", prepared as array_record
+    tfds_data_dir: str = ""
+    tfds_text_key: str = "text"
+    cache_dir: str = ""             # tokenizer + tokenized corpus; "" = ~/.cache/stem_jax
+    val_every: int = 20             # every Nth document goes to the held-out split
+    tokenizer_vocab: int = 0        # BPE vocabulary to train; 0 = model.vocab_size
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16            # global, in sequences
+    lr: float = 3e-3
+    warmup_steps: int = 60
+    min_lr_ratio: float = 0.1       # cosine decays to lr * min_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    # The STEM tables are their own parameter group; defaults equal the backbone, as in the paper's code.
+    stem_lr_mult: float = 1.0
+    stem_weight_decay: float = 0.1
+    stem_clip_norm: float = 1.0
+    seed: int = 0
+    log_every: int = 20
+    eval_batches: int = 16          # validation batches at the end of training (0 = whole split)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    # Sizes of the ('data', 'fsdp', 'tensor') mesh axes; one may be -1 (all remaining devices).
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with the field named."""
+
+
+def _choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), list(choices), n=1)
+        raise ConfigError(f"{name}={value!r} is not one of {tuple(choices)}"
+                          + (f"; did you mean {hint[0]!r}?" if hint else ""))
+
+
+def stem_indices(m: ModelConfig) -> tuple[int, ...]:
+    """STEM layer indices of a model config (empty for a dense model)."""
+    return () if m.ffn == "dense" else stem_layer_indices(m.stem_layers, m.n_layers)
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the field for anything that cannot work; return cfg."""
+    m, t = cfg.model, cfg.train
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "seq_len"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(m, name)}")
+    _choice("model.ffn", m.ffn, FFN_KINDS)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.stem_lookup", m.stem_lookup, LOOKUP_MODES)
+    _choice("data.source", cfg.data.source, DATA_SOURCES)
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"head dim {m.d_model // m.n_heads} must be even for rotary embeddings")
+    if m.stem_dim not in (0, m.d_ff):
+        raise ConfigError(f"model.stem_dim={m.stem_dim} must equal model.d_ff={m.d_ff} (or be 0): "
+                          "the STEM row multiplies the d_ff gate activations elementwise")
+    try:
+        idx = stem_indices(m)
+    except ValueError as e:
+        raise ConfigError(f"model.stem_layers: {e}") from None
+    if m.ffn == "stem" and not idx:
+        raise ConfigError("model.ffn='stem' but model.stem_layers selects no layer; use ffn='dense'")
+    for name in ("steps", "batch_size", "log_every"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    if t.lr <= 0 or t.stem_lr_mult < 0:
+        raise ConfigError("train.lr must be positive and train.stem_lr_mult non-negative")
+    if cfg.data.val_every < 2:
+        raise ConfigError(f"data.val_every={cfg.data.val_every} must be >= 2")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> Config:
+    """Inverse of ``to_dict``; unknown keys (e.g. from a newer version) raise ConfigError."""
+    sections = {f.name: f.type for f in dataclasses.fields(Config)}
+    kwargs = {}
+    for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("mesh", MeshConfig)):
+        sub = dict(d.get(name, {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(sub) - known
+        if unknown:
+            raise ConfigError(f"unknown field(s) {sorted(unknown)} in config section {name!r}")
+        kwargs[name] = cls(**sub)
+    unknown = set(d) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
+    return Config(**kwargs)
+
+
+def suggest_key(cfg: Config, dotted: str) -> str:
+    """Explain why ``dotted`` (e.g. 'train.stesp') is not a config field, with the closest match."""
+    obj, path = cfg, []
+    for part in dotted.split("."):
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        if part not in names:
+            hint = difflib.get_close_matches(part, names, n=1)
+            where = ".".join(path) or "config"
+            msg = f"unknown config key {dotted!r}: {where!s} has no field {part!r}"
+            if hint:
+                msg += f"; did you mean {'.'.join(path + [hint[0]])!r}?"
+            return msg + f" (fields: {', '.join(names)})"
+        obj, path = getattr(obj, part), path + [part]
+    return ""

@@ -1,0 +1,81 @@
+"""grain pipelines over a tokenized corpus: windows of seq_len + 1 tokens, batched per process and
+assembled into global arrays with the batch sharding. Token ids are checked where they enter: a JAX
+gather would silently clamp an out-of-range id."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import grain
+import jax
+import numpy as np
+
+
+class TokenIdError(ValueError):
+    """A token id outside [0, vocab_size)."""
+
+
+def check_ids(ids: np.ndarray, vocab_size: int, source: str) -> np.ndarray:
+    """Return ``ids`` unchanged, or raise TokenIdError naming the first bad id, where it is, and the source."""
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        flat = ids.reshape(-1)
+        pos = int(np.flatnonzero((flat < 0) | (flat >= vocab_size))[0])
+        raise TokenIdError(f"token id {int(flat[pos])} at flat position {pos} of {source} is outside "
+                           f"[0, {vocab_size}) (model.vocab_size={vocab_size})")
+    return ids
+
+
+class Windows(grain.sources.RandomAccessDataSource):
+    """Non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, name: str):
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"{name} has {len(tokens)} tokens, fewer than one window of "
+                             f"model.seq_len + 1 = {seq_len + 1}")
+        self.tokens, self.seq_len = tokens, seq_len
+        self.n = (len(tokens) - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        lo = int(i) * self.seq_len
+        return np.asarray(self.tokens[lo:lo + self.seq_len + 1], dtype=np.int32)
+
+
+def _local_batch(global_batch: int) -> int:
+    n = jax.process_count()
+    if global_batch % n:
+        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {n} processes")
+    return global_batch // n
+
+
+def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, vocab_size: int,
+                  name: str = "train split") -> grain.IterDataset:
+    """Seeded shuffle (a new order every epoch), endless; each process reads its own rows of every batch."""
+    check_ids(tokens, vocab_size, name)
+    ds = grain.MapDataset.source(Windows(tokens, seq_len, name)).shuffle(seed=seed).repeat()
+    ds = ds[jax.process_index()::jax.process_count()]
+    ds = ds.batch(_local_batch(global_batch), drop_remainder=True)
+    ds = ds.map(lambda b: check_ids(b, vocab_size, name))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+
+
+def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, vocab_size: int,
+                 max_batches: int = 0, name: str = "val split") -> Iterator[np.ndarray]:
+    """Windows in order (no shuffle); at most ``max_batches`` (0 = all) full batches, this process's rows."""
+    check_ids(tokens, vocab_size, name)
+    ds = grain.MapDataset.source(Windows(tokens, seq_len, name))
+    n_batches = len(ds) // global_batch
+    if n_batches == 0:
+        raise ValueError(f"{name}: {len(ds)} windows of {seq_len + 1} tokens do not fill one batch of "
+                         f"{global_batch}; lower train.batch_size or model.seq_len")
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    ds = ds[: n_batches * global_batch][jax.process_index()::jax.process_count()]
+    yield from ds.batch(_local_batch(global_batch), drop_remainder=True)
+
+
+def to_global(local_BxL1: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """Assemble the processes' rows into one global array with the batch sharding."""
+    return jax.make_array_from_process_local_data(sharding, local_BxL1)

@@ -1,0 +1,85 @@
+"""Llama-style decoder whose FFN is dense SwiGLU or STEM per layer (Flax NNX)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from stem_jax import sharding
+from stem_jax.config import DTYPES, ModelConfig, stem_indices
+from stem_jax.layers import DenseFFN, RMSNorm, matrix_std, param, project, rope
+from stem_jax.stem import StemFFN
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query attention with rotary embeddings."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, KV = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
+        K = D // H
+        std = matrix_std(cfg.init_std, D)
+        self.wq = param(rngs, (D, H, K), ("embed", "heads", "head_dim"), std)
+        self.wk = param(rngs, (D, KV, K), ("embed", "kv_heads", "head_dim"), std)
+        self.wv = param(rngs, (D, KV, K), ("embed", "kv_heads", "head_dim"), std)
+        self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), std)
+        self.theta, self.dtype = cfg.rope_theta, DTYPES[cfg.dtype]
+
+    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+        heads = ("batch", "length", "act_heads", None)
+        q_BxLxHxK = rope(project(x_BxLxD, self.wq, "bld,dhk->blhk", self.dtype, heads), self.theta)
+        k_BxLxGxK = rope(project(x_BxLxD, self.wk, "bld,dhk->blhk", self.dtype, heads), self.theta)
+        v_BxLxGxK = project(x_BxLxD, self.wv, "bld,dhk->blhk", self.dtype, heads)
+        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+        return project(out_BxLxHxK, self.wo, "blhk,hkd->bld", self.dtype, ("batch", "length", "act_embed"))
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x), ids)."""
+
+    def __init__(self, cfg: ModelConfig, use_stem: bool, *, rngs: nnx.Rngs):
+        dtype = DTYPES[cfg.dtype]
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if use_stem:
+            self.ffn = StemFFN(cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.init_std, rngs=rngs, dtype=dtype,
+                               lookup_mode=cfg.stem_lookup)
+        else:
+            self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.init_std, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+        return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL)
+
+
+class Transformer(nnx.Module):
+    """``ids [B, L] -> logits [B, L, V]`` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.stem_layers = stem_indices(cfg)
+        D, V = cfg.d_model, cfg.vocab_size
+        self.embed = param(rngs, (V, D), ("vocab", "embed"), D ** -0.5)
+        self.blocks = nnx.List([Block(cfg, i in self.stem_layers, rngs=rngs) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(D, cfg.norm_eps)
+        self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
+
+    def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+        dtype = DTYPES[self.cfg.dtype]
+        ids_BxL = sharding.constrain(ids_BxL, ("batch", "length"))
+        x_BxLxD = jnp.take(self.embed[...], ids_BxL, axis=0).astype(dtype)
+        x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD, ids_BxL)
+        x_BxLxD = self.final_norm(x_BxLxD)
+        if self.head is None:
+            logits = jnp.einsum("bld,vd->blv", x_BxLxD, self.embed[...].astype(dtype))
+        else:
+            logits = jnp.einsum("bld,dv->blv", x_BxLxD, self.head[...].astype(dtype))
+        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in float32."""
+    logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1))

@@ -1,0 +1,164 @@
+"""Every sharding decision of stem-jax: the mesh and the logical-axis -> mesh-axis rules.
+
+Model code names logical axes only (``('stem_vocab', 'stem_dff')``, ``('batch', 'length', 'act_embed')``);
+this module is the single place that maps them onto the ``('data', 'fsdp', 'tensor')`` mesh.
+The mesh uses ``AxisType.Auto``: XLA propagates shardings through the backbone, the train step pins
+parameter and optimizer shardings, and the STEM lookup runs under ``jax.shard_map`` (see ``stem.py``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. None = replicated.
+RULES: dict[str, Any] = {
+    # parameters
+    "vocab": "tensor",              # rows of the input embedding / columns of the LM head
+    "embed": "fsdp",                # d_model side of every backbone matrix (FSDP)
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",                # d_ff side of gate/up/down (tensor parallel)
+    "norm": None,
+    "stem_vocab": ("data", "fsdp"),  # STEM table rows: over every batch-parallel axis (see check below)
+    "stem_dff": "tensor",            # STEM table columns line up with the tensor-parallel gate
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+class MeshError(ValueError):
+    """The requested mesh cannot be built on the available devices."""
+
+
+def mesh_axes(logical: str | None, rules: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """Mesh axes a logical axis maps to, as a tuple (empty = replicated)."""
+    if logical is None:
+        return ()
+    rules = RULES if rules is None else rules
+    if logical not in rules:
+        raise KeyError(f"logical axis {logical!r} has no sharding rule; known: {sorted(rules)}")
+    axes = rules[logical]
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _check_rules(rules: dict[str, Any]) -> None:
+    # A table replicated over a batch axis would need its [V, d_ff] gradient all-reduced over that axis.
+    missing = set(mesh_axes("batch", rules)) - set(mesh_axes("stem_vocab", rules))
+    if missing:
+        raise ValueError(f"'stem_vocab' must cover every 'batch' mesh axis; missing {sorted(missing)}")
+
+
+_check_rules(RULES)
+
+
+def spec(logical_axes: Sequence[str | None], rules: dict[str, Any] | None = None) -> P:
+    """PartitionSpec for a tuple of logical axis names."""
+    parts = []
+    for name in logical_axes:
+        axes = mesh_axes(name, rules)
+        parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*parts)
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Mesh over ``MESH_AXES``; one entry may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    shape = [int(s) for s in shape]
+    if len(shape) != len(MESH_AXES):
+        raise MeshError(f"mesh shape {tuple(shape)} must have {len(MESH_AXES)} entries for axes {MESH_AXES}")
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise MeshError(f"mesh shape {tuple(shape)}: sizes must be positive, with at most one -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        if n % known:
+            raise MeshError(f"mesh shape {tuple(shape)}: {n} devices are not divisible by {known}")
+        shape[shape.index(-1)] = n // known
+    if math.prod(shape) != n:
+        desc = " x ".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape))
+        raise MeshError(f"mesh {desc} needs {math.prod(shape)} devices, but {n} are available "
+                        f"(set --config.mesh.* so the product is {n}, or use -1 for one axis)")
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+
+
+def _context_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def axis_size(logical: str, mesh=None) -> int:
+    """Number of shards of a logical axis on ``mesh`` (default: the mesh set with ``jax.set_mesh``)."""
+    mesh = mesh if mesh is not None else _context_mesh()
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in mesh_axes(logical))
+
+
+# Table rows are padded to a multiple of this (and of the shard count): one padded shape for every
+# power-of-two mesh up to 128 vocab shards, so checkpoints move between such meshes unchanged.
+ROW_PAD_MULTIPLE = 128
+
+
+def padded_rows(rows: int, logical: str = "stem_vocab", mesh=None) -> int:
+    """``rows`` rounded up so every device holds an equal slice; padding rows are never addressed."""
+    k = math.lcm(ROW_PAD_MULTIPLE, axis_size(logical, mesh))
+    return -(-rows // k) * k
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op when no mesh is set."""
+    mesh = _context_mesh()
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical_axes)))
+
+
+def named(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:
+    return NamedSharding(mesh, spec(logical_axes))
+
+
+def tree_shardings(mesh: Mesh, tree: Any) -> Any:
+    """NamedShardings for a pytree of nnx Variables (by their ``logical_axes``) and plain arrays (replicated).
+
+    Works for parameters and for optimizer states, whose moments keep the parameters' Variable metadata.
+    """
+    def one(leaf):
+        if isinstance(leaf, nnx.Variable):
+            if not hasattr(leaf.get_value(), "shape"):
+                return leaf  # e.g. optax.MaskedNode: a parameter outside this optimizer group
+            axes = leaf.get_metadata().get("logical_axes")
+            ndim = len(leaf.get_value().shape)
+            sh = NamedSharding(mesh, spec(axes) if axes is not None else P())
+            if axes is not None and len(axes) != ndim:
+                raise ValueError(f"logical axes {axes} do not match rank {ndim}")
+            return leaf.replace(sh)
+        return NamedSharding(mesh, P())
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
+    """Sharding of a [batch, length] array of token ids."""
+    n = axis_size("batch", mesh)
+    if batch_size % n:
+        raise MeshError(f"global batch size {batch_size} is not divisible by the {n} batch shards "
+                        f"(mesh axes {mesh_axes('batch')})")
+    return named(mesh, ("batch", "length"))
+
+
+def describe(mesh: Mesh) -> str:
+    return ", ".join(f"{a}={s}" for a, s in mesh.shape.items())

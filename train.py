@@ -1,0 +1,23 @@
+"""Train a STEM (or dense) transformer.
+
+    python train.py                                    # tiny STEM preset on the embedded corpus
+    python train.py --config configs/tiny.py --workdir runs/tiny --config.train.steps=200
+"""
+from absl import app, flags
+from ml_collections import config_flags
+
+from stem_jax import cli
+
+flags.DEFINE_string("workdir", "runs/tiny", "Where config, metrics, TensorBoard files and checkpoints go.")
+_CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Preset file defining get_config().",
+                                          lock_config=True)
+
+
+def main(argv):
+    cli.check_no_args(argv)
+    from stem_jax import trainer
+    cli.run_user_errors(trainer.train_and_evaluate, cli.checked(_CONFIG.value), flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=cli.parse_flags)
