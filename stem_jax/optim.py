@@ -21,9 +21,10 @@ def param_labels(params: Any) -> Any:
 
 def schedule(t: TrainConfig) -> Callable[[jax.Array], jax.Array]:
     """Linear warmup to ``lr``, cosine to ``lr * min_lr_ratio`` at ``steps`` (warmup capped at ``steps``)."""
-    warmup = max(min(t.warmup_steps, t.steps - 1), 1)
-    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, max(t.steps, 2),
-                                              end_value=t.lr * t.min_lr_ratio)
+    warmup = min(t.warmup_steps, t.steps - 1)
+    if warmup <= 0:
+        return optax.cosine_decay_schedule(t.lr, max(t.steps, 1), alpha=t.min_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(0.0, t.lr, warmup, t.steps, end_value=t.lr * t.min_lr_ratio)
 
 
 def _adamw(t: TrainConfig, lr_mult: float, weight_decay: float, clip: float) -> optax.GradientTransformation:

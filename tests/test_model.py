@@ -1,0 +1,87 @@
+"""The decoder: attention against numpy, causality, shapes, and ties."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import tiny_config
+from stem_jax.layers import rope
+from stem_jax.model import Attention, Transformer, cross_entropy
+
+
+def _np_rope(x, theta):
+    L, K = x.shape[1], x.shape[-1]
+    inv = theta ** (-np.arange(0, K, 2) / K)
+    ang = np.arange(L)[:, None] * inv[None]
+    cos = np.cos(np.concatenate([ang, ang], -1))[None, :, None]
+    sin = np.sin(np.concatenate([ang, ang], -1))[None, :, None]
+    x1, x2 = x[..., : K // 2], x[..., K // 2:]
+    return x * cos + np.concatenate([-x2, x1], -1) * sin
+
+
+def test_rope_matches_numpy_and_preserves_norm():
+    x = np.random.default_rng(0).normal(size=(2, 7, 3, 8)).astype(np.float32)
+    got = np.asarray(rope(jnp.asarray(x), 10_000.0))
+    np.testing.assert_allclose(got, _np_rope(x, 10_000.0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
+
+
+def test_gqa_attention_matches_numpy():
+    cfg = tiny_config(d_model=32, n_heads=4, n_kv_heads=2).model
+    attn = Attention(cfg, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(1).normal(size=(2, 5, 32)).astype(np.float32)
+    wq, wk, wv, wo = (np.asarray(p[...]) for p in (attn.wq, attn.wk, attn.wv, attn.wo))
+    q = _np_rope(np.einsum("bld,dhk->blhk", x, wq), cfg.rope_theta)
+    k = _np_rope(np.einsum("bld,dhk->blhk", x, wk), cfg.rope_theta)
+    v = np.einsum("bld,dhk->blhk", x, wv)
+    k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head h uses kv head h // 2
+    s = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
+    s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bhqk,bkhd,hdm->bqm", p, v, wo)
+    np.testing.assert_allclose(np.asarray(attn(jnp.asarray(x))), want, rtol=1e-4, atol=1e-5)
+
+
+def test_transformer_is_causal_and_uses_stem_layers():
+    cfg = tiny_config(n_layers=4, stem_layers="1,3").model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert model.stem_layers == (1, 3)
+    assert [type(b.ffn).__name__ for b in model.blocks] == ["DenseFFN", "StemFFN", "DenseFFN", "StemFFN"]
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 10)))
+    logits = model(ids)
+    assert logits.shape == (2, 10, cfg.vocab_size) and logits.dtype == jnp.float32
+    changed = model(ids.at[:, 6].set((ids[:, 6] + 1) % cfg.vocab_size))
+    np.testing.assert_allclose(changed[:, :6], logits[:, :6], rtol=1e-6, atol=1e-6)
+    assert not np.allclose(changed[:, 6:], logits[:, 6:])
+
+
+def test_tied_embeddings_and_bf16_compute():
+    cfg = tiny_config(tie_embeddings=True, dtype="bfloat16").model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    assert model.head is None
+    ids = jnp.zeros((1, 4), jnp.int32)
+    logits = model(ids)
+    assert logits.dtype == jnp.float32
+    assert model.embed[...].dtype == jnp.float32  # parameters stay fp32
+    assert jnp.all(jnp.isfinite(logits))
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (2, 3))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    np.testing.assert_allclose(float(cross_entropy(jnp.asarray(logits), jnp.asarray(targets))), want, rtol=1e-6)
+
+
+def test_init_std_zero_uses_fan_in():
+    cfg = tiny_config(init_std=0.0, d_model=64, n_heads=2, n_kv_heads=2, d_ff=256).model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    down = np.asarray(model.blocks[0].ffn.w_down[...])
+    gate = np.asarray(model.blocks[0].ffn.w_gate[...])
+    # Truncation at +-3 sigma shrinks the std by ~1.3%.
+    np.testing.assert_allclose(down.std(), 256 ** -0.5 * 0.987, rtol=0.05)
+    np.testing.assert_allclose(gate.std(), 64 ** -0.5 * 0.987, rtol=0.05)
+    assert np.abs(gate).max() <= 3 * 64 ** -0.5

@@ -1,0 +1,45 @@
+"""The jitted train step: sharded equals unsharded, in both lookup modes."""
+import jax
+import numpy as np
+import pytest
+
+from conftest import mesh_of, tiny_config
+from stem_jax import data
+from stem_jax.trainer import Setup
+
+
+def _one_step(cfg, shape, batch):
+    s = Setup(cfg, mesh_of(shape))
+    state = s.init_state()
+    state, metrics = s.run_train_step(state, data.to_global(batch, s.batch_sharding))
+    return jax.device_get(state["params"]), jax.device_get(metrics), s
+
+
+@pytest.mark.parametrize("lookup", ["shard_map", "xla"])
+def test_train_step_on_2x4_mesh_equals_single_device(lookup):
+    cfg = tiny_config(stem_lookup=lookup)
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.model.seq_len + 1)).astype(np.int32)
+    p1, m1, _ = _one_step(cfg, (1, 1, 1), batch)
+    p8, m8, s8 = _one_step(cfg, (2, 4, 1), batch)
+    assert s8.state_shardings["params"]["blocks"][1]["ffn"]["table"].get_value().spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m8["stem_grad_norm"], m1["stem_grad_norm"], rtol=1e-4)
+    np.testing.assert_allclose(m8["backbone_grad_norm"], m1["backbone_grad_norm"], rtol=1e-4)
+    flat1 = jax.tree_util.tree_flatten_with_path(p1)[0]
+    flat8 = dict(jax.tree_util.tree_flatten_with_path(p8)[0])
+    for path, a in flat1:
+        np.testing.assert_allclose(flat8[path], a, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    # Only the rows of tokens in the batch moved (plus weight decay on every row).
+    table0 = p1["blocks"][1]["ffn"]["table"]
+    assert table0.shape == (1024, cfg.model.d_ff)
+    assert np.all(table0[cfg.model.vocab_size:] == 0)  # padding rows: zero grad, zero decay
+
+
+def test_dense_twin_has_no_tables_and_trains():
+    cfg = tiny_config(ffn="dense")
+    batch = np.zeros((cfg.train.batch_size, cfg.model.seq_len + 1), np.int32)
+    params, metrics, s = _one_step(cfg, (8, 1, 1), batch)
+    assert s.stem_layers == ()
+    assert "table" not in str(jax.tree_util.tree_structure(params))
+    assert float(metrics["stem_grad_norm"]) == 0.0 and np.isfinite(metrics["loss"])
