@@ -4,13 +4,11 @@
     python train.py --config configs/tiny.py --workdir runs/tiny --config.train.steps=200
 """
 from absl import app, flags
-from ml_collections import config_flags
 
 from stem_jax import cli
 
 flags.DEFINE_string("workdir", "runs/tiny", "Where config, metrics, TensorBoard files and checkpoints go.")
-_CONFIG = config_flags.DEFINE_config_file("config", cli.DEFAULT_CONFIG, "Preset file defining get_config().",
-                                          lock_config=True)
+_CONFIG = cli.define_config_flag()
 
 
 def main(argv):

@@ -38,20 +38,37 @@ def _config_path(argv: list[str]) -> str:
     return DEFAULT_CONFIG
 
 
+def _explain_unknown_key(argv: list[str], err: Exception):
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # presets import each other as `configs.*`
+    cfg = load_config_file(_config_path(argv))
+    for a in argv:
+        if a.startswith("--config."):
+            msg = suggest_key(cfg, a[len("--config."):].split("=", 1)[0])
+            if msg:
+                die(msg)
+    die(f"bad config override: {err}")
+
+
+def define_config_flag():
+    """``--config`` (a preset file) with ``--config.a.b=value`` overrides, as in the Flax examples.
+
+    ml_collections resolves override names while defining the flag: an unknown one is reported here
+    with the closest field name."""
+    from ml_collections import config_flags
+    try:
+        return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Preset file defining get_config().",
+                                               lock_config=True)
+    except KeyError as e:
+        _explain_unknown_key(sys.argv, e)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing; an unknown ``--config.a.b`` names the key and suggests the closest field."""
+    """absl parsing with one-line errors; an unknown ``--config.a.b`` suggests the closest field."""
     try:
         return flags.FLAGS(argv)
-    except KeyError as e:  # raised by ml_collections for a field that does not exist
-        if str(REPO) not in sys.path:
-            sys.path.insert(0, str(REPO))  # presets import each other as `configs.*`
-        cfg = load_config_file(_config_path(argv))
-        for a in argv:
-            if a.startswith("--config."):
-                msg = suggest_key(cfg, a[len("--config."):].split("=", 1)[0])
-                if msg:
-                    die(msg)
-        die(f"bad config override: {e}")
+    except KeyError as e:
+        _explain_unknown_key(argv, e)
     except flags.Error as e:
         die(str(e))
 

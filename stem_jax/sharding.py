@@ -120,6 +120,18 @@ def padded_rows(rows: int, logical: str = "stem_vocab", mesh=None) -> int:
     return -(-rows // k) * k
 
 
+def fitted_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh) -> P:
+    """``spec(logical_axes)`` with the mesh axes dropped on any dimension they do not divide evenly
+    (e.g. 1 kv head on a 2-way tensor axis stays replicated)."""
+    parts = []
+    for name, size in zip(logical_axes, shape):
+        axes = mesh_axes(name)
+        if axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes = ()
+        parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*parts)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op when no mesh is set."""
     mesh = _context_mesh()
@@ -142,11 +154,10 @@ def tree_shardings(mesh: Mesh, tree: Any) -> Any:
             if not hasattr(leaf.get_value(), "shape"):
                 return leaf  # e.g. optax.MaskedNode: a parameter outside this optimizer group
             axes = leaf.get_metadata().get("logical_axes")
-            ndim = len(leaf.get_value().shape)
-            sh = NamedSharding(mesh, spec(axes) if axes is not None else P())
-            if axes is not None and len(axes) != ndim:
-                raise ValueError(f"logical axes {axes} do not match rank {ndim}")
-            return leaf.replace(sh)
+            shape = leaf.get_value().shape
+            if axes is not None and len(axes) != len(shape):
+                raise ValueError(f"logical axes {axes} do not match shape {shape}")
+            return leaf.replace(NamedSharding(mesh, fitted_spec(axes, shape, mesh) if axes is not None else P()))
         return NamedSharding(mesh, P())
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

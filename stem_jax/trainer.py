@@ -38,6 +38,10 @@ class Setup:
             self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
             self.abstract_state = jax.eval_shape(self._init)
         self.stem_layers = abstract_model.stem_layers
+        n_dff = sharding.axis_size("stem_dff", mesh)
+        if self.stem_layers and cfg.model.d_ff % n_dff:
+            raise sharding.MeshError(f"model.d_ff={cfg.model.d_ff} is not divisible by the {n_dff} shards of the "
+                                     f"STEM table columns (mesh axes {sharding.mesh_axes('stem_dff')})")
         self.state_shardings = sharding.tree_shardings(mesh, self.abstract_state)
         self.batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
         self.counts = accounting.count_params(abstract_params, cfg.model)
