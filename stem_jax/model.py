@@ -1,6 +1,7 @@
 """Llama-style decoder whose FFN is dense SwiGLU or STEM per layer (Flax NNX)."""
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -65,6 +66,8 @@ class Transformer(nnx.Module):
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
     def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+        chex.assert_rank(ids_BxL, 2)
+        chex.assert_type(ids_BxL, int)
         dtype = DTYPES[self.cfg.dtype]
         ids_BxL = sharding.constrain(ids_BxL, ("batch", "length"))
         x_BxLxD = jnp.take(self.embed[...], ids_BxL, axis=0).astype(dtype)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -130,6 +131,7 @@ class StemFFN(nnx.Module):
         self.vocab_size, self.dtype, self.lookup_mode = vocab_size, dtype, lookup_mode
 
     def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+        chex.assert_equal_shape_prefix([x_BxLxD, ids_BxL], 2)
         rows, width = self.table.shape
         d_ff = self.w_gate.shape[1]
         if width != d_ff or rows < self.vocab_size:

@@ -6,7 +6,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +48,7 @@ class Setup:
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, NamedSharding(mesh, P())),
                                   donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_loss,
+        self.eval_step = jax.jit(self.loss,
                                  in_shardings=(self.state_shardings["params"], self.batch_sharding),
                                  out_shardings=NamedSharding(mesh, P()))
 
@@ -64,9 +64,6 @@ class Setup:
     def loss(self, params: Any, batch_BxL1: jax.Array) -> jax.Array:
         model = nnx.merge(self.graphdef, params)
         return cross_entropy(model(batch_BxL1[:, :-1]), batch_BxL1[:, 1:])
-
-    def _eval_loss(self, params, batch_BxL1):
-        return self.loss(params, batch_BxL1)
 
     def _train_step(self, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch_BxL1)
@@ -115,7 +112,14 @@ def open_corpus(cfg: Config) -> corpus_lib.Corpus:
     return c
 
 
-def train_and_evaluate(cfg: Config, workdir: str | Path, on_step: Callable | None = None) -> dict:
+def _check_finite(step: int, metrics: dict) -> dict:
+    values = {k: float(v) for k, v in metrics.items()}
+    if not all(math.isfinite(v) for v in values.values()):
+        raise FloatingPointError(f"non-finite metrics at step {step}: {values}")
+    return values
+
+
+def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     """Train ``cfg`` into ``workdir``; returns the final metrics (``val_loss``, ``val_ppl``, ...)."""
     from stem_jax.writer import MetricsWriter
     validate(cfg)
@@ -139,24 +143,25 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, on_step: Callable | Non
     batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size))
     writer = MetricsWriter(workdir)
     bar = tqdm(total=t.steps, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
-    last_time, last_step = time.perf_counter(), 0
+    last_time, last_step, previous = time.perf_counter(), 0, None
     for step in range(1, t.steps + 1):
         state, metrics = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+        if previous is not None:  # one step in flight: check the finished one while this one runs
+            _check_finite(step - 1, jax.device_get(previous))
+            bar.update(1)
+        previous = metrics
         if step == 1:  # keep compilation out of the throughput figures
             jax.block_until_ready(metrics)
             last_time, last_step = time.perf_counter(), 1
         if step % t.log_every == 0 or step == t.steps:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"non-finite metrics at step {step}: {values}")
+            values = _check_finite(step, jax.device_get(metrics))
             now = time.perf_counter()
             values["tokens_per_sec"] = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
             last_time, last_step = now, step
             writer.write(step, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
-            if on_step is not None:
-                on_step(step, values)
-        bar.update(1)
+    _check_finite(t.steps, jax.device_get(previous))
+    bar.update(1)
     bar.close()
 
     val_loss = s.evaluate(state["params"], data.eval_batches(corpus.val, m.seq_len, t.batch_size, m.vocab_size,

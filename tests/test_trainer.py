@@ -43,3 +43,10 @@ def test_dense_twin_has_no_tables_and_trains():
     assert s.stem_layers == ()
     assert "table" not in str(jax.tree_util.tree_structure(params))
     assert float(metrics["stem_grad_norm"]) == 0.0 and np.isfinite(metrics["loss"])
+
+
+def test_non_finite_metrics_stop_training_with_the_step_named():
+    from stem_jax.trainer import _check_finite
+    assert _check_finite(3, {"loss": np.float32(2.5)}) == {"loss": 2.5}
+    with pytest.raises(FloatingPointError, match="non-finite metrics at step 7"):
+        _check_finite(7, {"loss": np.float32(np.nan), "stem_grad_norm": np.float32(1.0)})

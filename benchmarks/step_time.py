@@ -1,0 +1,103 @@
+"""Dense vs STEM-full train-step time at the tiny shape, measured in one run.
+
+    python benchmarks/step_time.py                   # tiny preset shape, fp32, all local devices
+    python benchmarks/step_time.py --dtype bfloat16 --out benchmarks/step_time.md
+
+Rounds alternate between the two models so that machine noise hits both alike; the reported figure per
+model is the median step time over all timed steps. Prints tokens/s of each, the measured step-time ratio
+(STEM / dense) for the full train step and for forward + backward alone, and the model-FLOP ratio from
+``accounting.flops_per_token``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from configs import tiny  # noqa: E402
+from stem_jax import accounting, data, sharding  # noqa: E402
+from stem_jax.config import validate  # noqa: E402
+from stem_jax.trainer import Setup  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--out", default="", help="also write the markdown table here")
+    args = ap.parse_args()
+
+    base = tiny.get_config()
+    base.model = dataclasses.replace(base.model, dtype=args.dtype, vocab_size=args.vocab)
+    variants = {"dense": dataclasses.replace(base.model, ffn="dense"),
+                "stem-full": dataclasses.replace(base.model, ffn="stem", stem_layers="full")}
+    mesh = sharding.make_mesh(base.mesh.shape)
+    rng = np.random.default_rng(0)
+    B, L = base.train.batch_size, base.model.seq_len
+    runs = {}
+    for name, model_cfg in variants.items():
+        cfg = validate(dataclasses.replace(base, model=model_cfg))
+        s = Setup(cfg, mesh)
+        state = s.init_state()
+        batch = data.to_global(rng.integers(0, args.vocab, (B, L + 1)).astype(np.int32), s.batch_sharding)
+        for _ in range(2):  # compile + one warm step
+            state, m = s.run_train_step(state, batch)
+        jax.block_until_ready(m)
+        # Forward + backward alone (no optimizer update), to separate model cost from the dense AdamW
+        # that touches every table row each step.
+        grad_fn = jax.jit(jax.grad(s.loss), in_shardings=(s.state_shardings["params"], s.batch_sharding),
+                          out_shardings=s.state_shardings["params"])
+        with jax.set_mesh(mesh):
+            jax.block_until_ready(grad_fn(state["params"], batch))
+        runs[name] = {"setup": s, "state": state, "batch": batch, "times": [], "grad_times": [], "cfg": cfg,
+                      "grad_fn": grad_fn}
+    for _ in range(args.rounds):
+        for r in runs.values():
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                r["state"], m = r["setup"].run_train_step(r["state"], r["batch"])
+                jax.block_until_ready(m)
+                r["times"].append(time.perf_counter() - t0)
+            with jax.set_mesh(mesh):
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(r["grad_fn"](r["state"]["params"], r["batch"]))
+                    r["grad_times"].append(time.perf_counter() - t0)
+
+    step = {k: statistics.median(r["times"]) for k, r in runs.items()}
+    fwd_bwd = {k: statistics.median(r["grad_times"]) for k, r in runs.items()}
+    flops = {k: accounting.flops_per_token(r["cfg"].model) for k, r in runs.items()}
+    params = {k: r["setup"].counts for k, r in runs.items()}
+    dev = jax.devices()[0]
+    lines = [
+        f"Train step at the tiny shape (d {base.model.d_model}, {base.model.n_layers} layers, d_ff {base.model.d_ff}, "
+        f"vocab {args.vocab}, batch {B} x {L}, {args.dtype}) on {jax.device_count()} x {dev.device_kind} "
+        f"({dev.platform}), mesh {sharding.describe(mesh)}; median of {args.rounds * args.steps} steps.",
+        "",
+        "| model | total params | active params / token | train step (ms) | tokens/s | fwd+bwd only (ms) "
+        "| train MFLOPs / token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in runs:
+        lines.append(f"| {k} | {params[k].total / 1e6:.2f}M | {params[k].active / 1e6:.2f}M | "
+                     f"{step[k] * 1e3:.1f} | {B * L / step[k]:,.0f} | {fwd_bwd[k] * 1e3:.1f} | {flops[k] / 1e6:.2f} |")
+    lines += ["", f"STEM-full / dense: train-step time ratio {step['stem-full'] / step['dense']:.3f}, "
+                  f"fwd+bwd time ratio {fwd_bwd['stem-full'] / fwd_bwd['dense']:.3f}, "
+                  f"model-FLOP ratio {flops['stem-full'] / flops['dense']:.3f}"]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
