@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from stem_jax.config import ModelConfig, stem_indices
+from stem_jax.model import Transformer
 
 
 @dataclasses.dataclass
@@ -37,7 +38,6 @@ def count_params(params: Any, cfg: ModelConfig) -> ParamCounts:
 
 def abstract_params(cfg: ModelConfig) -> Any:
     """Parameter shapes without allocating (works for the 1B preset on a laptop)."""
-    from stem_jax.model import Transformer  # local: model imports config, config must not import model
     return nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param)
 
 

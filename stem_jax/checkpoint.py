@@ -9,10 +9,10 @@ import jax
 import orbax.checkpoint as ocp
 
 
-def manager(workdir: str | Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
+def manager(workdir: str | Path, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         Path(workdir).absolute() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
         item_names=("params", "opt_state", "meta"))
 
 
@@ -25,6 +25,16 @@ def save(mngr: ocp.CheckpointManager, state: dict, extra_meta: dict | None = Non
     return step
 
 
+def latest_step(workdir: str | Path) -> int | None:
+    """Newest checkpoint step of ``workdir``, or None; never creates anything."""
+    if not (Path(workdir) / "checkpoints").is_dir():
+        return None
+    mngr = manager(workdir, create=False)
+    step = mngr.latest_step()
+    mngr.close()
+    return step
+
+
 def restore_target(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs that carry the new shardings (never the saved layout by accident)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -32,10 +42,13 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
 
 def restore_params(workdir: str | Path, abstract_params: Any, shardings: Any, step: int | None = None):
     """(params, step) from the latest (or given) checkpoint of ``workdir``."""
-    mngr = manager(workdir)
-    step = mngr.latest_step() if step is None else step
+    step = latest_step(workdir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint under {Path(workdir) / 'checkpoints'}")
+    mngr = manager(workdir, create=False)
+    if step not in mngr.all_steps():
+        raise FileNotFoundError(f"no checkpoint for step {step} under {Path(workdir) / 'checkpoints'} "
+                                f"(steps: {list(mngr.all_steps())})")
     out = mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(restore_target(abstract_params, shardings))))
     mngr.close()

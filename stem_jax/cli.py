@@ -96,7 +96,7 @@ def run_user_errors(fn, *args, **kwargs):
     from stem_jax.sharding import MeshError
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, MeshError, TokenIdError, FileNotFoundError, ValueError, KeyError) as e:
+    except (ConfigError, MeshError, TokenIdError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         if os.environ.get("STEM_JAX_TRACEBACK"):
             raise
         die(f"{type(e).__name__}: {e}", code=1)

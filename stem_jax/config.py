@@ -152,7 +152,6 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(d: dict) -> Config:
     """Inverse of ``to_dict``; unknown keys (e.g. from a newer version) raise ConfigError."""
-    sections = {f.name: f.type for f in dataclasses.fields(Config)}
     kwargs = {}
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("mesh", MeshConfig)):
         sub = dict(d.get(name, {}))
@@ -161,7 +160,7 @@ def from_dict(d: dict) -> Config:
         if unknown:
             raise ConfigError(f"unknown field(s) {sorted(unknown)} in config section {name!r}")
         kwargs[name] = cls(**sub)
-    unknown = set(d) - set(sections)
+    unknown = set(d) - set(kwargs)
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
     return Config(**kwargs)

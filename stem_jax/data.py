@@ -52,8 +52,8 @@ def _local_batch(global_batch: int) -> int:
 
 def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, vocab_size: int,
                   name: str = "train split") -> grain.IterDataset:
-    """Seeded shuffle (a new order every epoch), endless; each process reads its own rows of every batch."""
-    check_ids(tokens, vocab_size, name)
+    """Seeded shuffle (a new order every epoch), endless; each process reads its own rows of every batch.
+    Every batch is id-checked (a full scan up front would read the whole corpus)."""
     ds = grain.MapDataset.source(Windows(tokens, seq_len, name)).shuffle(seed=seed).repeat()
     ds = ds[jax.process_index()::jax.process_count()]
     ds = ds.batch(_local_batch(global_batch), drop_remainder=True)
@@ -64,7 +64,6 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
 def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, vocab_size: int,
                  max_batches: int = 0, name: str = "val split") -> Iterator[np.ndarray]:
     """Windows in order (no shuffle); at most ``max_batches`` (0 = all) full batches, this process's rows."""
-    check_ids(tokens, vocab_size, name)
     ds = grain.MapDataset.source(Windows(tokens, seq_len, name))
     n_batches = len(ds) // global_batch
     if n_batches == 0:
@@ -73,7 +72,8 @@ def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, vocab_size
     if max_batches:
         n_batches = min(n_batches, max_batches)
     ds = ds[: n_batches * global_batch][jax.process_index()::jax.process_count()]
-    yield from ds.batch(_local_batch(global_batch), drop_remainder=True)
+    for batch in ds.batch(_local_batch(global_batch), drop_remainder=True):
+        yield check_ids(batch, vocab_size, name)
 
 
 def to_global(local_BxL1: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

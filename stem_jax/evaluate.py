@@ -36,7 +36,7 @@ def evaluate_workdir(workdir: str | Path, mesh_shape=(-1, 1, 1), step: int | Non
     params, step = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
     m, t = cfg.model, cfg.train
     val_loss = s.evaluate(params, data.eval_batches(corpus.val, m.seq_len, t.batch_size, m.vocab_size,
-                                                    t.eval_batches))
+                                                    t.eval_batches, name=f"{corpus.path / 'val.bin'}"))
     result = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
               "val_tokens": len(corpus.val), "eval_batches": t.eval_batches}
     if jax.process_index() == 0:

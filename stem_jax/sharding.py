@@ -65,13 +65,14 @@ def _check_rules(rules: dict[str, Any]) -> None:
 _check_rules(RULES)
 
 
+def part(axes: tuple[str, ...]):
+    """One PartitionSpec entry for a tuple of mesh axes."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def spec(logical_axes: Sequence[str | None], rules: dict[str, Any] | None = None) -> P:
     """PartitionSpec for a tuple of logical axis names."""
-    parts = []
-    for name in logical_axes:
-        axes = mesh_axes(name, rules)
-        parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return P(*parts)
+    return P(*(part(mesh_axes(name, rules)) for name in logical_axes))
 
 
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -122,13 +123,11 @@ def padded_rows(rows: int, logical: str = "stem_vocab", mesh=None) -> int:
 
 def fitted_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh) -> P:
     """``spec(logical_axes)`` with the mesh axes dropped on any dimension they do not divide evenly
-    (e.g. 1 kv head on a 2-way tensor axis stays replicated)."""
+    (e.g. 1 kv head on a 2-way tensor axis, or a batch of 1, stays replicated)."""
     parts = []
     for name, size in zip(logical_axes, shape):
         axes = mesh_axes(name)
-        if axes and size % math.prod(mesh.shape[a] for a in axes):
-            axes = ()
-        parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        parts.append(None if size % math.prod(mesh.shape[a] for a in axes) else part(axes))
     return P(*parts)
 
 
@@ -137,7 +136,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     mesh = _context_mesh()
     if mesh is None:
         return x
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical_axes)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, fitted_spec(logical_axes, x.shape, mesh)))
 
 
 def named(mesh: Mesh, logical_axes: Sequence[str | None]) -> NamedSharding:

@@ -65,22 +65,16 @@ def stem_layer_indices(spec: str | Sequence[int], n_layers: int) -> tuple[int, .
     return tuple(sorted(idx))
 
 
-def _spec(axes: tuple[str, ...]):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "shard_map", dtype=jnp.float32) -> jax.Array:
     """Rows ``table[ids]`` as [B, L, F] in ``dtype``, batch-sharded like the ids."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return jnp.take(table_VxF, ids_BxL, axis=0).astype(dtype)
-    vocab_axes = sharding.mesh_axes("stem_vocab")
-    dff = _spec(sharding.mesh_axes("stem_dff"))
-    batch_axes = sharding.mesh_axes("batch")
-    if ids_BxL.shape[0] % sharding.axis_size("batch"):
-        batch_axes = ()  # e.g. a single prompt: ids replicated, rows summed over every vocab shard
-    table_spec, ids_spec = P(_spec(vocab_axes), dff), P(_spec(batch_axes), None)
-    out_spec = P(_spec(batch_axes), None, dff)
+    # A batch that does not split over the batch shards (e.g. one prompt) is replicated instead.
+    batch = "batch" if ids_BxL.shape[0] % sharding.axis_size("batch") == 0 else None
+    table_spec = sharding.spec(("stem_vocab", "stem_dff"))
+    ids_spec, out_spec = sharding.spec((batch, "length")), sharding.spec((batch, "length", "stem_dff"))
+    vocab_axes, batch_axes = sharding.mesh_axes("stem_vocab"), sharding.mesh_axes(batch)
 
     if mode == "xla":  # XLA's partitioned gather; the reference the shard_map path is tested against
         gather = jax.sharding.explicit_axes(

@@ -124,6 +124,9 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     from stem_jax.writer import MetricsWriter
     validate(cfg)
     workdir = Path(workdir)
+    existing = checkpoint.latest_step(workdir)
+    if existing is not None:  # never overwrite a user's run
+        raise FileExistsError(f"{workdir} already holds a checkpoint (step {existing}); choose a new --workdir")
     mesh = sharding.make_mesh(cfg.mesh.shape)
     corpus = open_corpus(cfg)
     s = Setup(cfg, mesh)
@@ -140,7 +143,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     if t.warmup_steps >= t.steps:
         log(f"note: train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}; warming up over the whole run")
     state = s.init_state()
-    batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size))
+    batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size,
+                                      name=f"{corpus.path / 'train.bin'}"))
     writer = MetricsWriter(workdir)
     bar = tqdm(total=t.steps, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     last_time, last_step, previous = time.perf_counter(), 0, None
@@ -165,7 +169,7 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     bar.close()
 
     val_loss = s.evaluate(state["params"], data.eval_batches(corpus.val, m.seq_len, t.batch_size, m.vocab_size,
-                                                            t.eval_batches))
+                                                            t.eval_batches, name=f"{corpus.path / 'val.bin'}"))
     final = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
     writer.write(t.steps, final)
     writer.close()

@@ -39,6 +39,11 @@ def test_train_then_eval_on_embedded_corpus(tmp_path, cache_dir):
     assert any(p.name.startswith("events.out.tfevents") for p in (work / "tensorboard").iterdir())
     assert (work / "checkpoints" / "30").is_dir() and (work / "config.json").is_file()
 
+    metrics_before = (work / "metrics.jsonl").read_text()
+    r = run("train.py", f"--workdir={work}", *SMALL, cache_dir=cache_dir, cwd=tmp_path)
+    assert r.returncode != 0 and "already holds a checkpoint (step 30)" in r.stderr
+    assert (work / "metrics.jsonl").read_text() == metrics_before  # the earlier run is untouched
+
     r = run("eval.py", f"--workdir={work}", cache_dir=cache_dir, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((work / "eval.json").read_text())

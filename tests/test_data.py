@@ -16,8 +16,11 @@ def test_check_ids_names_the_id_and_source():
 
 def test_train_dataset_rejects_out_of_range_tokens():
     tokens = np.arange(200, dtype=np.uint16)
-    with pytest.raises(data.TokenIdError, match="token id 100 .* train split"):
-        data.train_dataset(tokens, 16, 4, seed=0, vocab_size=100)
+    with pytest.raises(data.TokenIdError, match=r"token id 1\d\d at .* of corpus/train.bin is outside \[0, 100\)"):
+        for _ in data.train_dataset(tokens, 16, 4, seed=0, vocab_size=100, name="corpus/train.bin"):
+            pass
+    with pytest.raises(data.TokenIdError, match="of val.bin"):
+        list(data.eval_batches(tokens, 16, 4, vocab_size=100, name="val.bin"))
 
 
 def test_windows_shuffle_is_seeded_and_reshuffles_every_epoch():

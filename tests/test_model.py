@@ -85,3 +85,19 @@ def test_init_std_zero_uses_fan_in():
     np.testing.assert_allclose(down.std(), 256 ** -0.5 * 0.987, rtol=0.05)
     np.testing.assert_allclose(gate.std(), 64 ** -0.5 * 0.987, rtol=0.05)
     assert np.abs(gate).max() <= 3 * 64 ** -0.5
+
+
+def test_sharded_forward_equals_unsharded_for_full_and_single_row_batches():
+    from conftest import mesh_of
+    from stem_jax import sharding
+    cfg = tiny_config().model
+    model = Transformer(cfg, rngs=nnx.Rngs(0))  # no mesh: 1024 table rows, the same on the 2x4 mesh
+    graphdef, params = nnx.split(model)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 12)))
+    want = np.asarray(model(ids))
+    mesh = mesh_of((2, 4, 1))
+    fwd = jax.jit(lambda p, i: nnx.merge(graphdef, p)(i))
+    with jax.set_mesh(mesh):
+        p = jax.device_put(params, sharding.tree_shardings(mesh, params))
+        np.testing.assert_allclose(np.asarray(fwd(p, ids)), want, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(fwd(p, ids[:1])), want[:1], rtol=2e-5, atol=2e-5)
