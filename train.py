@@ -18,7 +18,7 @@ def main(argv):
         import jax
         jax.distributed.initialize()
     from stem_jax import trainer
-    cli.run_user_errors(trainer.train_and_evaluate, cli.checked(_CONFIG.value), flags.FLAGS.workdir)
+    cli.run_user_errors(trainer.train_and_evaluate, cli.checked(_CONFIG), flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

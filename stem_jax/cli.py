@@ -82,11 +82,14 @@ def check_no_args(argv: list[str]) -> None:
         die(f"unexpected positional arguments {argv[1:]}; use --flag=value")
 
 
-def checked(cfg: Config) -> Config:
+def checked(config_holder) -> Config:
+    """The validated config of a ``define_config_flag`` holder; an unreadable preset file is named."""
     try:
-        return validate(cfg)
+        return validate(config_holder.value)
     except ConfigError as e:
         die(str(e))
+    except OSError as e:  # ml_collections defers a failed preset load to the first access
+        die("could not load the config file: " + " ".join(str(e.__cause__ or e).split()))
 
 
 def run_user_errors(fn, *args, **kwargs):

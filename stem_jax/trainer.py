@@ -20,6 +20,7 @@ from stem_jax import accounting, checkpoint, corpus as corpus_lib, data, shardin
 from stem_jax.config import Config, to_dict, validate
 from stem_jax.model import Transformer, cross_entropy
 from stem_jax.optim import group_norms, make_optimizer, schedule
+from stem_jax.writer import MetricsWriter
 
 
 def log(msg: str) -> None:
@@ -121,12 +122,14 @@ def _check_finite(step: int, metrics: dict) -> dict:
 
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     """Train ``cfg`` into ``workdir``; returns the final metrics (``val_loss``, ``val_ppl``, ...)."""
-    from stem_jax.writer import MetricsWriter
     validate(cfg)
     workdir = Path(workdir)
     existing = checkpoint.latest_step(workdir)
     if existing is not None:  # never overwrite a user's run
         raise FileExistsError(f"{workdir} already holds a checkpoint (step {existing}); choose a new --workdir")
+    if (workdir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{workdir} holds metrics of an earlier run that did not finish; choose a new "
+                              "--workdir or remove that one")
     mesh = sharding.make_mesh(cfg.mesh.shape)
     corpus = open_corpus(cfg)
     s = Setup(cfg, mesh)

@@ -64,6 +64,7 @@ def test_unknown_config_key_suggests_the_right_one(tmp_path, cache_dir):
     (["--config.model.stem_layers=1/5"], "unknown stem_layers '1/5'"),
     (["--config.model.stem_layers=0,9"], "out of range for n_layers=6"),
     (["--config.model.stem_dim=256"], "must equal model.d_ff=512"),
+    (["--config=configs/nope.py"], "No such file or directory"),
 ])
 def test_bad_input_fails_clearly_and_leaves_no_workdir(tmp_path, cache_dir, args, msg):
     r = run("train.py", f"--workdir={tmp_path / 'w'}", *args, cache_dir=cache_dir)
