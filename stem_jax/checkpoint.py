@@ -16,12 +16,12 @@ def manager(workdir: str | Path, max_to_keep: int = 3, create: bool = True) -> o
         item_names=("params", "opt_state", "meta"))
 
 
-def save(mngr: ocp.CheckpointManager, state: dict, extra_meta: dict | None = None) -> int:
+def save(mngr: ocp.CheckpointManager, state: dict) -> int:
     step = int(jax.device_get(state["step"]))
     mngr.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
-        meta=ocp.args.JsonSave({"step": step, **(extra_meta or {})})))
+        meta=ocp.args.JsonSave({"step": step})))
     return step
 
 
@@ -42,14 +42,17 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
 
 def restore_params(workdir: str | Path, abstract_params: Any, shardings: Any, step: int | None = None):
     """(params, step) from the latest (or given) checkpoint of ``workdir``."""
-    step = latest_step(workdir) if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {Path(workdir) / 'checkpoints'}")
+    where = Path(workdir) / "checkpoints"
+    if not where.is_dir():
+        raise FileNotFoundError(f"no checkpoint under {where}")
     mngr = manager(workdir, create=False)
-    if step not in mngr.all_steps():
-        raise FileNotFoundError(f"no checkpoint for step {step} under {Path(workdir) / 'checkpoints'} "
-                                f"(steps: {list(mngr.all_steps())})")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(restore_target(abstract_params, shardings))))
-    mngr.close()
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None or step not in mngr.all_steps():
+            raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} under {where} "
+                                    f"(steps: {list(mngr.all_steps())})")
+        out = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(restore_target(abstract_params, shardings))))
+    finally:
+        mngr.close()
     return out["params"], step

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import jax
 
-from stem_jax import checkpoint, data, sharding
+from stem_jax import checkpoint, sharding
 from stem_jax.config import Config, from_dict, validate
 from stem_jax.trainer import Setup, describe_run, log, open_corpus
 
@@ -34,12 +33,10 @@ def evaluate_workdir(workdir: str | Path, mesh_shape=(-1, 1, 1), step: int | Non
     corpus = open_corpus(cfg)
     describe_run(s, corpus)
     params, step = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
-    m, t = cfg.model, cfg.train
-    val_loss = s.evaluate(params, data.eval_batches(corpus.val, m.seq_len, t.batch_size, m.vocab_size,
-                                                    t.eval_batches, name=f"{corpus.path / 'val.bin'}"))
-    result = {"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
-              "val_tokens": len(corpus.val), "eval_batches": t.eval_batches}
+    result = {"step": step, **s.validate(params, corpus), "val_tokens": len(corpus.val),
+              "eval_batches": cfg.train.eval_batches}
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    log(f"step {step}: val_loss {val_loss:.4f}, val_ppl {result['val_ppl']:.2f} -> {workdir / 'eval.json'}")
+    log(f"step {step}: val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f} "
+        f"-> {workdir / 'eval.json'}")
     return result

@@ -85,6 +85,14 @@ class Setup:
                 losses.append(self.eval_step(params, data.to_global(local, self.batch_sharding)))
         return float(np.mean(jax.device_get(losses)))
 
+    def validate(self, params: Any, corpus: corpus_lib.Corpus) -> dict:
+        """``val_loss`` / ``val_ppl`` over ``train.eval_batches`` batches of the held-out split."""
+        m, t = self.cfg.model, self.cfg.train
+        batches = data.eval_batches(corpus.val, m.seq_len, t.batch_size, m.vocab_size, t.eval_batches,
+                                    name=f"{corpus.path / 'val.bin'}")
+        val_loss = self.evaluate(params, batches)
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+
 
 def describe_run(s: Setup, corpus: corpus_lib.Corpus | None = None) -> None:
     m = s.cfg.model
@@ -150,35 +158,37 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
                                       name=f"{corpus.path / 'train.bin'}"))
     writer = MetricsWriter(workdir)
     bar = tqdm(total=t.steps, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
-    last_time, last_step, previous = time.perf_counter(), 0, None
-    for step in range(1, t.steps + 1):
-        state, metrics = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
-        if previous is not None:  # one step in flight: check the finished one while this one runs
-            _check_finite(step - 1, jax.device_get(previous))
-            bar.update(1)
-        previous = metrics
+    clock = {"time": time.perf_counter(), "step": 0}
+
+    def finished(step: int, metrics: dict) -> None:
+        """Bookkeeping for a step the device has completed: check, count, log."""
+        values = _check_finite(step, jax.device_get(metrics))
+        bar.update(1)
+        now = time.perf_counter()
         if step == 1:  # keep compilation out of the throughput figures
-            jax.block_until_ready(metrics)
-            last_time, last_step = time.perf_counter(), 1
+            clock.update(time=now, step=1)
         if step % t.log_every == 0 or step == t.steps:
-            values = _check_finite(step, jax.device_get(metrics))
-            now = time.perf_counter()
-            values["tokens_per_sec"] = (step - last_step) * tokens_per_step / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
+            values["tokens_per_sec"] = (step - clock["step"]) * tokens_per_step / max(now - clock["time"], 1e-9)
+            clock.update(time=now, step=step)
             writer.write(step, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
-    _check_finite(t.steps, jax.device_get(previous))
-    bar.update(1)
+
+    previous = None
+    for step in range(1, t.steps + 1):
+        state, metrics = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+        if previous is not None:  # one step in flight: the finished one is read while this one runs
+            finished(step - 1, previous)
+        previous = metrics
+    finished(t.steps, previous)
     bar.close()
 
-    val_loss = s.evaluate(state["params"], data.eval_batches(corpus.val, m.seq_len, t.batch_size, m.vocab_size,
-                                                            t.eval_batches, name=f"{corpus.path / 'val.bin'}"))
-    final = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+    final = s.validate(state["params"], corpus)
     writer.write(t.steps, final)
     writer.close()
     mngr = checkpoint.manager(workdir)
     checkpoint.save(mngr, state)
     mngr.wait_until_finished()
     mngr.close()
-    log(f"done: val_loss {val_loss:.4f} (ppl {final['val_ppl']:.2f}); checkpoint {workdir / 'checkpoints'}")
+    log(f"done: val_loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}); "
+        f"checkpoint {workdir / 'checkpoints'}")
     return final
