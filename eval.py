@@ -14,6 +14,7 @@ flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor sizes of the evalu
 
 def main(argv):
     cli.check_no_args(argv)
+    cli.enable_compilation_cache()
     from stem_jax import evaluate
     f = flags.FLAGS
     mesh = tuple(int(x) for x in f.mesh)

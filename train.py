@@ -2,21 +2,24 @@
 
     python train.py                                    # tiny STEM preset on the embedded corpus
     python train.py --config configs/tiny.py --workdir runs/tiny --config.train.steps=200
+
+Rerunning the same command resumes from the newest checkpoint in --workdir. SIGTERM / Ctrl-C save a
+checkpoint at the current step and exit 0. Multi-process: add --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I (or $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID).
 """
 from absl import app, flags
 
 from stem_jax import cli
 
 flags.DEFINE_string("workdir", "runs/tiny", "Where config, metrics, TensorBoard files and checkpoints go.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (one process per host).")
+cli.define_distributed_flags()
 _CONFIG = cli.define_config_flag()
 
 
 def main(argv):
     cli.check_no_args(argv)
-    if flags.FLAGS.distributed:
-        import jax
-        jax.distributed.initialize()
+    cli.enable_compilation_cache()
+    cli.init_distributed()
     from stem_jax import trainer
     cli.run_user_errors(trainer.train_and_evaluate, cli.checked(_CONFIG), flags.FLAGS.workdir)
 

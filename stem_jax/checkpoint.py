@@ -1,33 +1,60 @@
-"""orbax checkpoints under ``<workdir>/checkpoints``: params, optimizer state and step as separate items,
-so evaluation restores the parameters alone. Restore targets carry the *current* mesh's shardings."""
+"""orbax checkpoints under ``<workdir>/checkpoints``, one directory per step holding four items:
+``params`` and ``opt_state`` (sharded arrays), ``data`` (the grain iterator position of every process)
+and ``meta`` (step, resolved config, tokenizer fingerprint, table rows, process count).
+
+Saves are async and atomic (orbax writes a temporary directory and renames it), and older steps are
+deleted only after a newer one has landed. Restore targets always carry the *current* mesh's shardings,
+so any checkpoint restores onto any mesh; STEM tables whose padded row count differs between meshes are
+padded or cut at the end, where only all-zero padding rows live."""
 from __future__ import annotations
 
+import hashlib
+import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-
-def manager(workdir: str | Path, max_to_keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        Path(workdir).absolute() / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
-        item_names=("params", "opt_state", "meta"))
+from stem_jax.config import ConfigError
 
 
-def save(mngr: ocp.CheckpointManager, state: dict) -> int:
-    step = int(jax.device_get(state["step"]))
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir can be restored."""
+
+
+def directory(workdir: str | Path) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def manager(workdir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(directory(workdir), options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=create, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True))  # leftovers of a save that was killed
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save(mngr: ocp.CheckpointManager, state: dict, data_iter: Any, meta: dict) -> int:
+    """Start an async save of ``state`` at its step; returns the step. Device buffers are copied to host
+    before this returns, so ``state`` may be donated right after."""
+    step = int(meta["step"])
     mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt_state=ocp.args.StandardSave(state["opt_state"]),
-        meta=ocp.args.JsonSave({"step": step})))
+        params=ocp.args.PyTreeSave(state["params"]),
+        opt_state=ocp.args.PyTreeSave(state["opt_state"]),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave(meta)), force=True)
     return step
 
 
 def latest_step(workdir: str | Path) -> int | None:
     """Newest checkpoint step of ``workdir``, or None; never creates anything."""
-    if not (Path(workdir) / "checkpoints").is_dir():
+    if not directory(workdir).is_dir():
         return None
     mngr = manager(workdir, create=False)
     step = mngr.latest_step()
@@ -40,9 +67,100 @@ def restore_target(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _is_table(path) -> bool:
+    return any(getattr(k, "key", None) == "table" for k in path)
+
+
+def _restore_args(abstract: Any, shardings: Any, resize_tables: bool) -> ocp.args.PyTreeRestore:
+    """Restore onto the new shardings; only STEM tables (and their optimizer moments) may change rows."""
+    def one(path, a, s):
+        return ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype,
+                                    strict=not (resize_tables and _is_table(path)))
+    return ocp.args.PyTreeRestore(item=restore_target(abstract, shardings),
+                                  restore_args=jax.tree_util.tree_map_with_path(one, abstract, shardings))
+
+
+def _table_rows(abstract_params: Any) -> int | None:
+    rows = [a.shape[0] for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0] if _is_table(p)]
+    return rows[0] if rows else None
+
+
+def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, meta: dict, abstract_state: dict,
+                  shardings: dict, data_iter: Any) -> dict:
+    """The train state of ``step`` on the new shardings; ``data_iter`` is moved to the saved position."""
+    rows = _table_rows(abstract_state["params"])
+    resize = rows is not None and meta.get("table_rows") not in (None, rows)
+    if resize and meta["table_rows"] < meta["config"]["model"]["vocab_size"]:
+        raise CheckpointError(f"step {step}: saved tables have {meta['table_rows']} rows, fewer than the vocab")
+    out = mngr.restore(step, args=ocp.args.Composite(
+        params=_restore_args(abstract_state["params"], shardings["params"], resize),
+        opt_state=_restore_args(abstract_state["opt_state"], shardings["opt_state"], resize),
+        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    step_array = jax.device_put(np.asarray(step, np.int32), shardings["step"])
+    return {"params": out["params"], "opt_state": out["opt_state"], "step": step_array}
+
+
+def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], abstract_state: dict,
+                   shardings: dict, data_iter: Any, log: Callable[[str], None]) -> tuple[dict, int] | None:
+    """(state, step) of the newest checkpoint that restores, or None when there is none.
+
+    ``check(meta)`` raises for a checkpoint this run must not resume (a different model); that error
+    propagates. A checkpoint that fails to read (a kill during a save on a filesystem without atomic
+    rename, truncated or corrupted files) is skipped with a warning for the next older one; skipped
+    newer ones are moved to ``checkpoints_unreadable/`` (kept, never deleted) so their step numbers can
+    be written again. If none restores, nothing is moved and CheckpointError names every failure."""
+    failures = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        try:
+            meta = read_meta(mngr, step)
+        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+            failures.append((step, e))
+            continue
+        check(meta)
+        try:
+            state = restore_state(mngr, step, meta, abstract_state, shardings, data_iter)
+        except (ConfigError, CheckpointError):
+            raise
+        except Exception as e:  # noqa: BLE001
+            failures.append((step, e))
+            continue
+        for bad, err in failures:
+            log(f"WARNING: checkpoint step {bad} is unreadable ({type(err).__name__}: {_short(err)}); "
+                f"resuming from step {step}")
+        _set_aside(mngr, [bad for bad, _ in failures])
+        return state, step
+    if failures:
+        raise CheckpointError(f"no checkpoint under {mngr.directory} can be restored: " + "; ".join(
+            f"step {s}: {type(e).__name__}: {_short(e)}" for s, e in failures))
+    return None
+
+
+def _short(err: Exception, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    if not steps:
+        return
+    if jax.process_index() == 0:
+        aside = Path(mngr.directory).parent / "checkpoints_unreadable"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            shutil.move(str(Path(mngr.directory) / str(step)), str(aside / f"{step}-{int(time.time())}"))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("stem_jax_set_aside")
+    mngr.reload()
+
+
 def restore_params(workdir: str | Path, abstract_params: Any, shardings: Any, step: int | None = None):
-    """(params, step) from the latest (or given) checkpoint of ``workdir``."""
-    where = Path(workdir) / "checkpoints"
+    """(params, step) from the latest (or given) checkpoint of ``workdir``, on the given shardings."""
+    where = directory(workdir)
     if not where.is_dir():
         raise FileNotFoundError(f"no checkpoint under {where}")
     mngr = manager(workdir, create=False)
@@ -51,8 +169,10 @@ def restore_params(workdir: str | Path, abstract_params: Any, shardings: Any, st
         if step is None or step not in mngr.all_steps():
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} under {where} "
                                     f"(steps: {list(mngr.all_steps())})")
+        rows = read_meta(mngr, step).get("table_rows")
+        resize = rows is not None and rows != _table_rows(abstract_params)
         out = mngr.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(restore_target(abstract_params, shardings))))
+            params=_restore_args(abstract_params, shardings, resize)))
     finally:
         mngr.close()
     return out["params"], step

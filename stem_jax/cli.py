@@ -73,6 +73,49 @@ def parse_flags(argv: list[str]) -> list[str]:
         die(str(e))
 
 
+def define_distributed_flags() -> None:
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with the cluster's own "
+                      "settings (TPU pods, SLURM, Open MPI, ...).")
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a multi-process run "
+                        "(default $JAX_COORDINATOR_ADDRESS).")
+    flags.DEFINE_integer("num_processes", None, "Processes in the run (default $JAX_NUM_PROCESSES).")
+    flags.DEFINE_integer("process_id", None, "This process's index (default $JAX_PROCESS_ID).")
+
+
+def init_distributed() -> None:
+    """``jax.distributed.initialize`` from the flags, the JAX_* environment variables, or (with
+    --distributed) the cluster's auto-detection; nothing for a single-process run."""
+    f = flags.FLAGS
+    given = {"coordinator_address": f.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS"),
+             "num_processes": f.num_processes, "process_id": f.process_id}
+    for name, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        if given[name] is None and os.environ.get(env):
+            try:
+                given[name] = int(os.environ[env])
+            except ValueError:
+                die(f"${env}={os.environ[env]!r} is not an integer")
+    if not f.distributed and all(v is None for v in given.values()):
+        return
+    missing = [k for k, v in given.items() if v is None]
+    if missing and not f.distributed:
+        die(f"a multi-process run needs --coordinator_address, --num_processes and --process_id (or "
+            f"--distributed for cluster auto-detection); missing: {', '.join('--' + k for k in missing)}")
+    import jax
+    try:
+        jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+    except (ValueError, TypeError, RuntimeError) as e:
+        die(f"jax.distributed.initialize failed: {e}")
+
+
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs (those that took over a second) in ``<cache>/xla``, so a rerun (a resume
+    after preemption, an eval) skips most compilation. $JAX_COMPILATION_CACHE_DIR takes precedence."""
+    import jax
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        from stem_jax.corpus import default_cache_dir
+        jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+
+
 def check_no_args(argv: list[str]) -> None:
     """Reject stray positional arguments; quiet absl/orbax INFO logs unless -v/--verbosity was given."""
     from absl import logging
@@ -95,11 +138,13 @@ def checked(config_holder) -> Config:
 def run_user_errors(fn, *args, **kwargs):
     """Run ``fn``; user-facing errors become ``error: ...`` and exit code 1 (set STEM_JAX_TRACEBACK=1
     for the full traceback)."""
+    from stem_jax.checkpoint import CheckpointError
     from stem_jax.data import TokenIdError
     from stem_jax.sharding import MeshError
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, MeshError, TokenIdError, FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (ConfigError, MeshError, TokenIdError, CheckpointError, FloatingPointError, OSError, ValueError,
+            KeyError) as e:
         if os.environ.get("STEM_JAX_TRACEBACK"):
             raise
         die(f"{type(e).__name__}: {e}", code=1)

@@ -71,6 +71,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 20
     eval_batches: int = 16          # validation batches at the end of training (0 = whole split)
+    # Checkpoints also go out on the last step and on SIGTERM/SIGINT; rerunning the command resumes.
+    checkpoint_every: int = 100     # steps between checkpoints (0 = only the last step and preemption)
+    keep_checkpoints: int = 3       # newest checkpoints kept; older ones are deleted after a newer one lands
 
 
 @dataclasses.dataclass
@@ -134,9 +137,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.stem_layers: {e}") from None
     if m.ffn == "stem" and not idx:
         raise ConfigError("model.ffn='stem' but model.stem_layers selects no layer; use ffn='dense'")
-    for name in ("steps", "batch_size", "log_every"):
+    for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = last step only)")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be >= 0")
     if t.lr <= 0 or t.stem_lr_mult < 0:
@@ -164,6 +169,38 @@ def from_dict(d: dict) -> Config:
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
     return Config(**kwargs)
+
+
+def _may_change_on_resume(section: str, name: str) -> bool:
+    """Whether a resumed run may differ in this field: not in anything that shapes the parameters, the
+    tokens, or the order of batches (the saved data-iterator state indexes batches of that size/seed)."""
+    if section in ("mesh",):
+        return True  # checkpoints restore onto any mesh
+    if section == "train":
+        return name not in ("batch_size", "seed")
+    if section == "model":
+        return name in ("stem_lookup", "dtype")  # same parameters and (up to rounding) the same function
+    return name == "cache_dir"
+
+
+def resume_changes(saved: dict, cfg: Config) -> list[str]:
+    """The allowed differences between a checkpoint's config and ``cfg`` as 'field: old -> new' lines;
+    raise ConfigError naming the first field that may not change."""
+    try:
+        old = to_dict(from_dict(saved))  # fills fields added since the checkpoint with their defaults
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"the checkpoint's config cannot be read by this version: {e}") from None
+    new, changes = to_dict(cfg), []
+    for section, fields in new.items():
+        for name, value in fields.items():
+            if old[section][name] == value:
+                continue
+            if not _may_change_on_resume(section, name):
+                raise ConfigError(
+                    f"{section}.{name}={value!r} differs from the checkpoint's {section}.{name}="
+                    f"{old[section][name]!r}; a resumed run must keep it (use a new --workdir to start over)")
+            changes.append(f"{section}.{name}: {old[section][name]!r} -> {value!r}")
+    return changes
 
 
 def suggest_key(cfg: Config, dotted: str) -> str:

@@ -52,18 +52,23 @@ def _local_batch(global_batch: int) -> int:
 
 def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, vocab_size: int,
                   name: str = "train split") -> grain.IterDataset:
-    """Seeded shuffle (a new order every epoch), endless; each process reads its own rows of every batch.
-    Every batch is id-checked (a full scan up front would read the whole corpus)."""
+    """Seeded shuffle (a new order every epoch), endless. Process p takes the p-th contiguous block of
+    rows of every global batch, so the global batch is the same, row for row, for any process count.
+    Every batch is id-checked (a full scan up front would read the whole corpus).
+
+    Iterate with ``iter(...)``: the iterator's state (a few integers per process) goes into checkpoints."""
+    local = _local_batch(global_batch)
+    lo = jax.process_index() * local
     ds = grain.MapDataset.source(Windows(tokens, seq_len, name)).shuffle(seed=seed).repeat()
-    ds = ds[jax.process_index()::jax.process_count()]
-    ds = ds.batch(_local_batch(global_batch), drop_remainder=True)
-    ds = ds.map(lambda b: check_ids(b, vocab_size, name))
+    ds = ds.batch(global_batch, drop_remainder=True)  # reading B windows is trivial next to a step
+    ds = ds.map(lambda b: check_ids(b[lo:lo + local], vocab_size, name))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
 def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, vocab_size: int,
                  max_batches: int = 0, name: str = "val split") -> Iterator[np.ndarray]:
-    """Windows in order (no shuffle); at most ``max_batches`` (0 = all) full batches, this process's rows."""
+    """Windows in order (no shuffle); at most ``max_batches`` (0 = all) full batches, this process's block
+    of rows of each (as in ``train_dataset``)."""
     ds = grain.MapDataset.source(Windows(tokens, seq_len, name))
     n_batches = len(ds) // global_batch
     if n_batches == 0:
@@ -71,9 +76,10 @@ def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, vocab_size
                          f"{global_batch}; lower train.batch_size or model.seq_len")
     if max_batches:
         n_batches = min(n_batches, max_batches)
-    ds = ds[: n_batches * global_batch][jax.process_index()::jax.process_count()]
-    for batch in ds.batch(_local_batch(global_batch), drop_remainder=True):
-        yield check_ids(batch, vocab_size, name)
+    local = _local_batch(global_batch)
+    lo = jax.process_index() * local
+    for batch in ds[: n_batches * global_batch].batch(global_batch):
+        yield check_ids(batch[lo:lo + local], vocab_size, name)
 
 
 def to_global(local_BxL1: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

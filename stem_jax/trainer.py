@@ -1,12 +1,12 @@
-"""The training loop: sharded init, a jitted train step with explicit shardings and donated state,
-logging, final validation and an orbax checkpoint."""
+"""The training loop: sharded init or resume, a jitted train step with explicit shardings and donated
+state, logging, periodic / final / on-signal checkpoints, and final validation."""
 from __future__ import annotations
 
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from stem_jax import accounting, checkpoint, corpus as corpus_lib, data, sharding
-from stem_jax.config import Config, to_dict, validate
+from stem_jax.config import Config, ConfigError, resume_changes, to_dict, validate
+from stem_jax.preemption import StopRequests
 from stem_jax.model import Transformer, cross_entropy
 from stem_jax.optim import group_norms, make_optimizer, schedule
 from stem_jax.writer import MetricsWriter
@@ -70,7 +71,8 @@ class Setup:
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch_BxL1)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "lr": schedule(self.cfg.train)(state["step"]), **group_norms(grads)}
+        metrics = {"loss": loss, "lr": schedule(self.cfg.train)(state["step"]), **group_norms(grads),
+                   "param_norm": optax.tree.norm(params)}  # catches an update that overflowed
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def run_train_step(self, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
@@ -128,67 +130,151 @@ def _check_finite(step: int, metrics: dict) -> dict:
     return values
 
 
+def run_meta(s: Setup, corpus: corpus_lib.Corpus) -> dict:
+    """What a checkpoint records about the run, to refuse resuming a different one."""
+    rows = sharding.padded_rows(s.cfg.model.vocab_size, mesh=s.mesh) if s.stem_layers else None
+    return {"config": to_dict(s.cfg), "tokenizer_sha256": checkpoint.fingerprint(corpus.tokenizer.to_str()),
+            "table_rows": rows, "process_count": jax.process_count(), "mesh": dict(s.mesh.shape)}
+
+
+def _resume_check(cfg: Config, meta: dict, notes: list[str]) -> Callable[[dict], None]:
+    """A check that raises ConfigError for a checkpoint this run must not resume; allowed changes go
+    to ``notes``."""
+    def check(saved: dict) -> None:
+        if "config" not in saved:
+            raise ConfigError("the checkpoint was written by an older stem-jax without a config; "
+                              "use a new --workdir")
+        notes[:] = resume_changes(saved["config"], cfg)
+        if saved["tokenizer_sha256"] != meta["tokenizer_sha256"]:
+            raise ConfigError("the tokenizer differs from the one the checkpoint was trained with (the data "
+                              "or its cache changed); use a new --workdir")
+        if saved["process_count"] != meta["process_count"]:
+            raise ConfigError(f"the checkpoint was written by {saved['process_count']} process(es), this run "
+                              f"has {meta['process_count']}: the data-iterator state is per process")
+        if saved["mesh"] != meta["mesh"]:
+            notes.append(f"mesh: {saved['mesh']} -> {meta['mesh']} (resharded on restore)")
+    return check
+
+
+def _start(s: Setup, workdir: Path, meta: dict, batches) -> tuple[dict, int, Any]:
+    """(state, step, manager-or-None): the newest restorable checkpoint of ``workdir``, or a fresh init.
+    Checks run before anything in ``workdir`` is written."""
+    notes: list[str] = []
+    check = _resume_check(s.cfg, meta, notes)
+    if not checkpoint.directory(workdir).is_dir():
+        if (workdir / "config.json").is_file():  # a run that died before its first checkpoint
+            check({**meta, "config": json.loads((workdir / "config.json").read_text())})
+        return s.init_state(), 0, None
+    mngr = checkpoint.manager(workdir, s.cfg.train.keep_checkpoints, create=False)
+    restored = checkpoint.restore_latest(mngr, check, s.abstract_state, s.state_shardings, batches, log)
+    if restored is None:
+        return s.init_state(), 0, mngr
+    state, step = restored
+    log(f"resumed from the checkpoint at step {step} ({checkpoint.directory(workdir) / str(step)})")
+    for note in notes:
+        log(f"  changed since that checkpoint: {note}")
+    return state, step, mngr
+
+
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
-    """Train ``cfg`` into ``workdir``; returns the final metrics (``val_loss``, ``val_ppl``, ...)."""
+    """Train ``cfg`` into ``workdir``, resuming from its newest checkpoint if there is one; returns the
+    final metrics (``val_loss``, ``val_ppl``, ...) or, when stopped by a signal, ``{"stopped_at": step}``."""
     validate(cfg)
     workdir = Path(workdir)
-    existing = checkpoint.latest_step(workdir)
-    if existing is not None:  # never overwrite a user's run
-        raise FileExistsError(f"{workdir} already holds a checkpoint (step {existing}); choose a new --workdir")
-    if (workdir / "metrics.jsonl").exists():
-        raise FileExistsError(f"{workdir} holds metrics of an earlier run that did not finish; choose a new "
-                              "--workdir or remove that one")
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"--workdir {workdir} is a file, not a directory")
     mesh = sharding.make_mesh(cfg.mesh.shape)
     corpus = open_corpus(cfg)
     s = Setup(cfg, mesh)
     describe_run(s, corpus)
+    t, m = cfg.train, cfg.model
+    batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size,
+                                      name=f"{corpus.path / 'train.bin'}"))
+    meta = run_meta(s, corpus)
+    state, start, mngr = _start(s, workdir, meta, batches)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
         corpus.tokenizer.save(str(workdir / "tokenizer.json"))
-    t, m = cfg.train, cfg.model
-    tokens_per_step = t.batch_size * m.seq_len
-    log(f"training {t.steps} steps x {t.batch_size} x {m.seq_len} tokens; "
-        f"{accounting.flops_per_token(m) / 1e6:,.1f} MFLOPs/token")
-
+    writer = MetricsWriter(workdir, start)
+    if start >= t.steps:
+        final = next((r for r in reversed(writer.rows()) if "val_loss" in r and r["step"] == start), None)
+        if final is None:
+            final = s.validate(state["params"], corpus)
+            writer.write(start, final)
+        writer.close()
+        log(f"already trained to step {start} (train.steps={t.steps}); nothing to do")
+        return {k: v for k, v in final.items() if k != "step"}
+    log(f"training steps {start + 1}..{t.steps} x {t.batch_size} x {m.seq_len} tokens; "
+        f"{accounting.flops_per_token(m) / 1e6:,.1f} MFLOPs/token; checkpoints every "
+        f"{t.checkpoint_every or t.steps} steps in {checkpoint.directory(workdir)}")
     if t.warmup_steps >= t.steps:
         log(f"note: train.warmup_steps={t.warmup_steps} >= train.steps={t.steps}; warming up over the whole run")
-    state = s.init_state()
-    batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size,
-                                      name=f"{corpus.path / 'train.bin'}"))
-    writer = MetricsWriter(workdir)
-    bar = tqdm(total=t.steps, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
-    clock = {"time": time.perf_counter(), "step": 0}
+    mngr = mngr or checkpoint.manager(workdir, t.keep_checkpoints)
+    stop = StopRequests(mngr.reached_preemption)
+    try:
+        state, step = _loop(s, state, start, batches, mngr, meta, writer, stop)
+    except FloatingPointError as e:
+        mngr.wait_until_finished()
+        last = mngr.latest_step()
+        raise FloatingPointError(f"{e}; training stopped. " + (
+            f"The newest checkpoint, step {last}, is intact" if last is not None else "No checkpoint was written")
+            + " (lower train.lr or raise train.warmup_steps before resuming)") from None
+    finally:
+        stop.close()
+        mngr.wait_until_finished()
+        writer.close()
+    if step < t.steps:
+        mngr.close()
+        log(f"stopped by {stop.signal or 'preemption'} after step {step}; checkpoint saved. "
+            "Rerun the same command to resume.")
+        return {"stopped_at": step}
+    final = s.validate(state["params"], corpus)
+    MetricsWriter(workdir, t.steps).write(t.steps, final)
+    mngr.close()
+    log(f"done: val_loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}); "
+        f"checkpoint {checkpoint.directory(workdir) / str(t.steps)}")
+    return final
+
+
+def _loop(s: Setup, state: dict, start: int, batches, mngr, meta: dict, writer: MetricsWriter,
+          stop: StopRequests) -> tuple[dict, int]:
+    """Steps ``start+1 .. train.steps`` (or until a stop request); returns (state, last step done).
+    One step stays in flight: a step's metrics are read while the next one runs, except at a save,
+    where they are checked first so a non-finite state is never saved."""
+    t, m = s.cfg.train, s.cfg.model
+    tokens_per_step = t.batch_size * m.seq_len
+    bar = tqdm(total=t.steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
+    clock = {"time": time.perf_counter(), "step": start}
 
     def finished(step: int, metrics: dict) -> None:
-        """Bookkeeping for a step the device has completed: check, count, log."""
         values = _check_finite(step, jax.device_get(metrics))
         bar.update(1)
         now = time.perf_counter()
-        if step == 1:  # keep compilation out of the throughput figures
-            clock.update(time=now, step=1)
+        if step == start + 1:  # keep compilation out of the throughput figures
+            clock.update(time=now, step=step)
         if step % t.log_every == 0 or step == t.steps:
             values["tokens_per_sec"] = (step - clock["step"]) * tokens_per_step / max(now - clock["time"], 1e-9)
             clock.update(time=now, step=step)
             writer.write(step, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
 
-    previous = None
-    for step in range(1, t.steps + 1):
-        state, metrics = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
-        if previous is not None:  # one step in flight: the finished one is read while this one runs
-            finished(step - 1, previous)
-        previous = metrics
-    finished(t.steps, previous)
-    bar.close()
-
-    final = s.validate(state["params"], corpus)
-    writer.write(t.steps, final)
-    writer.close()
-    mngr = checkpoint.manager(workdir)
-    checkpoint.save(mngr, state)
-    mngr.wait_until_finished()
-    mngr.close()
-    log(f"done: val_loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}); "
-        f"checkpoint {workdir / 'checkpoints'}")
-    return final
+    pending, step = None, start
+    try:
+        for step in range(start + 1, t.steps + 1):
+            state, metrics = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+            if pending is not None:
+                finished(*pending)
+            pending = (step, metrics)
+            stopping = stop.requested(step)
+            if stopping or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+                finished(*pending)
+                pending = None
+                checkpoint.save(mngr, state, batches, {**meta, "step": step})
+            if stopping:
+                break
+        if pending is not None:
+            finished(*pending)
+    finally:
+        bar.close()
+    return state, step

@@ -4,10 +4,20 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from stem_jax import sharding  # noqa: E402
+
+# Tests build many Setups whose jitted functions are identical programs; the persistent cache compiles
+# each program once per session instead of once per Setup.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="stem_jax_xla_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def mesh_of(shape):
@@ -31,3 +41,27 @@ def tiny_config(**model_overrides):
                  ffn="stem", stem_layers="full")
     model.update(model_overrides)
     return Config(model=ModelConfig(**model), train=TrainConfig(steps=10, batch_size=8, lr=1e-2, warmup_steps=2))
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def script_env(cache_dir, devices=1, **extra):
+    """Environment of a CLI subprocess: the session's corpus cache (which also holds the persistent
+    compilation cache, so repeated runs of one shape compile once) and ``devices`` CPU devices."""
+    env = dict(os.environ, STEM_JAX_CACHE=cache_dir, JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def start_script(script, *args, cache_dir, cwd=REPO, devices=1, **extra):
+    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
+                            env=script_env(cache_dir, devices, **extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run_script(script, *args, cache_dir, cwd=REPO, devices=1, timeout=500, **extra):
+    """Run ``script`` to completion; returns a CompletedProcess-like object (returncode, stdout, stderr)."""
+    p = start_script(script, *args, cache_dir=cache_dir, cwd=cwd, devices=devices, **extra)
+    out, err = p.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)

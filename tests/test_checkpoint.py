@@ -1,39 +1,113 @@
-"""orbax checkpoints restore onto other meshes with the new shardings."""
+"""orbax checkpoints: any mesh to any mesh with identical values, the data position, unreadable ones."""
 import jax
 import numpy as np
+import pytest
 
 from conftest import mesh_of, tiny_config
-from stem_jax import checkpoint
+from stem_jax import checkpoint, data
+from stem_jax.config import ConfigError, to_dict
 from stem_jax.trainer import Setup
 
+TOKENS = (np.arange(17 * 200 + 1) % 1000).astype(np.uint16)
 
-def test_save_on_2x4_restore_on_other_meshes(tmp_path):
-    cfg = tiny_config()
-    src = Setup(cfg, mesh_of((2, 4, 1)))
-    state = src.init_state()
-    mngr = checkpoint.manager(tmp_path)
-    assert checkpoint.save(mngr, state) == 0
+
+def _batches(cfg):
+    return iter(data.train_dataset(TOKENS, cfg.model.seq_len, cfg.train.batch_size, 0, cfg.model.vocab_size))
+
+
+def _trained_state(cfg, shape, steps):
+    """State after ``steps`` real steps (so the Adam moments are not zero) and its data iterator."""
+    s = Setup(cfg, mesh_of(shape))
+    state, batches = s.init_state(), _batches(cfg)
+    for _ in range(steps):
+        state, _ = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+    return s, state, batches
+
+
+def _save(workdir, s, state, batches, step):
+    mngr = checkpoint.manager(workdir)
+    rows = state["params"]["blocks"][1]["ffn"]["table"].get_value().shape[0]
+    checkpoint.save(mngr, state, batches, {"step": step, "config": to_dict(s.cfg), "table_rows": rows})
     mngr.wait_until_finished()
     mngr.close()
-    want = jax.device_get(state["params"])
-    for shape in [(1, 1, 1), (4, 2, 1), (2, 2, 2)]:
-        dst = Setup(cfg, mesh_of(shape))
-        params, step = checkpoint.restore_params(tmp_path, dst.abstract_state["params"],
-                                                 dst.state_shardings["params"])
-        assert step == 0
-        table = params["blocks"][1]["ffn"]["table"].get_value()
-        assert table.sharding.is_equivalent_to(dst.state_shardings["params"]["blocks"][1]["ffn"]["table"]
-                                               .get_value(), 2)
-        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(params)):
-            np.testing.assert_array_equal(np.asarray(b), a, err_msg=jax.tree_util.keystr(path))
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
+def _flat(tree):
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_save_on_2x4_restore_on_any_mesh_with_identical_values(tmp_path):
     cfg = tiny_config()
-    s = Setup(cfg, mesh_of((1, 1, 1)))
-    try:
-        checkpoint.restore_params(tmp_path / "empty", s.abstract_state["params"], s.state_shardings["params"])
-    except FileNotFoundError as e:
-        assert "no checkpoint under" in str(e)
-    else:
-        raise AssertionError("expected FileNotFoundError")
+    cfg.train.batch_size = 24  # divisible by 8 and by 6 batch shards
+    src, state, batches = _trained_state(cfg, (2, 4, 1), steps=1)
+    _save(tmp_path, src, state, batches, step=1)
+    want = _flat(jax.device_get({"params": state["params"], "opt_state": state["opt_state"]}))
+    next_batch = next(batches).copy()
+    # 6 vocab shards pad the tables to lcm(128, 6) = 384k rows: 1152 instead of 1024.
+    for shape, rows in [((4, 2, 1), 1024), ((8, 1, 1), 1024), ((1, 1, 1), 1024), ((6, 1, 1), 1152)]:
+        dst = Setup(cfg, mesh_of(shape))
+        it = _batches(cfg)
+        mngr = checkpoint.manager(tmp_path, create=False)
+        meta = checkpoint.read_meta(mngr, 1)
+        got = checkpoint.restore_state(mngr, 1, meta, dst.abstract_state, dst.state_shardings, it)
+        mngr.close()
+        assert int(got["step"]) == 1
+        table = got["params"]["blocks"][1]["ffn"]["table"].get_value()
+        want_sharding = dst.state_shardings["params"]["blocks"][1]["ffn"]["table"].get_value()
+        assert table.shape[0] == rows and table.sharding.is_equivalent_to(want_sharding, 2)
+        flat = _flat(jax.device_get({"params": got["params"], "opt_state": got["opt_state"]}))
+        assert flat.keys() == want.keys()
+        for key, a in want.items():
+            b = flat[key]
+            if b.shape != a.shape:  # a table or its moments: same rows, then zero padding
+                np.testing.assert_array_equal(b[:1000], a[:1000], err_msg=key)
+                assert not b[1000:].any() and not a[1000:].any(), key
+            else:
+                np.testing.assert_array_equal(b, a, err_msg=key)
+        np.testing.assert_array_equal(next(it), next_batch)  # the data position came back too
+
+
+def test_unreadable_newest_checkpoint_falls_back_and_is_kept_aside(tmp_path):
+    cfg = tiny_config()
+    s, state, batches = _trained_state(cfg, (1, 1, 1), steps=1)
+    _save(tmp_path, s, state, batches, step=1)
+    state, _ = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+    _save(tmp_path, s, state, batches, step=2)
+    files = sorted((tmp_path / "checkpoints" / "2" / "params").rglob("ocdbt.process_0/d/*"),
+                   key=lambda p: p.stat().st_size)
+    files[-1].write_bytes(files[-1].read_bytes()[:100])  # a truncated write
+    logs, checked = [], []
+    mngr = checkpoint.manager(tmp_path, create=False)
+    state1, step = checkpoint.restore_latest(mngr, checked.append, s.abstract_state, s.state_shardings,
+                                             _batches(cfg), logs.append)
+    assert step == 1 and [m["step"] for m in checked] == [2, 1]
+    assert len(logs) == 1 and "checkpoint step 2 is unreadable" in logs[0] and "resuming from step 1" in logs[0]
+    assert mngr.all_steps() == [1]
+    assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir()] == ["2"]
+
+    # A check that refuses the run propagates; with every checkpoint unreadable nothing is moved.
+    with pytest.raises(ConfigError, match="different model"):
+        checkpoint.restore_latest(mngr, lambda m: (_ for _ in ()).throw(ConfigError("different model")),
+                                  s.abstract_state, s.state_shardings, _batches(cfg), logs.append)
+    for f in (tmp_path / "checkpoints" / "1" / "params").rglob("ocdbt.process_0/d/*"):
+        f.write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="step 1: "):
+        checkpoint.restore_latest(mngr, lambda m: None, s.abstract_state, s.state_shardings, _batches(cfg),
+                                  logs.append)
+    assert mngr.all_steps() == [1]
+    mngr.close()
+
+
+def test_eval_restores_params_alone_and_missing_checkpoints_are_clear_errors(tmp_path):
+    cfg = tiny_config()
+    s, state, batches = _trained_state(cfg, (2, 4, 1), steps=0)
+    _save(tmp_path, s, state, batches, step=0)
+    dst = Setup(cfg, mesh_of((1, 1, 1)))
+    params, step = checkpoint.restore_params(tmp_path, dst.abstract_state["params"], dst.state_shardings["params"])
+    assert step == 0
+    for (key, a), b in zip(_flat(jax.device_get(state["params"])).items(), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(b), a, err_msg=key)
+    with pytest.raises(FileNotFoundError, match="no checkpoint for step 5 under"):
+        checkpoint.restore_params(tmp_path, dst.abstract_state["params"], dst.state_shardings["params"], step=5)
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        checkpoint.restore_params(tmp_path / "empty", dst.abstract_state["params"], dst.state_shardings["params"])

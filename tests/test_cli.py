@@ -1,25 +1,17 @@
 """train.py / eval.py end to end, as a user runs them (one CPU device per subprocess)."""
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import run_script
 SMALL = ["--config.model.d_model=64", "--config.model.n_layers=3", "--config.model.n_heads=4",
          "--config.model.n_kv_heads=2", "--config.model.d_ff=128", "--config.model.seq_len=64",
          "--config.train.batch_size=8", "--config.train.steps=30", "--config.train.log_every=10",
          "--config.train.warmup_steps=5", "--config.train.eval_batches=4"]
 
 
-def run(script, *args, cache_dir, cwd=REPO):
-    env = dict(os.environ, STEM_JAX_CACHE=cache_dir, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=500)
+run = run_script
 
 
 def test_train_then_eval_on_embedded_corpus(tmp_path, cache_dir):
@@ -41,8 +33,8 @@ def test_train_then_eval_on_embedded_corpus(tmp_path, cache_dir):
 
     metrics_before = (work / "metrics.jsonl").read_text()
     r = run("train.py", f"--workdir={work}", *SMALL, cache_dir=cache_dir, cwd=tmp_path)
-    assert r.returncode != 0 and "already holds a checkpoint (step 30)" in r.stderr
-    assert (work / "metrics.jsonl").read_text() == metrics_before  # the earlier run is untouched
+    assert r.returncode == 0 and "already trained to step 30 (train.steps=30); nothing to do" in r.stdout
+    assert (work / "metrics.jsonl").read_text() == metrics_before  # the finished run is untouched
 
     r = run("eval.py", f"--workdir={work}", cache_dir=cache_dir, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -65,12 +57,25 @@ def test_unknown_config_key_suggests_the_right_one(tmp_path, cache_dir):
     (["--config.model.stem_layers=0,9"], "out of range for n_layers=6"),
     (["--config.model.stem_dim=256"], "must equal model.d_ff=512"),
     (["--config=configs/nope.py"], "No such file or directory"),
+    (["--config.train.steps=abc"], "flag --config.train.steps=abc: invalid literal for int()"),
+    (["--config.train.checkpoint_every=-1"], "train.checkpoint_every=-1 must be >= 0"),
+    (["--config.data.source=text", "--config.data.text_files=/no/such.txt"], "'/no/such.txt' is not a readable"),
+    (["--config.data.source=text", "--config.data.text_files=/"], "'/' is not a readable file"),
+    (["--coordinator_address=127.0.0.1:1"], "missing: --num_processes, --process_id"),
 ])
 def test_bad_input_fails_clearly_and_leaves_no_workdir(tmp_path, cache_dir, args, msg):
     r = run("train.py", f"--workdir={tmp_path / 'w'}", *args, cache_dir=cache_dir)
     assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_kept(tmp_path, cache_dir):
+    f = tmp_path / "notes.txt"
+    f.write_text("my notes")
+    r = run("train.py", f"--workdir={f}", "--config.train.steps=2", cache_dir=cache_dir)
+    assert r.returncode == 1 and "is a file, not a directory" in r.stderr, r.stderr[-2000:]
+    assert f.read_text() == "my notes"
 
 
 def test_tokenizer_larger_than_model_vocab_is_rejected(tmp_path, cache_dir):

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from conftest import tiny_config
-from stem_jax.config import ConfigError, from_dict, suggest_key, to_dict, validate
+from stem_jax.config import Config, ConfigError, from_dict, resume_changes, suggest_key, to_dict, validate
 
 
 @pytest.mark.parametrize("section,field,value,msg", [
@@ -47,3 +47,29 @@ def test_suggest_key():
     assert "did you mean 'train.steps'" in suggest_key(cfg, "train.stesp")
     assert "did you mean 'model'" in suggest_key(cfg, "modle.d_model")
     assert suggest_key(cfg, "train.steps") == ""
+
+
+@pytest.mark.parametrize("section,field,value", [
+    ("model", "vocab_size", 4096), ("model", "d_model", 64), ("model", "d_ff", 1024),
+    ("model", "stem_layers", "full"), ("model", "ffn", "dense"), ("model", "n_layers", 7),
+    ("data", "source", "text"), ("train", "batch_size", 32), ("train", "seed", 1),
+])
+def test_resume_refuses_a_different_model_or_data_order_naming_the_field(section, field, value):
+    saved = to_dict(Config())
+    cfg = Config()
+    setattr(getattr(cfg, section), field, value)
+    with pytest.raises(ConfigError, match=rf"{section}\.{field}={value!r} differs from the checkpoint's "
+                                          rf"{section}\.{field}="):
+        resume_changes(saved, cfg)
+
+
+def test_resume_allows_and_lists_training_knobs_mesh_and_lookup():
+    saved = to_dict(Config())
+    del saved["train"]["keep_checkpoints"]  # written by a version without the field: its default applies
+    cfg = Config()
+    cfg.train.steps, cfg.train.lr, cfg.train.log_every = 1200, 1e-3, 5
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.model.stem_lookup = 2, 4, "xla"
+    assert resume_changes(saved, cfg) == [
+        "model.stem_lookup: 'shard_map' -> 'xla'", "train.steps: 600 -> 1200", "train.lr: 0.003 -> 0.001",
+        "train.log_every: 20 -> 5", "mesh.data: -1 -> 2", "mesh.fsdp: 1 -> 4"]
+    assert resume_changes(saved, Config()) == []

@@ -48,3 +48,32 @@ def test_eval_batches_are_ordered_and_capped():
         list(data.eval_batches(tokens, 16, 20, vocab_size=1000))
     with pytest.raises(ValueError, match="fewer than one window"):
         data.train_dataset(np.arange(10, dtype=np.uint16), 16, 4, seed=0, vocab_size=1000)
+
+
+@pytest.mark.parametrize("make", [
+    lambda tokens: data.train_dataset(tokens, 16, 4, seed=3, vocab_size=1000),
+    lambda tokens: data.eval_batches(tokens, 16, 4, vocab_size=1000),
+])
+def test_processes_read_contiguous_blocks_of_the_same_global_batch(monkeypatch, make):
+    tokens = np.arange(16 * 12 + 1, dtype=np.uint16)
+    whole = [b.copy() for _, b in zip(range(3), make(tokens))]
+    monkeypatch.setattr(data.jax, "process_count", lambda: 2)
+    parts = []
+    for p in (0, 1):
+        monkeypatch.setattr(data.jax, "process_index", lambda p=p: p)
+        parts.append([b.copy() for _, b in zip(range(3), make(tokens))])
+    for w, b0, b1 in zip(whole, *parts):
+        np.testing.assert_array_equal(np.concatenate([b0, b1]), w)
+
+
+def test_iterator_state_resumes_at_the_same_batch():
+    tokens = np.arange(16 * 8 + 1, dtype=np.uint16)
+    it = iter(data.train_dataset(tokens, 16, 4, seed=1, vocab_size=1000))
+    for _ in range(5):  # past the first epoch of 2 batches
+        next(it)
+    state = it.get_state()
+    want = [next(it).copy() for _ in range(4)]
+    fresh = iter(data.train_dataset(tokens, 16, 4, seed=1, vocab_size=1000))
+    fresh.set_state(state)
+    for w in want:
+        np.testing.assert_array_equal(next(fresh), w)

@@ -1,0 +1,64 @@
+"""`python -m stem_jax.aot`: TPU compile checks without a TPU (needs libtpu: pip install -e ".[dev,tpu]")."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from stem_jax.cli import REPO
+
+# find_spec, not import: importing libtpu sets TPU_LIBRARY_PATH for the rest of the session.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason='libtpu not installed (pip install -e ".[tpu]")')
+
+TINY = ["--config.model.vocab_size=1024", "--config.model.d_model=64", "--config.model.n_layers=3",
+        "--config.model.n_heads=4", "--config.model.n_kv_heads=2", "--config.model.d_ff=256",
+        "--config.model.seq_len=64", "--config.train.batch_size=8"]
+
+
+def run_aot(*args: str) -> subprocess.CompletedProcess:
+    # conftest's JAX_PLATFORMS=cpu does not stop the TPU topology (the module defaults to it anyway); the
+    # 8-fake-CPU XLA_FLAGS are meant for the CPU backend only, so they are dropped.
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TPU_LIBRARY_PATH")}
+    return subprocess.run([sys.executable, "-m", "stem_jax.aot", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("topology,mesh,devices", [
+    ("v5e:2x2", [], "4 x TPU v5 lite; mesh data=4, fsdp=1, tensor=1"),
+    ("v5p:2x2x1", ["--config.mesh.data=1", "--config.mesh.fsdp=-1"], "4 x TPU v5; mesh data=1, fsdp=4, tensor=1"),
+])
+def test_compiles_and_reports(tmp_path, topology, mesh, devices):
+    r = run_aot("--topology", topology, *TINY, *mesh, "--json", str(tmp_path / "fit.json"))
+    assert r.returncode == 0, r.stderr
+    assert devices in r.stdout
+    for field in ("argument", "output", "temp", "alias", "generated_code", "total (arg+out+temp-alias)",
+                  "HBM per device", "collectives in optimized HLO: all-reduce", "compile"):
+        assert field in r.stdout, field
+    assert "INVALID_ARGUMENT" not in r.stderr  # libtpu's missing-TPU-VM noise is silenced
+    fit = json.loads((tmp_path / "fit.json").read_text())
+    mem = fit["memory_per_device"]
+    assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"] > 0
+    assert mem["alias"] > 0  # the state is donated
+    # The STEM lookup's reduce-scatter (the batch axes shard the table rows) is in the compiled step.
+    assert fit["collectives"]["reduce-scatter"] >= 1 and fit["collectives"]["all-reduce"] >= 1
+    assert fit["hbm_per_device"] == (16 if topology.startswith("v5e") else 95) * 2**30
+
+
+def test_out_of_memory_fails_with_one_line():
+    # One fp32 STEM table of 4M x 1024 (16 GiB) plus its grad and two Adam moments, over 4 devices of 16 GiB.
+    big = [a for a in TINY if "vocab_size" not in a and "d_ff" not in a]
+    r = run_aot("--topology", "v5e:2x2", *big, "--config.model.vocab_size=4194304", "--config.model.d_ff=1024")
+    assert r.returncode == 1
+    err = r.stderr.strip().splitlines()
+    assert err[-1].startswith("error: out of memory compiling for v5e:2x2") and "RESOURCE_EXHAUSTED" in err[-1]
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("topology", ["v5x:2x2", "v5litepod-4"])
+def test_bad_topology(topology):
+    r = run_aot("--topology", topology, *TINY)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: bad TPU topology '{topology}'")

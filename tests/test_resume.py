@@ -1,0 +1,124 @@
+"""Runs that survive anything, through train.py as users run it: kill -9, SIGTERM, an unreadable
+checkpoint, divergence, and a changed model all leave a run that resumes exactly (or fails clearly)."""
+import json
+import re
+import shutil
+import signal
+import time
+
+import pytest
+
+from conftest import run_script, start_script
+
+TINY = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
+        "--config.model.n_kv_heads=1", "--config.model.d_ff=64", "--config.model.seq_len=16",
+        "--config.model.stem_layers=1", "--config.train.batch_size=4", "--config.train.log_every=1",
+        "--config.train.warmup_steps=2", "--config.train.eval_batches=2", "--config.train.steps=40",
+        "--config.train.checkpoint_every=4"]
+EXACT = ("loss", "lr", "backbone_grad_norm", "stem_grad_norm", "param_norm")
+
+
+def train(work, *extra, cache_dir):
+    return run_script("train.py", f"--workdir={work}", *TINY, *extra, cache_dir=cache_dir)
+
+
+def step_rows(work):
+    rows = [json.loads(r) for r in (work / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: {k: r[k] for k in EXACT} for r in rows if "loss" in r}
+
+
+def snapshot(work):
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """An uninterrupted 40-step run, checkpoints every 4 steps (the newest 3 kept)."""
+    work = tmp_path_factory.mktemp("reference") / "run"
+    r = train(work, cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [32, 36, 40]
+    rows = step_rows(work)
+    assert sorted(rows) == list(range(1, 41))
+    return work, rows
+
+
+def wait_for(path, proc, timeout=300):
+    end = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared: "
+                                 f"{proc.stderr.read()[-2000:]}")
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.01)
+
+
+def test_kill_9_then_rerun_replays_bitwise_identical_steps(tmp_path, cache_dir, reference):
+    work = tmp_path / "run"
+    p = start_script("train.py", f"--workdir={work}", *TINY, cache_dir=cache_dir)
+    wait_for(work / "checkpoints" / "8", p)
+    assert p.poll() is None
+    p.send_signal(signal.SIGKILL)  # mid-step or mid-save, wherever it is
+    p.wait()
+    assert not (work / "checkpoints" / "40").exists()
+    r = train(work, cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"resumed from the checkpoint at step (8|12|16|20|24|28)\b", r.stdout), r.stdout[-2000:]
+    assert step_rows(work) == reference[1]  # every step once, same batches, same numbers
+
+
+def test_sigterm_saves_the_current_step_exits_0_and_resumes(tmp_path, cache_dir, reference):
+    work = tmp_path / "run"
+    p = start_script("train.py", f"--workdir={work}", *TINY, cache_dir=cache_dir)
+    wait_for(work / "checkpoints" / "4", p)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+); checkpoint saved", out).group(1))
+    assert stopped < 40 and (work / "checkpoints" / str(stopped)).is_dir()
+    assert max(step_rows(work)) == stopped
+    r = train(work, cache_dir=cache_dir)
+    assert r.returncode == 0 and f"resumed from the checkpoint at step {stopped} " in r.stdout, r.stderr[-3000:]
+    assert step_rows(work) == reference[1]
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir, reference):
+    work = tmp_path / "run"
+    shutil.copytree(reference[0], work)
+    files = sorted((work / "checkpoints" / "40" / "opt_state").rglob("ocdbt.process_0/d/*"),
+                   key=lambda f: f.stat().st_size)
+    files[-1].write_bytes(files[-1].read_bytes()[: files[-1].stat().st_size // 2])
+    r = train(work, cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "WARNING: checkpoint step 40 is unreadable" in r.stdout and "resuming from step 36" in r.stdout
+    assert [p.name.split("-")[0] for p in (work / "checkpoints_unreadable").iterdir()] == ["40"]
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [32, 36, 40]
+    assert step_rows(work) == reference[1]
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir,
+                                                                              reference):
+    work = tmp_path / "run"
+    shutil.copytree(reference[0], work)
+    r = train(work, "--config.train.steps=48", "--config.train.lr=1e30", cache_dir=cache_dir)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "changed since that checkpoint: train.steps: 40 -> 48" in r.stdout
+    assert "changed since that checkpoint: train.lr: 0.003 -> 1e+30" in r.stdout
+    assert "non-finite metrics at step 41" in r.stderr
+    assert "The newest checkpoint, step 40, is intact" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [32, 36, 40]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("--config.model.d_ff=96", "model.d_ff=96 differs from the checkpoint's model.d_ff=64"),
+    ("--config.train.batch_size=8", "train.batch_size=8 differs"),
+])
+def test_a_different_model_is_refused_and_the_workdir_untouched(tmp_path, cache_dir, reference, override,
+                                                                field):
+    work = tmp_path / "run"
+    shutil.copytree(reference[0], work)
+    before = snapshot(work)
+    r = train(work, override, cache_dir=cache_dir)
+    assert r.returncode == 1 and field in r.stderr, r.stderr[-3000:]
+    assert "use a new --workdir" in r.stderr and "Traceback" not in r.stderr
+    assert snapshot(work) == before
