@@ -161,13 +161,13 @@ def _start(s: Setup, workdir: Path, meta: dict, batches) -> tuple[dict, int, Any
     Checks run before anything in ``workdir`` is written."""
     notes: list[str] = []
     check = _resume_check(s.cfg, meta, notes)
-    if not checkpoint.directory(workdir).is_dir():
+    mngr, restored = None, None
+    if checkpoint.directory(workdir).is_dir():
+        mngr = checkpoint.manager(workdir, s.cfg.train.keep_checkpoints, create=False)
+        restored = checkpoint.restore_latest(mngr, check, s.abstract_state, s.state_shardings, batches, log)
+    if restored is None:
         if (workdir / "config.json").is_file():  # a run that died before its first checkpoint
             check({**meta, "config": json.loads((workdir / "config.json").read_text())})
-        return s.init_state(), 0, None
-    mngr = checkpoint.manager(workdir, s.cfg.train.keep_checkpoints, create=False)
-    restored = checkpoint.restore_latest(mngr, check, s.abstract_state, s.state_shardings, batches, log)
-    if restored is None:
         return s.init_state(), 0, mngr
     state, step = restored
     log(f"resumed from the checkpoint at step {step} ({checkpoint.directory(workdir) / str(step)})")
@@ -223,14 +223,15 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     finally:
         stop.close()
         mngr.wait_until_finished()
-        writer.close()
     if step < t.steps:
+        writer.close()
         mngr.close()
         log(f"stopped by {stop.signal or 'preemption'} after step {step}; checkpoint saved. "
             "Rerun the same command to resume.")
         return {"stopped_at": step}
     final = s.validate(state["params"], corpus)
-    MetricsWriter(workdir, t.steps).write(t.steps, final)
+    writer.write(t.steps, final)
+    writer.close()
     mngr.close()
     log(f"done: val_loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}); "
         f"checkpoint {checkpoint.directory(workdir) / str(t.steps)}")

@@ -27,6 +27,10 @@ def step_rows(work):
     return {r["step"]: {k: r[k] for k in EXACT} for r in rows if "loss" in r}
 
 
+def data_position(work, step=40):
+    return json.loads((work / "checkpoints" / str(step) / "data" / "process_0-of-1.json").read_text())
+
+
 def snapshot(work):
     return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
 
@@ -65,6 +69,7 @@ def test_kill_9_then_rerun_replays_bitwise_identical_steps(tmp_path, cache_dir, 
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"resumed from the checkpoint at step (8|12|16|20|24|28)\b", r.stdout), r.stdout[-2000:]
     assert step_rows(work) == reference[1]  # every step once, same batches, same numbers
+    assert data_position(work) == data_position(reference[0])
 
 
 def test_sigterm_saves_the_current_step_exits_0_and_resumes(tmp_path, cache_dir, reference):
@@ -80,6 +85,7 @@ def test_sigterm_saves_the_current_step_exits_0_and_resumes(tmp_path, cache_dir,
     r = train(work, cache_dir=cache_dir)
     assert r.returncode == 0 and f"resumed from the checkpoint at step {stopped} " in r.stdout, r.stderr[-3000:]
     assert step_rows(work) == reference[1]
+    assert data_position(work) == data_position(reference[0])
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, cache_dir, reference):
