@@ -2,9 +2,8 @@
 
     python -m stem_jax.aot --config configs/stem_1b.py --topology v5p:2x2x2 [--config.mesh.fsdp=-1] [--batch_size N]
 
-Lowers and compiles the real ``Setup.train_step`` for a TPU topology on abstract inputs (nothing is allocated),
-then prints the per-device memory of the compiled program, the collectives in its optimized HLO and the
-compile time. Exits non-zero, with a one-line ``error:``, when the compiler runs out of HBM.
+Compiles the real ``Setup.train_step`` for a TPU topology on abstract inputs (nothing is allocated) and prints
+per-device memory, the collectives of the optimized HLO and the compile time; out of HBM exits 1 with `error:`.
 """
 from __future__ import annotations
 
@@ -13,15 +12,16 @@ import math
 import os
 import re
 import time
+from pathlib import Path
 
 # Before jax loads: the default backend stays the CPU; we only need the TPU *compiler* (libtpu).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _quiet_libtpu() -> None:
-    """Without a TPU VM, libtpu logs an INVALID_ARGUMENT error and a warning for the missing VM metadata.
-    Placeholders silence both; they do not change the compile (the topology is explicit: the optimized HLO
-    for v5e:2x2 and v5p:2x2x2 is byte-identical with and without them). Left alone when a TPU is attached."""
+def _libtpu_env() -> None:
+    """Off a TPU VM, libtpu logs an error and a warning for the missing VM metadata: placeholders silence them
+    (the optimized HLO for v5e:2x2 and v5p:2x2x2 is byte-identical with or without). Compiling touches no
+    chip, so concurrent checks (pytest -n, a benchmark) may skip libtpu's one-process /tmp/libtpu_lockfile."""
     try:
         from jax._src import hardware_utils  # private, hence the guard
         if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
@@ -30,9 +30,10 @@ def _quiet_libtpu() -> None:
         return
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-_quiet_libtpu()
+_libtpu_env()
 from absl import app, flags  # noqa: E402
 
 from stem_jax import cli  # noqa: E402
@@ -44,15 +45,16 @@ flags.DEFINE_string("json", "", "Also write the figures to this JSON file.")
 _CONFIG = cli.define_config_flag()
 
 GiB = 1024 ** 3
-# HBM per chip, GiB, from the Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4, /v5e,
-# /v5p, /v6e). The compiler itself allows a little less (e.g. 15.75G of a v5e's 16 GiB).
+# HBM per chip, GiB, from the Cloud TPU pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). The compiler's
+# own limit, named in its out-of-memory message, differs a little: 15.75G on v5e, 95.74G on v5p.
 HBM_PER_CHIP_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v6 lite": 32}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-# An HLO instruction's opcode is followed by "(" (async forms: "-start(" counted once, "-done(" not).
-_OPCODE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+# "%name = TYPE opcode(": async forms count once, at "-start(" ("-done(" does not match).
+_INSTR = re.compile(r"\s*(?:ROOT )?%?[\w.-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[a-z]+(\d+))\[([\d,]*)\]")  # f32[8,64] -> bits 32, dims 8,64
 
 
-def one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:  # XLA messages span lines; `error:` output is one line
     return " ".join(str(e).split())
 
 
@@ -63,7 +65,8 @@ def topology_devices(name: str) -> list:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except RuntimeError as e:
         if isinstance(e, JaxRuntimeError):  # e.g. INVALID_ARGUMENT: topology name does not match ...
-            cli.die(f"bad TPU topology {name!r} (use type:shape, e.g. v5e:2x2, v5p:2x2x2): {one_line(e)}")
+            what = "bad TPU topology" if "INVALID_ARGUMENT" in str(e) else "libtpu could not build the topology"
+            cli.die(f"{what} {name!r} (use type:shape, e.g. v5e:2x2, v5p:2x2x2): {one_line(e)}")
         cli.die(f"libtpu is not installed ({one_line(e)}); install it with: pip install -e \".[tpu]\"")
 
 
@@ -74,11 +77,22 @@ def hbm_per_device(kind: str, topology: str, n_devices: int) -> int | None:
     return HBM_PER_CHIP_GIB[kind] * GiB // max(1, n_devices // chips) if kind in HBM_PER_CHIP_GIB else None
 
 
-def collective_counts(hlo: str) -> dict[str, int]:
-    counts = dict.fromkeys(COLLECTIVES, 0)
-    for m in _OPCODE.finditer(hlo):
-        counts[m.group(1)] += 1
-    return counts
+def collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """Per collective: its count, and the bytes of the largest array in its result (a table-sized all-reduce
+    would show). XLA:TPU emits a reduce-scatter as an all-reduce inside an ``all-reduce-scatter`` fusion: it
+    counts as a reduce-scatter, sized before the scatter."""
+    out = {k: {"count": 0, "largest_bytes": 0} for k in COLLECTIVES}
+    in_scatter = False
+    for line in hlo.splitlines():
+        if not line.startswith(" "):  # a computation's header or closing brace
+            in_scatter = line.lstrip("%").startswith("all-reduce-scatter")
+        elif m := _INSTR.match(line):
+            kind = "reduce-scatter" if in_scatter and m.group(2) == "all-reduce" else m.group(2)
+            sizes = [math.prod(int(d) for d in dims.split(",") if d) * max(1, int(bits or 8) // 8)
+                     for _, bits, dims in _ARRAY.findall(m.group(1))]
+            out[kind]["count"] += 1
+            out[kind]["largest_bytes"] = max(out[kind]["largest_bytes"], *sizes, 0)
+    return out
 
 
 def check(cfg, topology: str) -> dict:
@@ -97,8 +111,8 @@ def check(cfg, topology: str) -> dict:
     kind = devices[0].device_kind
     print(f"topology {topology}: {len(devices)} x {kind}; mesh {sharding.describe(mesh)}; "
           f"batch {cfg.train.batch_size} x {cfg.model.seq_len}; {setup.counts.describe()}", flush=True)
-    t0 = time.perf_counter()
     try:
+        t0 = time.perf_counter()
         with jax.set_mesh(mesh):
             lowered = setup.train_step.lower(state, batch)
         t1 = time.perf_counter()
@@ -110,14 +124,12 @@ def check(cfg, topology: str) -> dict:
         raise
     t2 = time.perf_counter()
     m = compiled.memory_analysis()
-    mem = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-           "temp": m.temp_size_in_bytes, "alias": m.alias_size_in_bytes,
-           "generated_code": m.generated_code_size_in_bytes}
+    mem = {k: getattr(m, f"{k}_size_in_bytes") for k in ("argument", "output", "temp", "alias", "generated_code")}
     mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
     hbm = hbm_per_device(kind, topology, len(devices))
     return {"topology": topology, "device_kind": kind, "devices": len(devices), "mesh": dict(mesh.shape),
             "batch_size": cfg.train.batch_size, "seq_len": cfg.model.seq_len, "memory_per_device": mem,
-            "hbm_per_device": hbm, "collectives": collective_counts(compiled.as_text()),
+            "hbm_per_device": hbm, "collectives": collectives(compiled.as_text()),
             "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
 
 
@@ -125,13 +137,12 @@ def report(r: dict) -> None:
     print("memory per device (compiled.memory_analysis()):")
     for k, v in r["memory_per_device"].items():
         print(f"  {k + (' (arg+out+temp-alias)' if k == 'total' else ''):<34} {v / GiB:9.3f} GiB {v:>16,d} B")
-    hbm = r["hbm_per_device"]
-    if hbm:
-        used = r["memory_per_device"]["total"] / hbm
-        print(f"  HBM per device ({r['device_kind']}, Cloud TPU docs) {hbm / GiB:6.2f} GiB; total uses {used:.1%}")
-    else:
-        print(f"  HBM capacity of {r['device_kind']!r} unknown")
-    print("collectives in optimized HLO: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()))
+    hbm, kind = r["hbm_per_device"], r["device_kind"]
+    print(f"  HBM per device ({kind}, Cloud TPU docs) {hbm / GiB:6.2f} GiB; total uses "
+          f"{r['memory_per_device']['total'] / hbm:.1%}" if hbm else f"  HBM capacity of {kind!r} unknown")
+    print("collectives in optimized HLO (largest array): " + ", ".join(
+        f"{k} {v['count']}" + (f" ({v['largest_bytes'] / 2**20:,.1f} MiB)" if v["count"] else "")
+        for k, v in r["collectives"].items()))
     print(f"lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s: compiles for {r['topology']}")
 
 
@@ -143,8 +154,7 @@ def main(argv: list[str]) -> None:
     r = cli.run_user_errors(check, cfg, flags.FLAGS.topology)
     report(r)
     if flags.FLAGS.json:
-        with open(flags.FLAGS.json, "w") as f:
-            json.dump(r, f, indent=1)
+        Path(flags.FLAGS.json).write_text(json.dumps(r, indent=1))
 
 
 if __name__ == "__main__":
