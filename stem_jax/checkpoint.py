@@ -52,16 +52,6 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_iter: Any, meta: dict) -
     return step
 
 
-def latest_step(workdir: str | Path) -> int | None:
-    """Newest checkpoint step of ``workdir``, or None; never creates anything."""
-    if not directory(workdir).is_dir():
-        return None
-    mngr = manager(workdir, create=False)
-    step = mngr.latest_step()
-    mngr.close()
-    return step
-
-
 def restore_target(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs that carry the new shardings (never the saved layout by accident)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
