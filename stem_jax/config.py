@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from stem_jax.stem import LOOKUP_MODES, stem_layer_indices
 
-FFN_KINDS = ("dense", "stem")
+FFN_KINDS = ("dense", "stem", "stem_additive", "stem_gate", "hash_moe")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_SOURCES = ("default", "text", "tfds")
 
@@ -24,10 +24,16 @@ class ModelConfig:
     seq_len: int = 128
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
-    # "dense" (SwiGLU everywhere) or "stem" (STEM FFN in `stem_layers`, SwiGLU elsewhere).
+    # FFN of the layers in `stem_layers` (SwiGLU elsewhere): "stem", the ablations "stem_additive" (STEM†,
+    # W_up kept plus the row) and "stem_gate" (the row replaces the gate), or the "hash_moe" baseline;
+    # "dense" is SwiGLU everywhere. Equations in stem.py and variants.py.
     ffn: str = "stem"
     # "1/3" | "1/2" | "full" | comma-separated indices; the rule is in stem.stem_layer_indices.
     stem_layers: str = "1/3"
+    # hash_moe: experts per layer, and their width; 0 = the width that matches the STEM twin's total
+    # parameters (see moe_width).
+    moe_experts: int = 16
+    moe_d_ff: int = 0
     # Width of the STEM rows; 0 means d_ff. Any other value is an error (the row gates d_ff features).
     stem_dim: int = 0
     # "shard_map" (masked local gather + reduce-scatter) or "xla" (XLA-partitioned gather, the reference).
@@ -112,6 +118,16 @@ def stem_indices(m: ModelConfig) -> tuple[int, ...]:
     return () if m.ffn == "dense" else stem_layer_indices(m.stem_layers, m.n_layers)
 
 
+def moe_width(m: ModelConfig) -> int:
+    """Expert width of hash_moe. ``moe_d_ff=0`` matches each MoE layer's parameters to a STEM layer's
+    (W_gate, W_down and a [vocab, d_ff] table): 3 * d * width * experts = (2 * d + vocab) * d_ff, rounded to
+    a multiple of 8. Per-token compute then differs from STEM's; the comparison matches training FLOPs."""
+    if m.moe_d_ff:
+        return m.moe_d_ff
+    exact = (2 * m.d_model + m.vocab_size) * m.d_ff / (3 * m.d_model * max(m.moe_experts, 1))
+    return max(8, 8 * round(exact / 8))
+
+
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the field for anything that cannot work; return cfg."""
     m, t = cfg.model, cfg.train
@@ -135,8 +151,10 @@ def validate(cfg: Config) -> Config:
         idx = stem_indices(m)
     except ValueError as e:
         raise ConfigError(f"model.stem_layers: {e}") from None
-    if m.ffn == "stem" and not idx:
-        raise ConfigError("model.ffn='stem' but model.stem_layers selects no layer; use ffn='dense'")
+    if m.ffn != "dense" and not idx:
+        raise ConfigError(f"model.ffn={m.ffn!r} but model.stem_layers selects no layer; use ffn='dense'")
+    if m.moe_experts < 1 or m.moe_d_ff < 0:
+        raise ConfigError(f"model.moe_experts={m.moe_experts} must be >= 1 and model.moe_d_ff={m.moe_d_ff} >= 0")
     for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")

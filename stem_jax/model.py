@@ -7,9 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stem_jax import sharding
-from stem_jax.config import DTYPES, ModelConfig, stem_indices
+from stem_jax.config import DTYPES, ModelConfig, moe_width, stem_indices
 from stem_jax.layers import DenseFFN, RMSNorm, matrix_std, param, project, rope
 from stem_jax.stem import StemFFN
+from stem_jax.variants import HashMoEFFN, StemAdditiveFFN, StemGateFFN
+
+TABLE_FFNS = {"stem": StemFFN, "stem_additive": StemAdditiveFFN, "stem_gate": StemGateFFN}
 
 
 class Attention(nnx.Module):
@@ -38,13 +41,17 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x), ids)."""
 
     def __init__(self, cfg: ModelConfig, use_stem: bool, *, rngs: nnx.Rngs):
+        """``use_stem``: this layer's FFN is ``cfg.ffn`` (STEM or a variant) rather than SwiGLU."""
         dtype = DTYPES[cfg.dtype]
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if use_stem:
-            self.ffn = StemFFN(cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.init_std, rngs=rngs, dtype=dtype,
-                               lookup_mode=cfg.stem_lookup)
+        if use_stem and cfg.ffn == "hash_moe":
+            self.ffn = HashMoEFFN(cfg.d_model, moe_width(cfg), cfg.moe_experts, cfg.init_std, rngs=rngs,
+                                  dtype=dtype)
+        elif use_stem:
+            self.ffn = TABLE_FFNS[cfg.ffn](cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.init_std, rngs=rngs,
+                                           dtype=dtype, lookup_mode=cfg.stem_lookup)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.init_std, rngs=rngs, dtype=dtype)
 

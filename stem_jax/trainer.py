@@ -41,16 +41,21 @@ class Setup:
             self.abstract_state = jax.eval_shape(self._init)
         self.stem_layers = abstract_model.stem_layers
         n_dff = sharding.axis_size("stem_dff", mesh)
-        if self.stem_layers and cfg.model.d_ff % n_dff:
+        if self.stem_layers and cfg.model.ffn != "hash_moe" and cfg.model.d_ff % n_dff:
             raise sharding.MeshError(f"model.d_ff={cfg.model.d_ff} is not divisible by the {n_dff} shards of the "
                                      f"STEM table columns (mesh axes {sharding.mesh_axes('stem_dff')})")
+        n_exp = sharding.axis_size("experts", mesh)
+        if cfg.model.ffn == "hash_moe" and cfg.model.moe_experts % n_exp:
+            raise sharding.MeshError(f"model.moe_experts={cfg.model.moe_experts} is not divisible by the {n_exp} "
+                                     f"expert shards (mesh axes {sharding.mesh_axes('experts')}); choose a "
+                                     "multiple of it or a smaller data axis")
         self.state_shardings = sharding.tree_shardings(mesh, self.abstract_state)
         self.batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
         self.counts = accounting.count_params(abstract_params, cfg.model)
         self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, NamedSharding(mesh, P())),
                                   donate_argnums=0)
-        self.eval_step = jax.jit(self.loss,
+        self.eval_step = jax.jit(self._eval_metrics,
                                  in_shardings=(self.state_shardings["params"], self.batch_sharding),
                                  out_shardings=NamedSharding(mesh, P()))
 
@@ -67,6 +72,12 @@ class Setup:
         model = nnx.merge(self.graphdef, params)
         return cross_entropy(model(batch_BxL1[:, :-1]), batch_BxL1[:, 1:])
 
+    def _eval_metrics(self, params: Any, batch_BxL1: jax.Array) -> dict:
+        """Mean loss and next-token top-1 accuracy (the accuracy the tiny comparison's ROI uses)."""
+        logits = nnx.merge(self.graphdef, params)(batch_BxL1[:, :-1])
+        acc = jnp.mean((jnp.argmax(logits, axis=-1) == batch_BxL1[:, 1:]).astype(jnp.float32))
+        return {"loss": cross_entropy(logits, batch_BxL1[:, 1:]), "acc": acc}
+
     def _train_step(self, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch_BxL1)
         updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
@@ -79,21 +90,22 @@ class Setup:
         with jax.set_mesh(self.mesh):
             return self.train_step(state, batch_BxL1)
 
-    def evaluate(self, params: Any, batches: Iterable[np.ndarray]) -> float:
-        """Mean loss over full batches (every batch has the same number of tokens)."""
-        losses = []
+    def evaluate(self, params: Any, batches: Iterable[np.ndarray]) -> dict:
+        """Mean loss and accuracy over full batches (every batch has the same number of tokens)."""
+        out = []
         with jax.set_mesh(self.mesh):
             for local in batches:
-                losses.append(self.eval_step(params, data.to_global(local, self.batch_sharding)))
-        return float(np.mean(jax.device_get(losses)))
+                out.append(self.eval_step(params, data.to_global(local, self.batch_sharding)))
+        out = jax.device_get(out)
+        return {k: float(np.mean([o[k] for o in out])) for k in ("loss", "acc")}
 
     def validate(self, params: Any, corpus: corpus_lib.Corpus) -> dict:
-        """``val_loss`` / ``val_ppl`` over ``train.eval_batches`` batches of the held-out split."""
+        """``val_loss`` / ``val_ppl`` / ``val_acc`` over ``train.eval_batches`` batches of the held-out split."""
         m, t = self.cfg.model, self.cfg.train
         batches = data.eval_batches(corpus.val, m.seq_len, t.batch_size, m.vocab_size, t.eval_batches,
                                     name=f"{corpus.path / 'val.bin'}")
-        val_loss = self.evaluate(params, batches)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))}
+        val = self.evaluate(params, batches)
+        return {"val_loss": val["loss"], "val_ppl": math.exp(min(val["loss"], 50.0)), "val_acc": val["acc"]}
 
 
 def describe_run(s: Setup, corpus: corpus_lib.Corpus | None = None) -> None:
@@ -102,8 +114,10 @@ def describe_run(s: Setup, corpus: corpus_lib.Corpus | None = None) -> None:
         f"mesh {sharding.describe(s.mesh)}")
     if s.stem_layers:
         rows = sharding.padded_rows(m.vocab_size, mesh=s.mesh)
-        log(f"STEM layers ({m.stem_layers!r} of {m.n_layers}): {list(s.stem_layers)}; lookup={m.stem_lookup}")
-        if rows != m.vocab_size:
+        kind = "STEM" if m.ffn == "stem" else m.ffn
+        log(f"{kind} layers ({m.stem_layers!r} of {m.n_layers}): {list(s.stem_layers)}"
+            + ("" if m.ffn == "hash_moe" else f"; lookup={m.stem_lookup}"))
+        if rows != m.vocab_size and m.ffn != "hash_moe":
             log(f"STEM tables padded from {m.vocab_size} to {rows} rows (multiple of "
                 f"{sharding.ROW_PAD_MULTIPLE} and of {sharding.axis_size('stem_vocab', s.mesh)} vocab shards); "
                 "padding rows are never addressed")
@@ -247,6 +261,7 @@ def _loop(s: Setup, state: dict, start: int, batches, mngr, meta: dict, writer: 
     tokens_per_step = t.batch_size * m.seq_len
     bar = tqdm(total=t.steps, initial=start, desc="train", disable=jax.process_index() != 0, dynamic_ncols=True)
     clock = {"time": time.perf_counter(), "step": start}
+    flops_per_token = accounting.flops_per_token(m)
 
     def finished(step: int, metrics: dict) -> None:
         values = _check_finite(step, jax.device_get(metrics))
@@ -257,6 +272,9 @@ def _loop(s: Setup, state: dict, start: int, batches, mngr, meta: dict, writer: 
         if step % t.log_every == 0 or step == t.steps:
             values["tokens_per_sec"] = (step - clock["step"]) * tokens_per_step / max(now - clock["time"], 1e-9)
             clock.update(time=now, step=step)
+            mfu = accounting.mfu(values["tokens_per_sec"], flops_per_token)
+            if mfu is not None:  # known accelerators only
+                values["mfu"] = mfu
             writer.write(step, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
 

@@ -5,6 +5,7 @@ import pytest
 
 from configs import dense_1b, dense_350m, stem_1b, stem_350m
 from conftest import tiny_config
+from stem_jax import accounting
 from stem_jax.accounting import abstract_params, count_params, flops_per_token
 from stem_jax.config import stem_indices
 
@@ -51,3 +52,46 @@ def test_counts_exclude_table_padding(ffn):
     n_stem = len(stem_indices(cfg.model))
     assert c.tables == n_stem * cfg.model.vocab_size * cfg.model.d_ff
     assert c.active == c.total - c.tables + n_stem * cfg.model.d_ff
+
+
+def test_report_in_the_papers_columns_for_the_1b_presets():
+    dense = accounting.report(dense_1b.get_config().model)
+    stem = accounting.report(stem_1b.get_config().model)
+    assert round(dense["total_params"] / 1e9, 2) == 1.50 and round(dense["gflops"], 2) == 3.00
+    assert round(stem["paper_total_params"] / 1e9, 2) == 6.75
+    assert round(stem["active_params"] / 1e9, 2) == 1.41
+    assert stem["gflops"] == 2 * stem["active_params"] / 1e9 and round(stem["gflops"], 2) == 2.83
+    # The paper's ROI arithmetic: (50.90 / 0.70) / (49.72 / 0.74) = 1.08 at 350M.
+    assert round(accounting.roi(50.90, 0.70, 49.72, 0.74), 2) == 1.08
+
+
+def test_variant_counts_and_flops():
+    base = tiny_config(stem_layers="1,2", moe_experts=4).model
+    D, F, V = base.d_model, base.d_ff, base.vocab_size
+    rep = {f: accounting.report(dataclasses.replace(base, ffn=f))
+           for f in ("dense", "stem", "stem_additive", "stem_gate", "hash_moe")}
+    # STEM and gate replacement each drop one d x d_ff matrix per layer and add a V x d_ff table.
+    for f in ("stem", "stem_gate"):
+        assert rep[f]["total_params"] == rep["dense"]["total_params"] + 2 * (V * F - D * F)
+        assert rep[f]["active_params"] == rep["dense"]["active_params"] - 2 * (D * F - F)
+        assert rep["dense"]["infer_flops_per_token"] - rep[f]["infer_flops_per_token"] == 2 * 2 * D * F
+    # STEM† keeps W_up: the table is extra, and its FLOPs equal dense.
+    assert rep["stem_additive"]["total_params"] == rep["dense"]["total_params"] + 2 * V * F
+    assert rep["stem_additive"]["infer_flops_per_token"] == rep["dense"]["infer_flops_per_token"]
+    # Hash-MoE: total matched to STEM (up to width rounding); one expert of four active.
+    moe = rep["hash_moe"]
+    from stem_jax.config import moe_width
+    W = moe_width(dataclasses.replace(base, ffn="hash_moe"))
+    assert moe["total_params"] == rep["dense"]["total_params"] + 2 * (4 * 3 * D * W - 3 * D * F)
+    assert moe["active_params"] == rep["dense"]["active_params"] + 2 * (3 * D * W - 3 * D * F)
+    assert abs(moe["total_params"] - rep["stem"]["total_params"]) < 2 * 4 * 3 * D * 8
+
+
+def test_mfu_uses_the_peak_table_and_skips_unknown_devices():
+    class Dev:
+        def __init__(self, kind):
+            self.device_kind = kind
+    assert accounting.peak_flops("TPU v5 lite") == 197e12 and accounting.peak_flops("TPU v5p") == 459e12
+    assert accounting.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert accounting.mfu(1e5, 6e9, [Dev("NVIDIA H100 80GB HBM3")] * 2) == 1e5 * 6e9 / (2 * 989e12)
+    assert accounting.mfu(1e5, 6e9, [Dev("cpu")]) is None
