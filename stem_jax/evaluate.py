@@ -1,14 +1,34 @@
-"""Evaluate a trained workdir: restore the latest checkpoint onto the current devices and write eval.json."""
+"""Evaluate a trained workdir: restore a checkpoint onto the current devices, then validation loss (or loss on
+a text file), multiple-choice tasks, needle-in-a-haystack and the parameter/FLOP accounting, written to
+``<workdir>/eval.json`` and ``<workdir>/eval.md``."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
+from typing import Sequence
 
 import jax
+import numpy as np
 
-from stem_jax import checkpoint, sharding
-from stem_jax.config import Config, from_dict, validate
+from stem_jax import accounting, checkpoint, sharding, tasks
+from stem_jax.config import Config, ModelConfig, from_dict, validate
+from stem_jax.scoring import Scorer
 from stem_jax.trainer import Setup, describe_run, log, open_corpus
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    """What to evaluate besides the checkpoint's validation loss (all optional)."""
+    text_file: str | None = None              # loss/ppl on this file instead of the held-out split
+    mc_jsonl: Sequence[str] = ()              # multiple-choice JSONL files; task name = file stem
+    tfds_tasks: Sequence[str] = ()            # keys of tasks.TFDS_TASKS, e.g. "ai2_arc/ARC-Easy"
+    tfds_data_dir: str | None = None
+    niah_lengths: Sequence[int] = ()          # needle-in-a-haystack context lengths in tokens
+    niah_depths: Sequence[float] = (0.0, 0.5, 1.0)
+    limit: int | None = None                  # examples per task (NIAH: per length and depth, default 4)
+    eval_batch: int | None = None             # rows per scoring forward (default: 8, rounded to the mesh)
 
 
 def load_run_config(workdir: str | Path) -> Config:
@@ -18,25 +38,152 @@ def load_run_config(workdir: str | Path) -> Config:
     return validate(from_dict(json.loads(path.read_text())))
 
 
+def load_tokenizer(workdir: str | Path):
+    """The BPE tokenizer train.py saved in the workdir."""
+    from tokenizers import Tokenizer
+    path = Path(workdir) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the workdir has no tokenizer (written by train.py)")
+    return Tokenizer.from_file(str(path))
+
+
+def default_niah_lengths(seq_len: int) -> list[int]:
+    return [seq_len // 4, seq_len // 2, seq_len]
+
+
+def accounting_block(model: ModelConfig, workdir: Path) -> dict:
+    """``accounting.report(model)`` plus the training run's median tokens/s and, on a known accelerator,
+    its MFU (both from ``metrics.jsonl``, absent when the workdir has none)."""
+    out = accounting.report(model)
+    path = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    tps = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r]
+    if tps:
+        out["train_tokens_per_sec"] = float(np.median(tps))
+        mfus = [r["mfu"] for r in rows if "mfu" in r]
+        if mfus:
+            out["train_mfu"] = float(np.median(mfus))
+    return out
+
+
+def check_tokenizer(workdir: Path, step: int, tokenizer) -> None:
+    """The checkpoint was trained with this tokenizer (scores with another one would be meaningless)."""
+    mngr = checkpoint.manager(workdir, create=False)
+    try:
+        saved = checkpoint.read_meta(mngr, step).get("tokenizer_sha256")
+    finally:
+        mngr.close()
+    if saved and saved != checkpoint.fingerprint(tokenizer.to_str()):
+        raise ValueError(f"the tokenizer does not match checkpoint {step} of {workdir} (fingerprint "
+                         f"{checkpoint.fingerprint(tokenizer.to_str())} vs {saved}): was "
+                         f"{workdir / 'tokenizer.json'} replaced or the data config changed?")
+
+
+def text_file_loss(scorer: Scorer, path: str | Path) -> dict:
+    """Mean next-token loss over every token of a text file (rolling windows of seq_len; the first token is
+    predicted from ``<|endoftext|>``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--text_file {path} is not a readable file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    n_tokens = len(scorer.encode(text))
+    if n_tokens == 0:
+        raise ValueError(f"--text_file {path} has no text")
+    loss = -scorer.loglikelihood_rolling([text])[0] / n_tokens
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n_tokens,
+            "val_source": str(path)}
+
+
 def evaluate_workdir(workdir: str | Path, mesh_shape=(-1, 1, 1), step: int | None = None,
-                     eval_batches: int | None = None) -> dict:
-    """Validation loss / perplexity of the latest (or ``step``) checkpoint; writes ``<workdir>/eval.json``.
+                     eval_batches: int | None = None, options: EvalOptions | None = None) -> dict:
+    """Evaluate the latest (or ``step``) checkpoint; writes ``<workdir>/eval.json`` and ``eval.md``.
 
     The checkpoint is restored onto ``mesh_shape`` over the devices present now, whatever mesh trained it.
     """
+    opts = options or EvalOptions()
     workdir = Path(workdir)
     cfg = load_run_config(workdir)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
     if eval_batches is not None:
         cfg.train.eval_batches = eval_batches
     s = Setup(cfg, sharding.make_mesh(cfg.mesh.shape))
-    corpus = open_corpus(cfg)
+    # Tasks are read before the checkpoint so a bad file fails fast.
+    mc = {Path(p).stem: tasks.load_jsonl(p, opts.limit) for p in opts.mc_jsonl}
+    for name in opts.tfds_tasks:
+        mc[name] = tasks.load_tfds(name, opts.tfds_data_dir, opts.limit)
+    corpus = None if opts.text_file else open_corpus(cfg)
     describe_run(s, corpus)
     params, step = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
-    result = {"step": step, **s.validate(params, corpus), "val_tokens": len(corpus.val),
-              "eval_batches": cfg.train.eval_batches}
+    tokenizer = load_tokenizer(workdir) if (workdir / "tokenizer.json").is_file() or corpus is None \
+        else corpus.tokenizer
+    check_tokenizer(workdir, step, tokenizer)
+    scorer = Scorer.from_setup(s, params, tokenizer, opts.eval_batch)
+
+    result: dict = {"step": step}
+    if corpus is None:
+        result.update(text_file_loss(scorer, opts.text_file))
+    else:
+        result.update(s.validate(params, corpus), val_tokens=len(corpus.val), eval_batches=cfg.train.eval_batches,
+                      val_source="held-out split")
+    log(f"step {step}: val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f} ({result['val_source']})")
+    if mc:
+        result["tasks"] = {}
+        for name, examples in mc.items():
+            result["tasks"][name] = tasks.score_mc(scorer.loglikelihood, examples)
+            r = result["tasks"][name]
+            log(f"{name}: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} over {r['n']} (chance {r['chance']:.3f})")
+    if opts.niah_lengths:
+        result["niah"] = run_niah(scorer, corpus, opts, cfg.train.seed)
+        log(f"niah: acc {result['niah']['acc']:.4f} (chance {result['niah']['chance']:.3f}), by length "
+            + ", ".join(f"{k}: {v:.2f}" for k, v in result["niah"]["by_length"].items()))
+    result["accounting"] = accounting_block(cfg.model, workdir)
     if jax.process_index() == 0:
         (workdir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-    log(f"step {step}: val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f} "
-        f"-> {workdir / 'eval.json'}")
+        (workdir / "eval.md").write_text(to_markdown(result))
+    log(f"-> {workdir / 'eval.json'}, {workdir / 'eval.md'}")
     return result
+
+
+def run_niah(scorer: Scorer, corpus, opts: EvalOptions, seed: int) -> dict:
+    """Needles in held-out text (or the --text_file's text), ranked among 9 distractor numbers."""
+    if corpus is not None:
+        hay = np.asarray(corpus.val)
+    else:
+        hay = np.asarray(scorer.encode(Path(opts.text_file).read_text(encoding="utf-8", errors="replace")))
+    bad = [n for n in opts.niah_lengths if n > scorer.seq_len]
+    if bad:
+        raise ValueError(f"--niah lengths {bad} exceed model.seq_len={scorer.seq_len}")
+    examples = tasks.needle_examples(hay, scorer.encode, opts.niah_lengths, opts.niah_depths,
+                                     samples=opts.limit or 4, seed=seed, skip_ids=[scorer.eot_id])
+    return {**tasks.score_needles(scorer.loglikelihood_tokens, examples),
+            "depths": [float(d) for d in opts.niah_depths], "candidates": len(examples[0].candidate_ids)}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) >= 1e4 else f"{v:.4f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def to_markdown(r: dict) -> str:
+    """eval.json as markdown tables."""
+    lines = [f"# Evaluation at step {r['step']}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in r.items() if k.startswith("val_")]
+    if r.get("tasks"):
+        lines += ["", "| task | n | acc | acc_norm | chance |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {t['n']} | {t['acc']:.4f} | {t['acc_norm']:.4f} | {t['chance']:.3f} |"
+                  for name, t in r["tasks"].items()]
+    if r.get("niah"):
+        n = r["niah"]
+        depths = [str(d) for d in n["depths"]]
+        lines += ["", f"Needle in a haystack: accuracy of ranking the true number first among {n['candidates']} "
+                  f"(chance {n['chance']:.3f}); overall {n['acc']:.4f} over {n['n']}.", "",
+                  "| length | acc | " + " | ".join(f"depth {d}" for d in depths) + " |",
+                  "|---|---|" + "---|" * len(depths)]
+        for length, acc in n["by_length"].items():
+            cells = [f"{n['by_length_depth'][length][d]:.2f}" for d in depths]
+            lines.append(f"| {length} | {acc:.4f} | " + " | ".join(cells) + " |")
+    if r.get("accounting"):
+        lines += ["", "| accounting | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in r["accounting"].items()]
+    return "\n".join(lines) + "\n"

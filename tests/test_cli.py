@@ -27,7 +27,8 @@ def test_train_then_eval_on_embedded_corpus(tmp_path, cache_dir):
     assert steps[-1]["loss"] < steps[0]["loss"] - 0.5
     assert steps[-1]["loss"] < 0.8 * math.log(8192)
     final = rows[-1]
-    assert set(final) == {"step", "val_loss", "val_ppl"} and final["step"] == 30
+    assert set(final) == {"step", "val_loss", "val_ppl", "val_acc"} and final["step"] == 30
+    assert 0 < final["val_acc"] < 1
     assert any(p.name.startswith("events.out.tfevents") for p in (work / "tensorboard").iterdir())
     assert (work / "checkpoints" / "30").is_dir() and (work / "config.json").is_file()
 

@@ -1,0 +1,123 @@
+"""lm-evaluation-harness on our model, offline: its acc equals tasks.py's on the same JSONL."""
+import os
+import sys
+import tempfile
+
+import pytest
+
+# Before datasets is imported: no hub access, and a throwaway cache.
+os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=tempfile.mkdtemp(prefix="hf_home_"))
+lm_eval = pytest.importorskip("lm_eval")
+
+from test_evaluate import DATA, make_workdir  # noqa: E402
+from stem_jax import tasks  # noqa: E402
+
+TASKS_YAML = {
+    "tiny_mc": """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+metadata:
+  version: 1.0
+""",
+    "tiny_gen": """task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: generate_until
+test_split: test
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices[label]}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 3
+metric_list:
+  - metric: exact_match
+metadata:
+  version: 1.0
+""",
+    "tiny_ppl": """task: tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: loglikelihood_rolling
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{question}}}}"
+metric_list:
+  - metric: word_perplexity
+metadata:
+  version: 1.0
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, cache_dir):
+    work, _ = make_workdir(tmp_path_factory.mktemp("lm_eval_work"), cache_dir)
+    return work
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lm_eval_tasks")
+    for name, text in TASKS_YAML.items():
+        (d / f"{name}.yaml").write_text(text.format(data=DATA / "tiny_mc.jsonl"))
+    return d
+
+
+def test_rolling_windows_match_lm_eval():
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    class Fake:
+        seq_len, eot_id = 8, 0
+    from stem_jax.scoring import Scorer
+    for n in (1, 5, 8, 9, 17, 30):
+        ids = list(range(1, n + 1))
+        want = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, 0, 8, 1)]
+        assert Scorer.rolling_windows(Fake(), ids) == want
+
+
+def test_simple_evaluate_offline_matches_our_tasks(workdir, task_dir):
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+    from stem_jax.lm_eval_model import StemJaxLM
+    assert get_model("stem_jax") is StemJaxLM
+    lm = StemJaxLM.create_from_arg_string(f"workdir={workdir},batch_size=8", {"batch_size": 1, "device": None})
+    assert lm.scorer.eval_batch == 8 and lm.scorer.step == 1
+    tm = TaskManager(include_path=str(task_dir), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_gen", "tiny_ppl"], task_manager=tm,
+                                  log_samples=True)
+    res = out["results"]
+    ours = tasks.score_mc(lm.scorer.loglikelihood, tasks.load_jsonl(DATA / "tiny_mc.jsonl"))
+    assert res["tiny_mc"]["acc,none"] == pytest.approx(ours["acc"])
+    assert res["tiny_mc"]["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert 0 <= res["tiny_gen"]["exact_match,none"] <= 1
+    sample = out["samples"]["tiny_ppl"][0]
+    text = sample["arguments"][0][0] if isinstance(sample["arguments"][0], (list, tuple)) else sample["arguments"][0]
+    assert sample["resps"][0][0] == pytest.approx(lm.scorer.loglikelihood_rolling([text])[0], rel=1e-5)
+    gen = out["samples"]["tiny_gen"][0]
+    prompt = gen["arguments"][0][0]
+    assert gen["resps"][0][0] == lm.scorer.generate_until([prompt], ["\n"], 3)[0]
+
+
+def test_cli_wrapper_registers_the_model(tmp_path, workdir, task_dir, monkeypatch, capsys):
+    from stem_jax import lm_eval_model
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "run", "--model", "stem_jax", "--model_args",
+                                      f"workdir={workdir},batch_size=8", "--include_path", str(task_dir),
+                                      "--tasks", "tiny_mc", "--output_path", str(tmp_path / "out")])
+    lm_eval_model.main()
+    printed = capsys.readouterr().out
+    assert "tiny_mc" in printed and "acc_norm" in printed
+    assert list((tmp_path / "out").rglob("results_*.json"))
