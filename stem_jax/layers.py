@@ -32,13 +32,15 @@ class RMSNorm(nnx.Module):
         return (x * self.scale[...]).astype(x_BxLxD.dtype)
 
 
-def rope(x_BxLxHxK: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split layout (Hugging Face Llama's ``rotate_half``) so exports stay exact."""
+def rope(x_BxLxHxK: jax.Array, theta: float, positions_BxL: jax.Array | None = None) -> jax.Array:
+    """Rotary embedding, half-split layout (Hugging Face Llama's ``rotate_half``) so exports stay exact.
+    Positions default to 0..L-1; decoding passes each row's own positions (prompts are left-padded)."""
     L, K = x_BxLxHxK.shape[1], x_BxLxHxK.shape[-1]
     inv_freq_K2 = theta ** (-jnp.arange(0, K, 2, dtype=jnp.float32) / K)
-    angle_LxK2 = jnp.arange(L, dtype=jnp.float32)[:, None] * inv_freq_K2[None, :]
-    cos_LxK = jnp.cos(jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1))[None, :, None, :]
-    sin_LxK = jnp.sin(jnp.concatenate([angle_LxK2, angle_LxK2], axis=-1))[None, :, None, :]
+    pos_BxL = jnp.arange(L)[None, :] if positions_BxL is None else positions_BxL
+    angle_BxLxK2 = pos_BxL[..., None].astype(jnp.float32) * inv_freq_K2
+    cos_LxK = jnp.cos(jnp.concatenate([angle_BxLxK2, angle_BxLxK2], axis=-1))[:, :, None, :]
+    sin_LxK = jnp.sin(jnp.concatenate([angle_BxLxK2, angle_BxLxK2], axis=-1))[:, :, None, :]
     x = x_BxLxHxK.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,13 +29,44 @@ class Attention(nnx.Module):
         self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), std)
         self.theta, self.dtype = cfg.rope_theta, DTYPES[cfg.dtype]
 
-    def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, cache: "KVCache | None" = None, layer: int = 0):
+        """Causal self-attention over ``x``; with ``cache``, over the cached keys too: the new keys/values are
+        written at slot ``cache.start`` and ``(out, k_BxSxGxK, v_BxSxGxK)`` is returned."""
         heads = ("batch", "length", "act_heads", None)
-        q_BxLxHxK = rope(project(x_BxLxD, self.wq, "bld,dhk->blhk", self.dtype, heads), self.theta)
-        k_BxLxGxK = rope(project(x_BxLxD, self.wk, "bld,dhk->blhk", self.dtype, heads), self.theta)
+        pos = None if cache is None else cache.positions_BxT
+        q_BxLxHxK = rope(project(x_BxLxD, self.wq, "bld,dhk->blhk", self.dtype, heads), self.theta, pos)
+        k_BxLxGxK = rope(project(x_BxLxD, self.wk, "bld,dhk->blhk", self.dtype, heads), self.theta, pos)
         v_BxLxGxK = project(x_BxLxD, self.wv, "bld,dhk->blhk", self.dtype, heads)
-        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
-        return project(out_BxLxHxK, self.wo, "blhk,hkd->bld", self.dtype, ("batch", "length", "act_embed"))
+        if cache is None:
+            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+            return project(out_BxLxHxK, self.wo, "blhk,hkd->bld", self.dtype, ("batch", "length", "act_embed"))
+        at = (0, cache.start, 0, 0)
+        k_BxSxGxK = jax.lax.dynamic_update_slice(cache.k[layer], k_BxLxGxK.astype(cache.k[layer].dtype), at)
+        v_BxSxGxK = jax.lax.dynamic_update_slice(cache.v[layer], v_BxLxGxK.astype(cache.v[layer].dtype), at)
+        out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxSxGxK.astype(self.dtype),
+                                                   v_BxSxGxK.astype(self.dtype), mask=cache.mask_Bx1xTxS())
+        out = project(out_BxLxHxK, self.wo, "blhk,hkd->bld", self.dtype, ("batch", "length", "act_embed"))
+        return out, k_BxSxGxK, v_BxSxGxK
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for ``S`` slots, for decoding.
+
+    Prompts are left-padded to a common length, so every row writes the same slots: ``start`` is the slot of
+    the first token of the current call, ``positions_BxT`` the tokens' RoPE positions (slot minus the row's
+    padding), and ``valid_BxS`` marks the slots that hold real tokens (padding is never attended to)."""
+    k: tuple          # per layer [B, S, G, K]
+    v: tuple
+    valid_BxS: jax.Array
+    start: jax.Array  # int32 scalar
+    positions_BxT: jax.Array
+
+    def mask_Bx1xTxS(self) -> jax.Array:
+        T, S = self.positions_BxT.shape[1], self.valid_BxS.shape[1]
+        slot_T = self.start + jnp.arange(T)
+        causal_TxS = jnp.arange(S)[None, :] <= slot_T[:, None]
+        return (causal_TxS[None] & self.valid_BxS[:, None, :])[:, None]
 
 
 class Block(nnx.Module):
@@ -59,6 +91,11 @@ class Block(nnx.Module):
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
         return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL)
 
+    def decode(self, x_BxTxD: jax.Array, ids_BxT: jax.Array, cache: KVCache, layer: int):
+        attn, k, v = self.attn(self.attn_norm(x_BxTxD), cache, layer)
+        x_BxTxD = x_BxTxD + attn
+        return x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), ids_BxT), k, v
+
 
 class Transformer(nnx.Module):
     """``ids [B, L] -> logits [B, L, V]`` (float32)."""
@@ -73,14 +110,38 @@ class Transformer(nnx.Module):
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
     def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+        x_BxLxD = self._embed(ids_BxL)
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD, ids_BxL)
+        return self._logits(x_BxLxD)
+
+    def decode(self, ids_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Logits of ``T`` new tokens given the cached ones (prefill: T = prompt length; decode: T = 1), and
+        the cache with their keys/values written at ``cache.start``."""
+        x_BxTxD = self._embed(ids_BxT)
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i)
+            ks.append(k)
+            vs.append(v)
+        return self._logits(x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
+
+    def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+        K = self.cfg.d_model // self.cfg.n_heads
+        zeros = lambda: tuple(jnp.zeros((batch, slots, self.cfg.n_kv_heads, K), dtype) for _ in self.blocks)
+        return KVCache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
+                       jnp.zeros((batch, 1), jnp.int32))
+
+    def _embed(self, ids_BxL: jax.Array) -> jax.Array:
         chex.assert_rank(ids_BxL, 2)
         chex.assert_type(ids_BxL, int)
         dtype = DTYPES[self.cfg.dtype]
         ids_BxL = sharding.constrain(ids_BxL, ("batch", "length"))
         x_BxLxD = jnp.take(self.embed[...], ids_BxL, axis=0).astype(dtype)
-        x_BxLxD = sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
-        for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, ids_BxL)
+        return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        dtype = DTYPES[self.cfg.dtype]
         x_BxLxD = self.final_norm(x_BxLxD)
         if self.head is None:
             logits = jnp.einsum("bld,vd->blv", x_BxLxD, self.embed[...].astype(dtype))

@@ -1,0 +1,186 @@
+"""Generation from a checkpoint with a KV cache: one jitted program per (prompt bucket, settings) runs the
+prefill and then the whole decode loop on device (``lax.while_loop``), stopping when every row has emitted
+``<|endoftext|>`` or ``max_new_tokens``. Greedy, temperature, top-k and top-p (nucleus) sampling; batched
+prompts of any lengths (left-padded; padding is masked out of attention and RoPE positions start at each
+row's first real token)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from stem_jax.config import DTYPES
+from stem_jax.corpus import EOS
+
+PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compiled program
+
+
+class SamplingError(ValueError):
+    """Settings or prompts that cannot be sampled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 32
+    temperature: float = 0.0   # 0 = greedy (argmax)
+    top_k: int = 0             # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0         # keep the smallest set of tokens whose probability reaches top_p, in (0, 1]
+    seed: int = 0
+
+    def check(self) -> "SamplingConfig":
+        if self.max_new_tokens < 1:
+            raise SamplingError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise SamplingError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p={self.top_p} must be in (0, 1]")
+        return self
+
+
+def filter_logits(logits_BxV: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Logits with every token outside the top-k / nucleus set to -inf (the most likely token always stays)."""
+    if top_k:
+        kth_B1 = jax.lax.top_k(logits_BxV, min(top_k, logits_BxV.shape[-1]))[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+    if top_p < 1:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # A token stays if the mass of the tokens before it is still below top_p.
+        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        cutoff_B1 = jnp.min(jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_B1, -jnp.inf, logits_BxV)
+    return logits_BxV
+
+
+def next_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Array:
+    if cfg.temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = filter_logits(logits_BxV.astype(jnp.float32) / cfg.temperature, cfg.top_k, cfg.top_p)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def _generate(graphdef, params, ids_BxP, valid_BxP, key, *, cfg: SamplingConfig, eos: int, cache_dtype):
+    model = nnx.merge(graphdef, params)
+    B, P = ids_BxP.shape
+    N = cfg.max_new_tokens
+    pad_B = P - jnp.sum(valid_BxP, axis=1)
+    cache = model.init_cache(B, P + N, cache_dtype)
+    cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, :P].set(valid_BxP),
+                          positions_BxT=jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0))
+    logits_BxPxV, cache = model.decode(ids_BxP, cache)
+    cache = cache.replace(positions_BxT=jnp.zeros((B, 1), jnp.int32))  # one token per step from here on
+
+    def cond(carry):
+        i, _, _, _, done_B, _ = carry
+        return (i < N) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, cache, last_BxV, out_BxN, done_B, key = carry
+        key, sub = jax.random.split(key)
+        tok_B = jnp.where(done_B, eos, next_tokens(last_BxV, sub, cfg))
+        out_BxN = out_BxN.at[:, i].set(tok_B)
+        done_B = done_B | (tok_B == eos)
+        slot = P + i
+        cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, slot].set(True), start=slot,
+                              positions_BxT=(P - pad_B + i)[:, None])
+        logits_Bx1xV, cache = model.decode(tok_B[:, None], cache)
+        return i + 1, cache, logits_Bx1xV[:, -1], out_BxN, done_B, key
+
+    carry = (jnp.zeros((), jnp.int32), cache, logits_BxPxV[:, -1], jnp.full((B, N), eos, jnp.int32),
+             jnp.zeros((B,), bool), key)
+    return jax.lax.while_loop(cond, body, carry)[3]
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt: str
+    text: str
+    ids: list[int]
+    stop: str  # "eos" or "max_tokens"
+
+
+class Sampler:
+    """Generation and next-token views from a model's graphdef + params and its tokenizer."""
+
+    def __init__(self, graphdef: Any, params: Any, tokenizer: Any, mesh: Mesh, seq_len: int, dtype: str = "float32"):
+        self.graphdef, self.params, self.tokenizer, self.mesh, self.seq_len = graphdef, params, tokenizer, mesh, seq_len
+        self.eos = tokenizer.token_to_id(EOS)
+        if self.eos is None:
+            raise SamplingError(f"the tokenizer has no {EOS} token")
+        self.cache_dtype = DTYPES[dtype]
+        self._programs: dict[SamplingConfig, Any] = {}  # jitted generate per settings
+        self._forward = jax.jit(lambda p, ids_1xL, n: nnx.merge(graphdef, p)(ids_1xL)[0, n - 1])
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1)) -> "Sampler":
+        from stem_jax import checkpoint, sharding
+        from stem_jax.evaluate import load_run_config, load_tokenizer
+        from stem_jax.trainer import Setup
+        cfg = load_run_config(workdir)
+        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
+        s = Setup(cfg, sharding.make_mesh(cfg.mesh.shape))
+        params, _ = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
+        return cls(s.graphdef, params, load_tokenizer(workdir), s.mesh, cfg.model.seq_len, cfg.model.dtype)
+
+    def encode(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids
+        return ids or [self.eos]  # an empty prompt starts a new document
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig = SamplingConfig()) -> np.ndarray:
+        """[B, max_new_tokens] new ids per prompt (``<|endoftext|>`` after a row stops)."""
+        cfg.check()
+        if not prompt_ids:
+            raise SamplingError("no prompts given")
+        longest = max(len(p) for p in prompt_ids)
+        if min(len(p) for p in prompt_ids) == 0:
+            raise SamplingError("a prompt has no tokens")
+        if longest + cfg.max_new_tokens > self.seq_len:
+            raise SamplingError(f"the longest prompt has {longest} tokens; with max_new_tokens="
+                                f"{cfg.max_new_tokens} that exceeds the model's context, model.seq_len={self.seq_len}")
+        P = -(-longest // PROMPT_BUCKET) * PROMPT_BUCKET
+        ids_BxP = np.full((len(prompt_ids), P), self.eos, np.int32)
+        valid_BxP = np.zeros((len(prompt_ids), P), bool)
+        for b, p in enumerate(prompt_ids):
+            ids_BxP[b, P - len(p):], valid_BxP[b, P - len(p):] = p, True
+        key = dataclasses.replace(cfg, seed=0)  # the seed is an argument, not part of the program
+        if key not in self._programs:
+            self._programs[key] = jax.jit(functools.partial(_generate, self.graphdef, cfg=key, eos=self.eos,
+                                                            cache_dtype=self.cache_dtype))
+        fn = self._programs[key]
+        with jax.set_mesh(self.mesh):
+            out = fn(self.params, jnp.asarray(ids_BxP), jnp.asarray(valid_BxP), jax.random.key(cfg.seed))
+        return np.asarray(jax.device_get(out))
+
+    def generate(self, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig()) -> list[Generation]:
+        out_BxN = self.generate_ids([self.encode(p) for p in prompts], cfg)
+        gens = []
+        for prompt, row in zip(prompts, out_BxN):
+            ids = row.tolist()
+            stop = "eos" if self.eos in ids else "max_tokens"
+            ids = ids[:ids.index(self.eos)] if stop == "eos" else ids
+            gens.append(Generation(prompt, self.tokenizer.decode(ids), ids, stop))
+        return gens
+
+    def next_token_topk(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
+        ids = self.encode(prompt)[-self.seq_len:]
+        # Right-padded to a bucket (causal attention: padding after the prompt cannot change its logits).
+        L = min(-(-len(ids) // PROMPT_BUCKET) * PROMPT_BUCKET, self.seq_len)
+        ids_1xL = np.full((1, L), self.eos, np.int32)
+        ids_1xL[0, :len(ids)] = ids
+        with jax.set_mesh(self.mesh):
+            logits_V = np.asarray(jax.device_get(self._forward(self.params, jnp.asarray(ids_1xL), len(ids))))
+        probs = np.exp(logits_V - logits_V.max())
+        probs /= probs.sum()
+        top = np.argsort(-probs)[:k]
+        return [(self.tokenizer.decode([int(t)]), float(probs[t])) for t in top]
+

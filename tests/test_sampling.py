@@ -1,0 +1,104 @@
+"""The KV-cache sampler: greedy equals re-running the full forward each step, batched equals one by one,
+sharded equals unsharded, and the top-k / top-p filters against numpy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import mesh_of, tiny_config
+from stem_jax import corpus as corpus_lib
+from stem_jax.sampling import Sampler, SamplingConfig, SamplingError, filter_logits
+from stem_jax.trainer import Setup
+
+PROMPTS = [[5, 17, 250, 3], [9], [44, 2, 7, 7, 130, 61, 99, 12, 400, 8, 1, 73, 27, 301, 5, 6, 77]]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    text = " ".join(f"word{i % 97} and {i % 13}." for i in range(3000))
+    return corpus_lib.train_tokenizer([text], 300)
+
+
+def _sampler(tokenizer, shape=(1, 1, 1), **model):
+    cfg = tiny_config(seq_len=32, stem_layers="1", **model)
+    s = Setup(cfg, mesh_of(shape))
+    params = s.init_state()["params"]
+    return Sampler(s.graphdef, params, tokenizer, s.mesh, cfg.model.seq_len), s, params
+
+
+def _greedy_by_full_forward(s, params, prompt, n, eos):
+    model = nnx.merge(s.graphdef, jax.device_get(params))
+    ids = list(prompt)
+    for _ in range(n):
+        nxt = int(np.argmax(np.asarray(model(jnp.asarray([ids], jnp.int32)))[0, -1]))
+        if nxt == eos:
+            break
+        ids.append(nxt)
+    return ids[len(prompt):]
+
+
+def _strip(row, eos):
+    row = list(row)
+    return row[:row.index(eos)] if eos in row else row
+
+
+@pytest.mark.parametrize("ffn", ["stem", "dense"])
+def test_greedy_with_kv_cache_equals_full_forward_each_step(tokenizer, ffn):
+    sampler, s, params = _sampler(tokenizer, ffn=ffn)
+    cfg = SamplingConfig(max_new_tokens=10)
+    batched = sampler.generate_ids(PROMPTS, cfg)
+    for prompt, row in zip(PROMPTS, batched):
+        assert _strip(row, sampler.eos) == _greedy_by_full_forward(s, params, prompt, 10, sampler.eos)
+        one = sampler.generate_ids([prompt], cfg)[0]
+        np.testing.assert_array_equal(one, row)  # left-padding in a batch changes nothing
+
+
+def test_sharded_sampler_equals_single_device(tokenizer):
+    single, _, params = _sampler(tokenizer)
+    sharded, s8, _ = _sampler(tokenizer, (2, 2, 2))
+    sharded.params = jax.device_put(jax.device_get(params), s8.state_shardings["params"])
+    cfg = SamplingConfig(max_new_tokens=6)
+    np.testing.assert_array_equal(sharded.generate_ids(PROMPTS, cfg), single.generate_ids(PROMPTS, cfg))
+
+
+def test_sampling_settings(tokenizer):
+    sampler, _, _ = _sampler(tokenizer)
+    greedy = sampler.generate_ids(PROMPTS[:2], SamplingConfig(max_new_tokens=5))
+    hot = SamplingConfig(max_new_tokens=5, temperature=1.5, top_k=1, seed=3)
+    np.testing.assert_array_equal(sampler.generate_ids(PROMPTS[:2], hot), greedy)  # top-1 is greedy
+    a = SamplingConfig(max_new_tokens=5, temperature=2.0, seed=1)
+    b = SamplingConfig(max_new_tokens=5, temperature=2.0, seed=2)
+    np.testing.assert_array_equal(sampler.generate_ids(PROMPTS[:2], a), sampler.generate_ids(PROMPTS[:2], a))
+    assert not np.array_equal(sampler.generate_ids(PROMPTS[:2], a), sampler.generate_ids(PROMPTS[:2], b))
+    top = sampler.next_token_topk("word3 and", k=4)
+    assert len(top) == 4 and all(p1 >= p2 for (_, p1), (_, p2) in zip(top, top[1:])) and 0 < top[0][1] <= 1
+    gens = sampler.generate(["word1 and"], SamplingConfig(max_new_tokens=3))
+    assert gens[0].stop in ("eos", "max_tokens") and isinstance(gens[0].text, str)
+
+
+def test_top_k_and_top_p_filters_match_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    got = np.asarray(filter_logits(jnp.asarray(logits), 5, 1.0))
+    for row, g in zip(logits, got):
+        assert set(np.flatnonzero(np.isfinite(g))) == set(np.argsort(-row)[:5])
+    p = 0.6
+    got = np.asarray(filter_logits(jnp.asarray(logits), 0, p))
+    for row, g in zip(logits, got):
+        order = np.argsort(-row)
+        probs = np.exp(row[order] - row.max())
+        probs /= probs.sum()
+        n_keep = int(np.searchsorted(np.cumsum(probs), p) + 1)  # smallest prefix with mass >= p
+        assert set(np.flatnonzero(np.isfinite(g))) == set(order[:n_keep])
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"), ({"top_p": 1.5}, "top_p=1.5"),
+    ({"temperature": -1.0}, "temperature=-1.0"), ({"top_k": -2}, "top_k=-2"),
+    ({"max_new_tokens": 0}, "max_new_tokens=0"), ({"max_new_tokens": 30}, "exceeds the model's context"),
+])
+def test_bad_settings_are_clear_errors(tokenizer, kwargs, msg):
+    sampler, _, _ = _sampler(tokenizer)
+    with pytest.raises(SamplingError, match=msg):
+        sampler.generate_ids(PROMPTS, SamplingConfig(**kwargs))
