@@ -87,14 +87,19 @@ class Block(nnx.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.init_std, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None) -> jax.Array:
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
-        return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL)
+        return x_BxLxD + self._ffn(x_BxLxD, ids_BxL, edit)
 
-    def decode(self, x_BxTxD: jax.Array, ids_BxT: jax.Array, cache: KVCache, layer: int):
+    def decode(self, x_BxTxD: jax.Array, ids_BxT: jax.Array, cache: KVCache, layer: int,
+               edit: tuple | None = None):
         attn, k, v = self.attn(self.attn_norm(x_BxTxD), cache, layer)
         x_BxTxD = x_BxTxD + attn
-        return x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), ids_BxT), k, v
+        return x_BxTxD + self._ffn(x_BxTxD, ids_BxT, edit), k, v
+
+    def _ffn(self, x_BxLxD, ids_BxL, edit):
+        h_BxLxD = self.ffn_norm(x_BxLxD)
+        return self.ffn(h_BxLxD, ids_BxL) if edit is None else self.ffn(h_BxLxD, ids_BxL, edit)
 
 
 class Transformer(nnx.Module):
@@ -109,22 +114,32 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
-    def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+    def __call__(self, ids_BxL: jax.Array, edit: tuple | None = None) -> jax.Array:
+        """``edit``: an optional STEM row override ``(ids_BxLxM, weights_BxLxM, on_S)``, ``on_S`` a bool per
+        STEM layer (see ``editing.py``)."""
         x_BxLxD = self._embed(ids_BxL)
-        for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, ids_BxL)
+        for i, block in enumerate(self.blocks):
+            x_BxLxD = block(x_BxLxD, ids_BxL, self._layer_edit(edit, i))
         return self._logits(x_BxLxD)
 
-    def decode(self, ids_BxT: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def decode(self, ids_BxT: jax.Array, cache: KVCache, edit: tuple | None = None) -> tuple[jax.Array, KVCache]:
         """Logits of ``T`` new tokens given the cached ones (prefill: T = prompt length; decode: T = 1), and
         the cache with their keys/values written at ``cache.start``."""
         x_BxTxD = self._embed(ids_BxT)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
-            x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i)
+            x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, self._layer_edit(edit, i))
             ks.append(k)
             vs.append(v)
         return self._logits(x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
+
+    def _layer_edit(self, edit: tuple | None, layer: int) -> tuple | None:
+        if edit is None or layer not in self.stem_layers:
+            return None
+        if self.cfg.ffn != "stem":
+            raise ValueError(f"knowledge editing needs model.ffn='stem', not {self.cfg.ffn!r}")
+        ids_BxLxM, weights_BxLxM, on_S = edit
+        return ids_BxLxM, weights_BxLxM, on_S[self.stem_layers.index(layer)]
 
     def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         K = self.cfg.d_model // self.cfg.n_heads

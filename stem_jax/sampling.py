@@ -68,7 +68,7 @@ def next_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> j
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _generate(graphdef, params, ids_BxP, valid_BxP, key, *, cfg: SamplingConfig, eos: int, cache_dtype):
+def _generate(graphdef, params, ids_BxP, valid_BxP, key, edit, *, cfg: SamplingConfig, eos: int, cache_dtype):
     model = nnx.merge(graphdef, params)
     B, P = ids_BxP.shape
     N = cfg.max_new_tokens
@@ -76,7 +76,7 @@ def _generate(graphdef, params, ids_BxP, valid_BxP, key, *, cfg: SamplingConfig,
     cache = model.init_cache(B, P + N, cache_dtype)
     cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, :P].set(valid_BxP),
                           positions_BxT=jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0))
-    logits_BxPxV, cache = model.decode(ids_BxP, cache)
+    logits_BxPxV, cache = model.decode(ids_BxP, cache, edit)  # an edit touches prompt positions only
     cache = cache.replace(positions_BxT=jnp.zeros((B, 1), jnp.int32))  # one token per step from here on
 
     def cond(carry):
@@ -118,7 +118,7 @@ class Sampler:
             raise SamplingError(f"the tokenizer has no {EOS} token")
         self.cache_dtype = DTYPES[dtype]
         self._programs: dict[SamplingConfig, Any] = {}  # jitted generate per settings
-        self._forward = jax.jit(lambda p, ids_1xL, n: nnx.merge(graphdef, p)(ids_1xL)[0, n - 1])
+        self._forward = jax.jit(lambda p, ids_1xL, n, edit: nnx.merge(graphdef, p)(ids_1xL, edit)[0, n - 1])
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1)) -> "Sampler":
@@ -135,8 +135,11 @@ class Sampler:
         ids = self.tokenizer.encode(prompt).ids
         return ids or [self.eos]  # an empty prompt starts a new document
 
-    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig = SamplingConfig()) -> np.ndarray:
-        """[B, max_new_tokens] new ids per prompt (``<|endoftext|>`` after a row stops)."""
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig = SamplingConfig(),
+                     edit: tuple | None = None) -> np.ndarray:
+        """[B, max_new_tokens] new ids per prompt (``<|endoftext|>`` after a row stops). ``edit``: a STEM row
+        override for the prompts, ``(ids_BxLxM, weights_BxLxM, on_S)`` with L the longest prompt's length
+        and each row's prompt at its start (see ``editing.py``)."""
         cfg.check()
         if not prompt_ids:
             raise SamplingError("no prompts given")
@@ -151,13 +154,15 @@ class Sampler:
         valid_BxP = np.zeros((len(prompt_ids), P), bool)
         for b, p in enumerate(prompt_ids):
             ids_BxP[b, P - len(p):], valid_BxP[b, P - len(p):] = p, True
+        if edit is not None:
+            edit = _left_pad_edit(edit, [len(p) for p in prompt_ids], P)
         key = dataclasses.replace(cfg, seed=0)  # the seed is an argument, not part of the program
         if key not in self._programs:
             self._programs[key] = jax.jit(functools.partial(_generate, self.graphdef, cfg=key, eos=self.eos,
                                                             cache_dtype=self.cache_dtype))
         fn = self._programs[key]
         with jax.set_mesh(self.mesh):
-            out = fn(self.params, jnp.asarray(ids_BxP), jnp.asarray(valid_BxP), jax.random.key(cfg.seed))
+            out = fn(self.params, jnp.asarray(ids_BxP), jnp.asarray(valid_BxP), jax.random.key(cfg.seed), edit)
         return np.asarray(jax.device_get(out))
 
     def generate(self, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig()) -> list[Generation]:
@@ -170,17 +175,71 @@ class Sampler:
             gens.append(Generation(prompt, self.tokenizer.decode(ids), ids, stop))
         return gens
 
-    def next_token_topk(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
-        """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
-        ids = self.encode(prompt)[-self.seq_len:]
-        # Right-padded to a bucket (causal attention: padding after the prompt cannot change its logits).
-        L = min(-(-len(ids) // PROMPT_BUCKET) * PROMPT_BUCKET, self.seq_len)
-        ids_1xL = np.full((1, L), self.eos, np.int32)
-        ids_1xL[0, :len(ids)] = ids
-        with jax.set_mesh(self.mesh):
-            logits_V = np.asarray(jax.device_get(self._forward(self.params, jnp.asarray(ids_1xL), len(ids))))
+    def next_token_topk(self, prompt: str | Sequence[int], k: int = 5, edit: tuple | None = None
+                        ) -> list[tuple[str, float]]:
+        """The ``k`` most likely next tokens after ``prompt`` (text or ids) with their probabilities."""
+        logits_V = self.next_token_logits(self.encode(prompt) if isinstance(prompt, str) else prompt, edit)
         probs = np.exp(logits_V - logits_V.max())
         probs /= probs.sum()
         top = np.argsort(-probs)[:k]
         return [(self.tokenizer.decode([int(t)]), float(probs[t])) for t in top]
 
+    def next_token_logits(self, prompt_ids: Sequence[int], edit: tuple | None = None) -> np.ndarray:
+        """[V] logits of the token after ``prompt_ids`` (with an optional STEM row edit)."""
+        ids = list(prompt_ids)
+        if len(ids) > self.seq_len:
+            raise SamplingError(f"the prompt has {len(ids)} tokens, more than model.seq_len={self.seq_len}")
+        # Right-padded to a bucket (causal attention: padding after the prompt cannot change its logits).
+        L = min(-(-len(ids) // PROMPT_BUCKET) * PROMPT_BUCKET, self.seq_len)
+        ids_1xL = np.full((1, L), self.eos, np.int32)
+        ids_1xL[0, :len(ids)] = ids
+        if edit is not None:
+            e_ids, e_w, on = (np.asarray(a) for a in edit)
+            pad = ((0, 0), (0, L - e_ids.shape[1]), (0, 0))
+            edit = (np.pad(e_ids, pad, constant_values=self.eos), np.pad(e_w, pad), on)
+        with jax.set_mesh(self.mesh):
+            return np.asarray(jax.device_get(self._forward(self.params, jnp.asarray(ids_1xL), len(ids), edit)))
+
+
+
+def _left_pad_edit(edit: tuple, lengths: list[int], P: int) -> tuple:
+    """Move each row's edit arrays to where its prompt sits after left-padding to ``P``."""
+    e_ids, e_w, on = (np.asarray(a) for a in edit)
+    B, _, M = e_ids.shape
+    ids_BxPxM, w_BxPxM = np.zeros((B, P, M), np.int32), np.zeros((B, P, M), np.float32)
+    for b, n in enumerate(lengths):
+        ids_BxPxM[b, P - n:], w_BxPxM[b, P - n:] = e_ids[b, :n], e_w[b, :n]
+    return jnp.asarray(ids_BxPxM), jnp.asarray(w_BxPxM), jnp.asarray(on)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m stem_jax.sampling --workdir runs/tiny --prompt "And God said" [--prompt ...]``"""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m stem_jax.sampling", description="Generate from a checkpoint.")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--max_new_tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--show_topk", type=int, default=0, help="also print the k most likely next tokens")
+    a = p.parse_args(argv)
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    from stem_jax import cli
+    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+
+    def run():
+        cfg.check()  # before the restore, so a bad setting fails fast
+        sampler = Sampler.from_workdir(a.workdir, a.step)
+        for g in sampler.generate(a.prompt, cfg):
+            print(f"{g.prompt}\u2502{g.text}   [{len(g.ids)} tokens, {g.stop}]")
+            if a.show_topk:
+                print("  next: " + ", ".join(f"{t!r} {p:.3f}" for t, p in sampler.next_token_topk(g.prompt, a.show_topk)))
+    cli.run_user_errors(run)
+
+
+if __name__ == "__main__":
+    main()

@@ -124,7 +124,9 @@ class StemFFN(nnx.Module):
                                logical_axes=("stem_vocab", "stem_dff"))
         self.vocab_size, self.dtype, self.lookup_mode = vocab_size, dtype, lookup_mode
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None) -> jax.Array:
+        """``edit`` (knowledge editing, ``editing.py``): ``(ids_BxLxM, weights_BxLxM, on)``; where ``on``, the
+        row at each position is ``sum_m weights[m] * U[ids[m]]`` instead of ``U[t]``. Weights are unchanged."""
         chex.assert_equal_shape_prefix([x_BxLxD, ids_BxL], 2)
         rows, width = self.table.shape
         d_ff = self.w_gate.shape[1]
@@ -134,5 +136,11 @@ class StemFFN(nnx.Module):
         act = ("batch", "length", "act_mlp")
         gate_BxLxF = project(x_BxLxD, self.w_gate, "bld,df->blf", self.dtype, act)
         u_BxLxF = sharding.constrain(lookup(self.table[...], ids_BxL, self.lookup_mode, self.dtype), act)
+        if edit is not None:
+            e_ids_BxLxM, e_w_BxLxM, on = edit
+            B, L, M = e_ids_BxLxM.shape
+            rows = lookup(self.table[...], e_ids_BxLxM.reshape(B, L * M), self.lookup_mode, self.dtype)
+            edited_BxLxF = jnp.einsum("blm,blmf->blf", e_w_BxLxM.astype(self.dtype), rows.reshape(B, L, M, d_ff))
+            u_BxLxF = jnp.where(on, edited_BxLxF, u_BxLxF)
         return project(jax.nn.silu(gate_BxLxF) * u_BxLxF, self.w_down, "blf,fd->bld", self.dtype,
                        ("batch", "length", "act_embed"))

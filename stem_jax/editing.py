@@ -1,0 +1,256 @@
+"""Knowledge editing and injection through STEM rows (paper §3.3; rules in ../shared/spec/stem-paper.md §5.1).
+
+Editing: at every STEM layer (or a chosen subset), the rows looked up at the source entity's token positions
+(its last occurrence in the prompt, located with the tokenizer's character offsets) are replaced by the target
+entity's rows. The prompt text, the token ids, the input embedding and the weights stay as they are; the
+override is an argument of the jitted forward, so a new edit does not re-trace. Multi-token entities:
+
+    one_to_one   n_s == n_t: position i takes target token i
+    average      every source position takes the mean of the target tokens' rows
+    copy         position i takes target token i mod n_t (cyclic)
+    left_pad     n_s > n_t: pad rows first, then the target; n_s < n_t: the last n_s target tokens
+    right_pad    n_s > n_t: the target, then pad rows; n_s < n_t: the first n_s target tokens
+    auto         one_to_one when the lengths match, else average
+
+The pad row is that of ``<|endoftext|>`` (the tokenizer has no other pad token). Injection writes rows into a
+copy of the tables and saves it as a new workdir, with a report of every row that changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from stem_jax.sampling import Sampler, SamplingConfig
+
+MODES = ("auto", "one_to_one", "average", "copy", "left_pad", "right_pad")
+
+
+class EditError(ValueError):
+    """An edit that cannot be made (entity not in the prompt, mode and lengths that do not fit, ...)."""
+
+
+def entity_positions(tokenizer: Any, text: str, entity: str) -> tuple[list[int], list[int]]:
+    """(token positions, token ids) of the last occurrence of ``entity`` in ``text``: every token whose
+    character span overlaps the entity's."""
+    if not entity.strip():
+        raise EditError("the entity string is empty")
+    start = text.rfind(entity)
+    if start < 0:
+        raise EditError(f"{entity!r} does not occur in the prompt {text!r}")
+    end = start + len(entity)
+    enc = tokenizer.encode(text)
+    pos = [i for i, (a, b) in enumerate(enc.offsets) if a < end and b > start]
+    return pos, [enc.ids[i] for i in pos]
+
+
+def target_ids(tokenizer: Any, prompt: str, source: str, target: str) -> list[int]:
+    """The target's tokens as they would read in the prompt's place of the source (same leading space)."""
+    start = prompt.rfind(source)
+    replaced = prompt[:start] + target + prompt[start + len(source):]
+    return entity_positions(tokenizer, replaced[:start + len(target)], target)[1]
+
+
+def plan_rows(n_source: int, target: Sequence[int], mode: str, pad_id: int) -> list[list[tuple[int, float]]]:
+    """Per source position, the (token id, weight) rows that replace its own."""
+    n_t = len(target)
+    if mode not in MODES:
+        raise EditError(f"unknown edit mode {mode!r}; choose from {MODES}")
+    if mode == "auto":
+        mode = "one_to_one" if n_source == n_t else "average"
+    if mode == "one_to_one":
+        if n_source != n_t:
+            raise EditError(f"mode one_to_one needs equal lengths, but the source has {n_source} tokens and the "
+                            f"target {n_t}; use average, copy, left_pad or right_pad")
+        return [[(t, 1.0)] for t in target]
+    if mode == "average":
+        return [[(t, 1.0 / n_t) for t in target] for _ in range(n_source)]
+    if mode == "copy":
+        return [[(target[i % n_t], 1.0)] for i in range(n_source)]
+    if n_t >= n_source:  # truncate the longer target
+        kept = target[n_t - n_source:] if mode == "left_pad" else target[:n_source]
+        return [[(t, 1.0)] for t in kept]
+    pads = [[(pad_id, 1.0)]] * (n_source - n_t)
+    rows = [[(t, 1.0)] for t in target]
+    return pads + rows if mode == "left_pad" else rows + pads
+
+
+@dataclasses.dataclass
+class Edit:
+    """A prepared edit of one prompt: the arrays the forward takes, and what they mean."""
+    prompt_ids: list[int]
+    source_positions: list[int]
+    source_ids: list[int]
+    target_ids: list[int]
+    ids_LxM: np.ndarray
+    weights_LxM: np.ndarray
+    on_S: np.ndarray        # per STEM layer
+
+    def arrays(self) -> tuple:
+        return self.ids_LxM[None], self.weights_LxM[None], self.on_S
+
+
+class Editor:
+    """Row-swap editing on a STEM checkpoint: next-token views and generations with and without an edit."""
+
+    def __init__(self, sampler: Sampler, stem_layers: Sequence[int]):
+        if not stem_layers:
+            raise EditError("the model has no STEM layers (a dense checkpoint): there are no rows to edit")
+        self.sampler, self.stem_layers, self.tokenizer = sampler, tuple(stem_layers), sampler.tokenizer
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1)) -> "Editor":
+        from stem_jax.config import stem_indices
+        from stem_jax.evaluate import load_run_config
+        cfg = load_run_config(workdir)
+        if cfg.model.ffn != "stem":
+            raise EditError(f"{workdir} holds a model.ffn={cfg.model.ffn!r} model; editing needs STEM layers "
+                            "(model.ffn='stem')")
+        return cls(Sampler.from_workdir(workdir, step, mesh_shape), stem_indices(cfg.model))
+
+    def prepare(self, prompt: str, source: str, target: str, mode: str = "auto",
+                layers: Sequence[int] | None = None) -> Edit:
+        bad = [i for i in (layers or ()) if i not in self.stem_layers]
+        if bad:
+            raise EditError(f"layers {bad} are not STEM layers; the STEM layers are {list(self.stem_layers)}")
+        prompt_ids = self.tokenizer.encode(prompt).ids
+        pos, src = entity_positions(self.tokenizer, prompt, source)
+        if not target.strip():
+            raise EditError("the target entity string is empty")
+        tgt = target_ids(self.tokenizer, prompt, source, target)
+        rows = plan_rows(len(pos), tgt, mode, self.sampler.eos)
+        M = max(len(r) for r in rows)
+        ids_LxM = np.zeros((len(prompt_ids), M), np.int32)
+        w_LxM = np.zeros((len(prompt_ids), M), np.float32)
+        ids_LxM[:, 0], w_LxM[:, 0] = prompt_ids, 1.0  # every other position keeps its own row
+        for p, r in zip(pos, rows):
+            ids_LxM[p], w_LxM[p] = 0, 0.0
+            for m, (t, w) in enumerate(r):
+                ids_LxM[p, m], w_LxM[p, m] = t, w
+        on_S = np.array([layers is None or i in layers for i in self.stem_layers])
+        return Edit(prompt_ids, pos, src, tgt, ids_LxM, w_LxM, on_S)
+
+    def compare(self, prompt: str, source: str, target: str, mode: str = "auto", layers=None, k: int = 5,
+                sampling: SamplingConfig = SamplingConfig(max_new_tokens=16)) -> dict:
+        """Before/after top-k next tokens and generations for one edit."""
+        e = self.prepare(prompt, source, target, mode, layers)
+        tok = lambda ids: [self.tokenizer.decode([i]) for i in ids]
+        out = {"prompt": prompt, "source": source, "target": target, "mode": mode,
+               "layers": [i for i, on in zip(self.stem_layers, e.on_S) if on],
+               "source_tokens": tok(e.source_ids), "target_tokens": tok(e.target_ids),
+               "source_positions": e.source_positions}
+        for name, edit in (("before", None), ("after", e.arrays())):
+            ids = self.sampler.generate_ids([e.prompt_ids], sampling, edit)[0].tolist()
+            ids = ids[:ids.index(self.sampler.eos)] if self.sampler.eos in ids else ids
+            out[name] = {"top_k": self.sampler.next_token_topk(e.prompt_ids, k, edit),
+                         "generation": self.tokenizer.decode(ids)}
+        return out
+
+
+def format_comparison(r: dict) -> str:
+    """Side-by-side text of ``Editor.compare``'s result."""
+    lines = [f"prompt: {r['prompt']!r}", f"edit: {r['source_tokens']} -> {r['target_tokens']} ({r['mode']}) at "
+             f"positions {r['source_positions']}, STEM layers {r['layers']}", "",
+             f"{'rank':<5} {'before':<28} {'after':<28}"]
+    for i, (b, a) in enumerate(zip(r["before"]["top_k"], r["after"]["top_k"])):
+        lines.append(f"{i + 1:<5} {f'{b[0]!r} {b[1]:.3f}':<28} {f'{a[0]!r} {a[1]:.3f}':<28}")
+    lines += ["", f"before: {r['prompt']}{r['before']['generation']}", f"after:  {r['prompt']}{r['after']['generation']}"]
+    return "\n".join(lines)
+
+
+def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[str], mode: str = "copy",
+           layers: Sequence[int] | None = None, step: int | None = None) -> dict:
+    """Write rows permanently and save the result as a new workdir (parameters only).
+
+    ``source`` and each of ``targets`` are tokenized as given (include the leading space of a mid-sentence
+    word, e.g. ``" Spain"``). ``copy``: source token i takes the rows of target token i mod n_t (of the first
+    target); ``average``: every source token takes the mean row of all target tokens, so several example
+    strings set a token's rows from their average. Returns the diff report (also written to
+    ``<out>/injection.json``)."""
+    from stem_jax import hf
+    from stem_jax.config import stem_indices
+    from tokenizers import Tokenizer
+    if mode not in ("copy", "average"):
+        raise EditError(f"unknown injection mode {mode!r}; choose 'copy' or 'average'")
+    tok = Tokenizer.from_file(str(Path(workdir) / "tokenizer.json"))
+    cfg, arrays, step = hf.read_params(workdir, step)
+    stem = stem_indices(cfg.model)
+    if cfg.model.ffn != "stem" or not stem:
+        raise EditError(f"{workdir} has no STEM layers (model.ffn={cfg.model.ffn!r}): nothing to inject into")
+    bad = [i for i in (layers or ()) if i not in stem]
+    if bad:
+        raise EditError(f"layers {bad} are not STEM layers; the STEM layers are {list(stem)}")
+    src = tok.encode(source).ids
+    tgts = [tok.encode(t).ids for t in targets]
+    if not src or not tgts or not all(tgts):
+        raise EditError("the source and every target must be non-empty strings")
+    changed = []
+    for layer in (layers or stem):
+        key = ("blocks", layer, "ffn", "table")
+        before = arrays[key]
+        table = before.copy()
+        if mode == "copy":
+            for i, s in enumerate(src):
+                table[s] = before[tgts[0][i % len(tgts[0])]]
+        else:
+            table[src] = np.mean([before[t] for ids in tgts for t in ids], axis=0)
+        arrays[key] = table[:cfg.model.vocab_size]
+        rows = np.flatnonzero(np.any(table != before, axis=1))
+        changed += [{"layer": layer, "token_id": int(r), "token": tok.decode([int(r)])} for r in rows]
+    hf.write_workdir(out, cfg, arrays, Path(workdir) / "tokenizer.json", f"injection into {workdir} step {step}")
+    report = {"from": str(workdir), "step": step, "source": source, "targets": list(targets), "mode": mode,
+              "source_ids": src, "target_ids": tgts, "changed_rows": changed}
+    (Path(out) / "injection.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m stem_jax.editing edit|inject ...``"""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m stem_jax.editing", description="STEM knowledge editing.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("edit", help="before/after top-k and generations for a row swap (no weights change)")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--source", required=True, help="entity in the prompt (last occurrence)")
+    e.add_argument("--target", required=True)
+    e.add_argument("--mode", default="auto", choices=MODES)
+    e.add_argument("--layers", default="", help="comma-separated STEM layers (default: all)")
+    e.add_argument("--k", type=int, default=5)
+    e.add_argument("--max_new_tokens", type=int, default=16)
+    e.add_argument("--json", default="", help="also write the result here")
+    i = sub.add_parser("inject", help="write rows permanently into a new workdir")
+    i.add_argument("--workdir", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--source", required=True, help='token string whose rows change, e.g. " Spain"')
+    i.add_argument("--target", action="append", required=True, help="repeat to average several examples")
+    i.add_argument("--mode", default="copy", choices=("copy", "average"))
+    i.add_argument("--layers", default="")
+    a = p.parse_args(argv)
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    from stem_jax import cli
+    try:
+        layers = [int(x) for x in a.layers.split(",") if x.strip()] or None
+    except ValueError:
+        cli.die(f"--layers={a.layers!r}: expected comma-separated layer indices like 1,4")
+
+    def run_edit():
+        r = Editor.from_workdir(a.workdir).compare(a.prompt, a.source, a.target, a.mode, layers, a.k,
+                                                   SamplingConfig(max_new_tokens=a.max_new_tokens))
+        print(format_comparison(r))
+        if a.json:
+            Path(a.json).write_text(json.dumps(r, indent=1) + "\n")
+
+    def run_inject():
+        r = inject(a.workdir, a.out, a.source, a.target, a.mode, layers)
+        print(f"injected {r['source']!r} <- {r['targets']} ({r['mode']}): {len(r['changed_rows'])} rows changed "
+              f"-> {a.out} (report: {Path(a.out) / 'injection.json'})")
+    cli.run_user_errors(run_edit if a.cmd == "edit" else run_inject)
+
+
+if __name__ == "__main__":
+    main()

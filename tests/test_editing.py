@@ -1,0 +1,151 @@
+"""Row-swap editing equals a forward pass with the rows swapped in a copy of the params; every multi-token
+mode; injection changes exactly the injected rows."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import mesh_of, tiny_config
+from stem_jax import corpus as corpus_lib, hf
+from stem_jax.editing import EditError, Editor, entity_positions, format_comparison, inject, plan_rows
+from stem_jax.sampling import Sampler, SamplingConfig
+from stem_jax.trainer import Setup
+
+WORDS = "The capital of Spain is Madrid . Germany Berlin France Paris Zorvania Quelmar Tiberon Ostravel".split()
+
+
+@pytest.fixture(scope="module")
+def editor():
+    rng = np.random.default_rng(0)
+    tok = corpus_lib.train_tokenizer([" ".join(rng.choice(WORDS, 20000))], 600)
+    cfg = tiny_config(seq_len=32, stem_layers="1,2")
+    s = Setup(cfg, mesh_of((1, 1, 1)))
+    params = s.init_state()["params"]
+    return Editor(Sampler(s.graphdef, params, tok, s.mesh, cfg.model.seq_len), (1, 2)), s, params
+
+
+def _logits(s, params, ids, edit=None):
+    return np.asarray(nnx.merge(s.graphdef, params)(jnp.asarray([ids], jnp.int32), edit))[0]
+
+
+def _swapped(params, pairs, layers=(1, 2)):
+    """A copy of params where, at each layer, row s := row t for (s, rows-of-t) pairs."""
+    p = jax.tree.map(lambda x: np.array(x), jax.device_get(params))
+    for layer in layers:
+        table = p["blocks"][layer]["ffn"]["table"].get_value()
+        src = table.copy()
+        for s, ts in pairs:
+            table[s] = np.mean([src[t] for t in ts], axis=0)
+    return p
+
+
+def test_entity_positions_use_the_last_occurrence(editor):
+    ed, _, _ = editor
+    tok = ed.tokenizer
+    pos, ids = entity_positions(tok, "Spain is Spain", "Spain")
+    enc = tok.encode("Spain is Spain")
+    assert pos[0] > 0 and ids == [enc.ids[i] for i in pos]
+    with pytest.raises(EditError, match="'Italy' does not occur"):
+        entity_positions(tok, "The capital of Spain is", "Italy")
+    with pytest.raises(EditError, match="empty"):
+        entity_positions(tok, "The capital of Spain is", " ")
+
+
+def test_one_to_one_edit_equals_swapped_rows_in_a_copy_of_the_params(editor):
+    ed, s, params = editor
+    prompt = "The capital of Spain is"
+    e = ed.prepare(prompt, "Spain", "Germany", mode="auto")
+    assert len(e.source_ids) == len(e.target_ids)  # auto picked one_to_one
+    swapped = _swapped(params, [(a, [b]) for a, b in zip(e.source_ids, e.target_ids)])
+    want = _logits(s, swapped, e.prompt_ids)
+    np.testing.assert_allclose(_logits(s, params, e.prompt_ids, e.arrays()), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(_logits(s, params, e.prompt_ids), want, atol=1e-5)  # the edit does something
+    # Only layer 2: the copy swaps rows at layer 2 alone.
+    e2 = ed.prepare(prompt, "Spain", "Germany", mode="one_to_one", layers=[2])
+    want2 = _logits(s, _swapped(params, [(a, [b]) for a, b in zip(e.source_ids, e.target_ids)], (2,)), e.prompt_ids)
+    np.testing.assert_allclose(_logits(s, params, e.prompt_ids, e2.arrays()), want2, rtol=1e-5, atol=1e-5)
+
+
+def test_average_edit_equals_mean_rows_in_a_copy(editor):
+    ed, s, params = editor
+    prompt = "The capital of Spain is"
+    e = ed.prepare(prompt, "Spain", "Zorvania Quelmar", mode="average")
+    assert len(e.target_ids) >= 2
+    swapped = _swapped(params, [(a, e.target_ids) for a in e.source_ids])
+    np.testing.assert_allclose(_logits(s, params, e.prompt_ids, e.arrays()), _logits(s, swapped, e.prompt_ids),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_multi_token_modes():
+    T = [7, 8]
+    assert plan_rows(2, T, "auto", 0) == [[(7, 1.0)], [(8, 1.0)]]
+    assert plan_rows(3, T, "auto", 0) == [[(7, 0.5), (8, 0.5)]] * 3
+    assert plan_rows(3, T, "copy", 0) == [[(7, 1.0)], [(8, 1.0)], [(7, 1.0)]]
+    assert plan_rows(3, T, "left_pad", 0) == [[(0, 1.0)], [(7, 1.0)], [(8, 1.0)]]
+    assert plan_rows(3, T, "right_pad", 0) == [[(7, 1.0)], [(8, 1.0)], [(0, 1.0)]]
+    assert plan_rows(1, T, "left_pad", 0) == [[(8, 1.0)]]   # a longer target is cut: left keeps the end
+    assert plan_rows(1, T, "right_pad", 0) == [[(7, 1.0)]]
+    with pytest.raises(EditError, match="one_to_one needs equal lengths"):
+        plan_rows(3, T, "one_to_one", 0)
+    with pytest.raises(EditError, match="unknown edit mode 'swap'"):
+        plan_rows(1, T, "swap", 0)
+
+
+def test_compare_leaves_the_weights_unchanged_and_reports_both_sides(editor):
+    ed, s, params = editor
+    before = jax.device_get(params)
+    r = ed.compare("The capital of Spain is", "Spain", "Germany", k=3, sampling=SamplingConfig(max_new_tokens=4))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(ed.sampler.params), before)
+    assert len(r["before"]["top_k"]) == 3 and r["before"]["top_k"] != r["after"]["top_k"]
+    assert "before:" in format_comparison(r) and r["layers"] == [1, 2]
+    with pytest.raises(EditError, match=r"layers \[0\] are not STEM layers"):
+        ed.prepare("The capital of Spain is", "Spain", "Germany", layers=[0])
+    with pytest.raises(EditError, match="no STEM layers"):
+        Editor(ed.sampler, ())
+
+
+def test_injection_changes_only_the_injected_rows(tmp_path, cache_dir):
+    from test_evaluate import make_workdir
+    work, cfg = make_workdir(tmp_path, cache_dir)  # STEM at layer 1 of 2
+    out = tmp_path / "injected"
+    report = inject(work, out, " lord", [" secret"], mode="copy")
+    _, old, _ = hf.read_params(work)
+    _, new, _ = hf.read_params(out)
+    src, tgt = report["source_ids"], report["target_ids"][0]
+    for key, a in old.items():
+        if key[-1] != "table":
+            np.testing.assert_array_equal(new[key], a, err_msg=str(key))
+            continue
+        diff = np.flatnonzero(np.any(new[key] != a, axis=1))
+        assert diff.tolist() == sorted(set(src)), key
+        np.testing.assert_array_equal(new[key][src[0]], a[tgt[0]])
+    assert [(c["layer"], c["token_id"]) for c in report["changed_rows"]] == [(1, t) for t in sorted(set(src))]
+    assert (out / "injection.json").is_file() and (out / "tokenizer.json").is_file()
+    with pytest.raises(FileExistsError):
+        inject(work, out, " lord", [" secret"])  # never over an existing workdir
+    with pytest.raises(EditError, match="injection mode"):
+        inject(work, tmp_path / "x", " lord", [" secret"], mode="swap")
+
+
+def test_edit_and_sample_clis(tmp_path, cache_dir):
+    from conftest import run_script
+    from test_evaluate import make_workdir
+    work, _ = make_workdir(tmp_path, cache_dir)
+    r = run_script("stem_jax/editing.py", "edit", "--workdir", work, "--prompt", "the lord shall be with them",
+                   "--source", "lord", "--target", "secret", "--k", "3", "--max_new_tokens", "4",
+                   "--json", tmp_path / "edit.json", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rank" in r.stdout and "after:" in r.stdout
+    assert json.loads((tmp_path / "edit.json").read_text())["target"] == "secret"
+    r = run_script("stem_jax/editing.py", "edit", "--workdir", work, "--prompt", "the lord", "--source", "king",
+                   "--target", "secret", cache_dir=cache_dir)
+    assert r.returncode == 1 and "'king' does not occur in the prompt" in r.stderr and "Traceback" not in r.stderr
+    r = run_script("stem_jax/sampling.py", "--workdir", work, "--prompt", "the lord", "--prompt", "thou",
+                   "--max_new_tokens", "3", "--show_topk", "2", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("next:") == 2
+    r = run_script("stem_jax/sampling.py", "--workdir", work, "--prompt", "x", "--top_p", "0", cache_dir=cache_dir)
+    assert r.returncode == 1 and "top_p=0.0 must be in (0, 1]" in r.stderr
