@@ -139,8 +139,9 @@ class StemFFN(nnx.Module):
         if edit is not None:
             e_ids_BxLxM, e_w_BxLxM, on = edit
             B, L, M = e_ids_BxLxM.shape
-            rows = lookup(self.table[...], e_ids_BxLxM.reshape(B, L * M), self.lookup_mode, self.dtype)
-            edited_BxLxF = jnp.einsum("blm,blmf->blf", e_w_BxLxM.astype(self.dtype), rows.reshape(B, L, M, d_ff))
+            rows_BxLMxF = lookup(self.table[...], e_ids_BxLxM.reshape(B, L * M), self.lookup_mode, self.dtype)
+            edited_BxLxF = jnp.einsum("blm,blmf->blf", e_w_BxLxM.astype(self.dtype),
+                                      rows_BxLMxF.reshape(B, L, M, d_ff))
             u_BxLxF = jnp.where(on, edited_BxLxF, u_BxLxF)
         return project(jax.nn.silu(gate_BxLxF) * u_BxLxF, self.w_down, "blf,fd->bld", self.dtype,
                        ("batch", "length", "act_embed"))
