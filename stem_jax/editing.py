@@ -122,7 +122,7 @@ class Editor:
             raise EditError("the target entity string is empty")
         tgt = target_ids(self.tokenizer, prompt, source, target)
         rows = plan_rows(len(pos), tgt, mode, self.sampler.eos)
-        M = max(len(r) for r in rows)
+        M = -(-max(len(r) for r in rows) // 4) * 4  # a multiple of 4 (zero weights): fewer distinct shapes to compile
         ids_LxM = np.zeros((len(prompt_ids), M), np.int32)
         w_LxM = np.zeros((len(prompt_ids), M), np.float32)
         ids_LxM[:, 0], w_LxM[:, 0] = prompt_ids, 1.0  # every other position keeps its own row

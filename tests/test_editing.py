@@ -140,12 +140,9 @@ def test_edit_and_sample_clis(tmp_path, cache_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rank" in r.stdout and "after:" in r.stdout
     assert json.loads((tmp_path / "edit.json").read_text())["target"] == "secret"
-    r = run_script("stem_jax/editing.py", "edit", "--workdir", work, "--prompt", "the lord", "--source", "king",
-                   "--target", "secret", cache_dir=cache_dir)
-    assert r.returncode == 1 and "'king' does not occur in the prompt" in r.stderr and "Traceback" not in r.stderr
     r = run_script("stem_jax/sampling.py", "--workdir", work, "--prompt", "the lord", "--prompt", "thou",
                    "--max_new_tokens", "3", "--show_topk", "2", cache_dir=cache_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("next:") == 2
     r = run_script("stem_jax/sampling.py", "--workdir", work, "--prompt", "x", "--top_p", "0", cache_dir=cache_dir)
-    assert r.returncode == 1 and "top_p=0.0 must be in (0, 1]" in r.stderr
+    assert r.returncode == 1 and "top_p=0.0 must be in (0, 1]" in r.stderr and "Traceback" not in r.stderr

@@ -11,6 +11,13 @@ def test_facts_are_distinct_invented_names_and_deterministic(tmp_path):
     names = [n for pair in facts for n in pair]
     assert len(set(names)) == 80 and all(n[0].isupper() and n.isalpha() for n in names)
     assert make_facts(40, seed=3) == facts and make_facts(40, seed=4) != facts
+    # The same in a process with another hash seed (set order must not leak into the facts).
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", "from stem_jax.experiments.knowledge import make_facts; "
+                          "print(make_facts(40, seed=3))"], env={"PYTHONHASHSEED": "123", "JAX_PLATFORMS": "cpu",
+                         "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(facts)
     path = tmp_path / "facts.txt"
     write_corpus(facts[:5], path, repeats=3)
     text = path.read_text()

@@ -27,6 +27,11 @@ def _sampler(tokenizer, shape=(1, 1, 1), **model):
     return Sampler(s.graphdef, params, tokenizer, s.mesh, cfg.model.seq_len), s, params
 
 
+@pytest.fixture(scope="module")
+def stem_sampler(tokenizer):
+    return _sampler(tokenizer)
+
+
 def _greedy_by_full_forward(s, params, prompt, n, eos):
     model = nnx.merge(s.graphdef, jax.device_get(params))
     ids = list(prompt)
@@ -44,8 +49,8 @@ def _strip(row, eos):
 
 
 @pytest.mark.parametrize("ffn", ["stem", "dense"])
-def test_greedy_with_kv_cache_equals_full_forward_each_step(tokenizer, ffn):
-    sampler, s, params = _sampler(tokenizer, ffn=ffn)
+def test_greedy_with_kv_cache_equals_full_forward_each_step(tokenizer, stem_sampler, ffn):
+    sampler, s, params = stem_sampler if ffn == "stem" else _sampler(tokenizer, ffn=ffn)
     cfg = SamplingConfig(max_new_tokens=10)
     batched = sampler.generate_ids(PROMPTS, cfg)
     for prompt, row in zip(PROMPTS, batched):
@@ -54,16 +59,16 @@ def test_greedy_with_kv_cache_equals_full_forward_each_step(tokenizer, ffn):
         np.testing.assert_array_equal(one, row)  # left-padding in a batch changes nothing
 
 
-def test_sharded_sampler_equals_single_device(tokenizer):
-    single, _, params = _sampler(tokenizer)
+def test_sharded_sampler_equals_single_device(tokenizer, stem_sampler):
+    single, _, params = stem_sampler
     sharded, s8, _ = _sampler(tokenizer, (2, 2, 2))
     sharded.params = jax.device_put(jax.device_get(params), s8.state_shardings["params"])
     cfg = SamplingConfig(max_new_tokens=6)
     np.testing.assert_array_equal(sharded.generate_ids(PROMPTS, cfg), single.generate_ids(PROMPTS, cfg))
 
 
-def test_sampling_settings(tokenizer):
-    sampler, _, _ = _sampler(tokenizer)
+def test_sampling_settings(stem_sampler):
+    sampler, _, _ = stem_sampler
     greedy = sampler.generate_ids(PROMPTS[:2], SamplingConfig(max_new_tokens=5))
     hot = SamplingConfig(max_new_tokens=5, temperature=1.5, top_k=1, seed=3)
     np.testing.assert_array_equal(sampler.generate_ids(PROMPTS[:2], hot), greedy)  # top-1 is greedy
@@ -98,7 +103,7 @@ def test_top_k_and_top_p_filters_match_numpy():
     ({"temperature": -1.0}, "temperature=-1.0"), ({"top_k": -2}, "top_k=-2"),
     ({"max_new_tokens": 0}, "max_new_tokens=0"), ({"max_new_tokens": 30}, "exceeds the model's context"),
 ])
-def test_bad_settings_are_clear_errors(tokenizer, kwargs, msg):
-    sampler, _, _ = _sampler(tokenizer)
+def test_bad_settings_are_clear_errors(stem_sampler, kwargs, msg):
+    sampler, _, _ = stem_sampler
     with pytest.raises(SamplingError, match=msg):
         sampler.generate_ids(PROMPTS, SamplingConfig(**kwargs))

@@ -42,7 +42,9 @@ def invent_names(n: int, rng: np.random.Generator, syllables: int = 3) -> list[s
     while len(names) < n:
         w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
         names.add(w.capitalize())
-    return sorted(names, key=lambda _: rng.random())
+    ordered = sorted(names)  # a set's order depends on PYTHONHASHSEED; the facts must not
+    rng.shuffle(ordered)
+    return ordered
 
 
 def make_facts(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -154,7 +156,7 @@ def run(out: str | Path, n_facts: int, steps: int, repeats: int) -> dict:
 
 flags.DEFINE_string("out", "runs/knowledge", "Where the facts, the model and eval.json go.")
 flags.DEFINE_integer("facts", 64, "Number of invented country/capital pairs.")
-flags.DEFINE_integer("steps", 400, "Training steps (batch 32 x 64 tokens).")
+flags.DEFINE_integer("steps", 1200, "Training steps (batch 32 x 64 tokens).")
 flags.DEFINE_integer("repeats", 20, "Copies of each fact sentence in the corpus.")
 
 
