@@ -140,10 +140,13 @@ def compare(base, out: str | Path, names: list[str], dense_steps: int) -> list[d
     return results
 
 
-flags.DEFINE_string("out", "runs/compare", "Directory of the runs, the results table and the plots.")
-flags.DEFINE_list("runs", DEFAULT_RUNS.split(","), f"Runs to compare, from {list(VARIANTS)}.")
-flags.DEFINE_integer("dense_steps", 200, "Steps of the dense run; the FLOP budget of every run.")
-_CONFIG = cli.define_config_flag()
+def _define_flags():
+    """Flags are defined only when run as a script, so importing this module (tests) defines none."""
+    flags.DEFINE_string("out", "runs/compare", "Directory of the runs, the results table and the plots.")
+    flags.DEFINE_list("runs", DEFAULT_RUNS.split(","), f"Runs to compare, from {list(VARIANTS)}.")
+    flags.DEFINE_integer("dense_steps", 200, "Steps of the dense run; the FLOP budget of every run.")
+    global _CONFIG
+    _CONFIG = cli.define_config_flag()
 
 
 def main(argv):
@@ -154,4 +157,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -154,10 +154,12 @@ def run(out: str | Path, n_facts: int, steps: int, repeats: int) -> dict:
     return r
 
 
-flags.DEFINE_string("out", "runs/knowledge", "Where the facts, the model and eval.json go.")
-flags.DEFINE_integer("facts", 64, "Number of invented country/capital pairs.")
-flags.DEFINE_integer("steps", 1200, "Training steps (batch 32 x 64 tokens).")
-flags.DEFINE_integer("repeats", 20, "Copies of each fact sentence in the corpus.")
+def _define_flags():
+    """Flags are defined only when run as a script, so importing this module (tests) defines none."""
+    flags.DEFINE_string("out", "runs/knowledge", "Where the facts, the model and eval.json go.")
+    flags.DEFINE_integer("facts", 64, "Number of invented country/capital pairs.")
+    flags.DEFINE_integer("steps", 1200, "Training steps (batch 32 x 64 tokens).")
+    flags.DEFINE_integer("repeats", 20, "Copies of each fact sentence in the corpus.")
 
 
 def main(argv):
@@ -168,4 +170,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
