@@ -124,7 +124,7 @@ def ffn_input_chunks(model, ids_BxL: np.ndarray, layers, chunk: int = 16):
     @jax.jit
     def run(state, ids):
         m = nnx.merge(graphdef, state)
-        x, out = jnp.take(m.embed[...], ids, axis=0), {}
+        x, out = m._embed(ids), {}  # the model's own embedding step (dtype, sharding)
         for i, block in enumerate(m.blocks):
             x = x + block.attn(block.attn_norm(x))
             h = block.ffn_norm(x)
