@@ -34,6 +34,13 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("stem_cache"))
 
 
+@pytest.fixture(scope="session")
+def stem_workdir(tmp_path_factory, cache_dir):
+    """A tiny STEM workdir (STEM at layer 1 of 2) shared read-only by the editing and knowledge tests."""
+    from test_evaluate import make_workdir
+    return make_workdir(tmp_path_factory.mktemp("stem_work"), cache_dir)[0]
+
+
 def tiny_config(**model_overrides):
     """A model small enough to compile in a few seconds; vocab 1000 needs padding to 1024 table rows."""
     from stem_jax.config import Config, ModelConfig, TrainConfig

@@ -107,9 +107,8 @@ def test_compare_leaves_the_weights_unchanged_and_reports_both_sides(editor):
         Editor(ed.sampler, ())
 
 
-def test_injection_changes_only_the_injected_rows(tmp_path, cache_dir):
-    from test_evaluate import make_workdir
-    work, cfg = make_workdir(tmp_path, cache_dir)  # STEM at layer 1 of 2
+def test_injection_changes_only_the_injected_rows(tmp_path, stem_workdir):
+    work = stem_workdir  # STEM at layer 1 of 2
     out = tmp_path / "injected"
     report = inject(work, out, " lord", [" secret"], mode="copy")
     _, old, _ = hf.read_params(work)
@@ -130,10 +129,9 @@ def test_injection_changes_only_the_injected_rows(tmp_path, cache_dir):
         inject(work, tmp_path / "x", " lord", [" secret"], mode="swap")
 
 
-def test_edit_and_sample_clis(tmp_path, cache_dir):
+def test_edit_and_sample_clis(tmp_path, cache_dir, stem_workdir):
     from conftest import run_script
-    from test_evaluate import make_workdir
-    work, _ = make_workdir(tmp_path, cache_dir)
+    work = stem_workdir
     r = run_script("stem_jax/editing.py", "edit", "--workdir", work, "--prompt", "the lord shall be with them",
                    "--source", "lord", "--target", "secret", "--k", "3", "--max_new_tokens", "4",
                    "--json", tmp_path / "edit.json", cache_dir=cache_dir)

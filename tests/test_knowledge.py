@@ -26,9 +26,8 @@ def test_facts_are_distinct_invented_names_and_deterministic(tmp_path):
             assert text.count(t.format(c=c, k=k)) == 3
 
 
-def test_measure_reports_rates_on_a_tiny_stem_workdir(tmp_path, cache_dir):
-    from test_evaluate import make_workdir
-    work, _ = make_workdir(tmp_path, cache_dir, stem_layers="1")
+def test_measure_reports_rates_on_a_tiny_stem_workdir(stem_workdir):
+    work = stem_workdir
     facts = [("lord", "secret"), ("shall", "number"), ("unto", "thou")]  # words the tiny tokenizer knows
     r = measure(work, facts)
     for key in ("recall", "edit_success", "locality", "recall_heldout_template"):
