@@ -158,9 +158,9 @@ def test_eval_cli_with_tasks_and_niah_writes_json_and_markdown(tmp_path, cache_d
 
     text = tmp_path / "other.txt"
     text.write_text("the lord shall be with them. " * 60)
-    r = run_script("eval.py", f"--workdir={work}", f"--text_file={text}", "--mc_jsonl=/no/such.jsonl",
-                   cache_dir=cache_dir, cwd=tmp_path)
-    assert r.returncode == 1 and "/no/such.jsonl: no such task file" in r.stderr and "Traceback" not in r.stderr
+    from stem_jax import evaluate, tasks  # a bad task file fails before the restore (in-process: no startup)
+    with pytest.raises(tasks.TaskError, match="/no/such.jsonl: no such task file"):
+        evaluate.evaluate_workdir(work, options=evaluate.EvalOptions(text_file=str(text), mc_jsonl=["/no/such.jsonl"]))
 
 
 def test_text_file_loss_in_process(tmp_path, cache_dir):

@@ -72,7 +72,9 @@ def test_hash_moe_matches_numpy_per_token_expert():
     np.testing.assert_allclose(np.asarray(ffn(jnp.asarray(x), jnp.asarray(ids))), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("ffn", ["stem_additive", "stem_gate", "hash_moe"])
+# stem_gate reads its table through the same _TableFFN lookup as stem_additive, so one of the two covers the
+# sharded table path; hash_moe has its own shard_map dispatch.
+@pytest.mark.parametrize("ffn", ["stem_additive", "hash_moe"])
 def test_variant_loss_and_grads_on_2x4_mesh_equal_single_device(ffn):
     cfg = tiny_config(ffn=ffn, n_layers=2, stem_layers="1", moe_experts=4)
     rng = np.random.default_rng(0)
