@@ -11,6 +11,7 @@ from stem_jax.stem import LOOKUP_MODES, stem_layer_indices
 FFN_KINDS = ("dense", "stem", "stem_additive", "stem_gate", "hash_moe")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_SOURCES = ("default", "text", "tfds")
+TABLE_OPTIMIZERS = ("dense", "sparse")
 
 
 @dataclasses.dataclass
@@ -38,6 +39,10 @@ class ModelConfig:
     stem_dim: int = 0
     # "shard_map" (masked local gather + reduce-scatter) or "xla" (XLA-partitioned gather, the reference).
     stem_lookup: str = "shard_map"
+    # Keep the STEM tables and their optimizer state in host memory ("pinned_host"); each step moves only
+    # the batch's unique rows to the device, prefetched during the previous step (offload.py). Needs
+    # train.stem_optimizer="sparse" and one process.
+    stem_offload: bool = False
     tie_embeddings: bool = False
     # Std of every backbone matrix (trunc-normal, +-3 sigma); 0 uses Lingua's fan_in**-0.5.
     init_std: float = 0.02
@@ -74,6 +79,9 @@ class TrainConfig:
     stem_lr_mult: float = 1.0
     stem_weight_decay: float = 0.1
     stem_clip_norm: float = 1.0
+    # "dense": optax AdamW over whole tables. "sparse": row-wise AdamW over the batch's unique rows only,
+    # with per-row step counts (semantics in sparse.py); needs model.ffn="stem".
+    stem_optimizer: str = "dense"
     seed: int = 0
     log_every: int = 20
     eval_batches: int = 16          # validation batches at the end of training (0 = whole split)
@@ -138,6 +146,7 @@ def validate(cfg: Config) -> Config:
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.stem_lookup", m.stem_lookup, LOOKUP_MODES)
     _choice("data.source", cfg.data.source, DATA_SOURCES)
+    _choice("train.stem_optimizer", t.stem_optimizer, TABLE_OPTIMIZERS)
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.n_heads % m.n_kv_heads:
@@ -155,6 +164,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.ffn={m.ffn!r} but model.stem_layers selects no layer; use ffn='dense'")
     if m.moe_experts < 1 or m.moe_d_ff < 0:
         raise ConfigError(f"model.moe_experts={m.moe_experts} must be >= 1 and model.moe_d_ff={m.moe_d_ff} >= 0")
+    if t.stem_optimizer == "sparse" and m.ffn != "stem":
+        raise ConfigError(f"train.stem_optimizer='sparse' updates STEM table rows and needs model.ffn='stem', "
+                          f"not {m.ffn!r}")
+    if m.stem_offload and t.stem_optimizer != "sparse":
+        raise ConfigError("model.stem_offload=True needs train.stem_optimizer='sparse': the host applies the "
+                          "row updates, and dense AdamW would touch every row of the table every step")
     for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
@@ -195,9 +210,9 @@ def _may_change_on_resume(section: str, name: str) -> bool:
     if section in ("mesh",):
         return True  # checkpoints restore onto any mesh
     if section == "train":
-        return name not in ("batch_size", "seed")
+        return name not in ("batch_size", "seed", "stem_optimizer")  # the optimizer state differs
     if section == "model":
-        return name in ("stem_lookup", "dtype")  # same parameters and (up to rounding) the same function
+        return name in ("stem_lookup", "dtype", "stem_offload")  # same parameters and (up to rounding) the same function
     return name == "cache_dir"
 
 

@@ -3,6 +3,8 @@ assembled into global arrays with the batch sharding. Token ids are checked wher
 gather would silently clamp an out-of-range id."""
 from __future__ import annotations
 
+import json
+
 from typing import Iterator
 
 import grain
@@ -85,3 +87,36 @@ def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, vocab_size
 def to_global(local_BxL1: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """Assemble the processes' rows into one global array with the batch sharding."""
     return jax.make_array_from_process_local_data(sharding, local_BxL1)
+
+
+class Lookahead:
+    """An iterator that can show its next batch early (offload prefetches that batch's rows). Its
+    checkpointable state is the position *before* a peeked batch, so a resume yields that batch again."""
+
+    def __init__(self, it):
+        self._it, self._next, self._state = it, None, None
+
+    def __iter__(self):
+        return self
+
+    def peek(self) -> np.ndarray:
+        if self._next is None:
+            self._state = self._it.get_state()
+            self._next = next(self._it)
+        return self._next
+
+    def __next__(self) -> np.ndarray:
+        batch = self.peek()
+        self._next = None
+        return batch
+
+    # grain's checkpoint handler stores a non-grain iterator's state as bytes.
+    def get_state(self) -> bytes:
+        return json.dumps(self._state if self._next is not None else self._it.get_state()).encode()
+
+    def set_state(self, state: bytes) -> None:
+        self._it.set_state(json.loads(state))
+        self._next = None
+
+    def start_prefetch(self) -> None:
+        getattr(self._it, "start_prefetch", lambda: None)()

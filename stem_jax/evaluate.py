@@ -35,7 +35,10 @@ def load_run_config(workdir: str | Path) -> Config:
     path = Path(workdir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir!r} a stem-jax training workdir?")
-    return validate(from_dict(json.loads(path.read_text())))
+    cfg = validate(from_dict(json.loads(path.read_text())))
+    # Inference tools keep the tables on device; the sampler offloads on request (Sampler.from_workdir).
+    cfg.model.stem_offload = False
+    return cfg
 
 
 def load_tokenizer(workdir: str | Path):

@@ -87,18 +87,21 @@ class Block(nnx.Module):
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.init_std, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None,
+                 rows: tuple | None = None) -> jax.Array:
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
-        return x_BxLxD + self._ffn(x_BxLxD, ids_BxL, edit)
+        return x_BxLxD + self._ffn(x_BxLxD, ids_BxL, edit, rows)
 
     def decode(self, x_BxTxD: jax.Array, ids_BxT: jax.Array, cache: KVCache, layer: int,
-               edit: tuple | None = None):
+               edit: tuple | None = None, rows: tuple | None = None):
         attn, k, v = self.attn(self.attn_norm(x_BxTxD), cache, layer)
         x_BxTxD = x_BxTxD + attn
-        return x_BxTxD + self._ffn(x_BxTxD, ids_BxT, edit), k, v
+        return x_BxTxD + self._ffn(x_BxTxD, ids_BxT, edit, rows), k, v
 
-    def _ffn(self, x_BxLxD, ids_BxL, edit):
+    def _ffn(self, x_BxLxD, ids_BxL, edit, rows):
         h_BxLxD = self.ffn_norm(x_BxLxD)
+        if rows is not None:
+            return self.ffn(h_BxLxD, ids_BxL, rows=rows)
         return self.ffn(h_BxLxD, ids_BxL) if edit is None else self.ffn(h_BxLxD, ids_BxL, edit)
 
 
@@ -114,21 +117,24 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
-    def __call__(self, ids_BxL: jax.Array, edit: tuple | None = None) -> jax.Array:
+    def __call__(self, ids_BxL: jax.Array, edit: tuple | None = None, rows: tuple | None = None) -> jax.Array:
         """``edit``: an optional STEM row override ``(ids_BxLxM, weights_BxLxM, on_S)``, ``on_S`` a bool per
-        STEM layer (see ``editing.py``)."""
+        STEM layer (see ``editing.py``). ``rows``: ``(rows_per_stem_layer, inverse_BxL)``, pre-gathered STEM
+        rows ``[U, d_ff]`` per STEM layer in order, read at ``inverse`` instead of the tables (``StemFFN``)."""
         x_BxLxD = self._embed(ids_BxL)
         for i, block in enumerate(self.blocks):
-            x_BxLxD = block(x_BxLxD, ids_BxL, self._layer_edit(edit, i))
+            x_BxLxD = block(x_BxLxD, ids_BxL, self._layer_edit(edit, i), self._layer_rows(rows, i))
         return self._logits(x_BxLxD)
 
-    def decode(self, ids_BxT: jax.Array, cache: KVCache, edit: tuple | None = None) -> tuple[jax.Array, KVCache]:
+    def decode(self, ids_BxT: jax.Array, cache: KVCache, edit: tuple | None = None,
+               rows: tuple | None = None) -> tuple[jax.Array, KVCache]:
         """Logits of ``T`` new tokens given the cached ones (prefill: T = prompt length; decode: T = 1), and
         the cache with their keys/values written at ``cache.start``."""
         x_BxTxD = self._embed(ids_BxT)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
-            x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, self._layer_edit(edit, i))
+            x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, self._layer_edit(edit, i),
+                                         self._layer_rows(rows, i))
             ks.append(k)
             vs.append(v)
         return self._logits(x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
@@ -140,6 +146,14 @@ class Transformer(nnx.Module):
             raise ValueError(f"knowledge editing needs model.ffn='stem', not {self.cfg.ffn!r}")
         ids_BxLxM, weights_BxLxM, on_S = edit
         return ids_BxLxM, weights_BxLxM, on_S[self.stem_layers.index(layer)]
+
+    def _layer_rows(self, rows: tuple | None, layer: int) -> tuple | None:
+        if rows is None or layer not in self.stem_layers:
+            return None
+        if self.cfg.ffn != "stem":
+            raise ValueError(f"pre-gathered STEM rows need model.ffn='stem', not {self.cfg.ffn!r}")
+        per_layer, inv_BxL = rows
+        return per_layer[self.stem_layers.index(layer)], inv_BxL
 
     def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         K = self.cfg.d_model // self.cfg.n_heads
@@ -169,3 +183,9 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
     logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1))
+
+
+def token_metrics(logits_BxLxV: jax.Array, batch_BxL1: jax.Array) -> dict:
+    """Mean loss and next-token top-1 accuracy of ``logits`` for ``batch[:, :-1]``."""
+    acc = jnp.mean((jnp.argmax(logits_BxLxV, axis=-1) == batch_BxL1[:, 1:]).astype(jnp.float32))
+    return {"loss": cross_entropy(logits_BxLxV, batch_BxL1[:, 1:]), "acc": acc}

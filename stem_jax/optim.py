@@ -38,8 +38,11 @@ def _adamw(t: TrainConfig, lr_mult: float, weight_decay: float, clip: float) -> 
     )
 
 
-def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
-    """Each group is clipped by its own global norm, like the paper's two AdamW optimizers."""
+def make_optimizer(t: TrainConfig, tables: bool = True) -> optax.GradientTransformation:
+    """Each group is clipped by its own global norm, like the paper's two AdamW optimizers. With
+    ``tables=False`` the backbone's alone: the sparse table optimizer (``sparse.py``) updates the tables."""
+    if not tables:
+        return _adamw(t, 1.0, t.weight_decay, t.clip_norm)
     return optax.partition(
         {BACKBONE: _adamw(t, 1.0, t.weight_decay, t.clip_norm),
          STEM: _adamw(t, t.stem_lr_mult, t.stem_weight_decay, t.stem_clip_norm)},

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from stem_jax import hotrows, offload, sparse
 from stem_jax.config import DTYPES
 from stem_jax.corpus import EOS
 
@@ -68,16 +69,31 @@ def next_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> j
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
+def _prefill(model, ids_BxP, valid_BxP, new_tokens: int, cache_dtype, edit=None, rows=None):
+    """KV cache after the (left-padded) prompts, the last position's logits, and each row's padding."""
+    B, P = ids_BxP.shape
+    pad_B = P - jnp.sum(valid_BxP, axis=1)
+    cache = model.init_cache(B, P + new_tokens, cache_dtype)
+    cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, :P].set(valid_BxP),
+                          positions_BxT=jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0))
+    logits_BxPxV, cache = model.decode(ids_BxP, cache, edit, rows)  # an edit touches prompt positions only
+    return cache.replace(positions_BxT=jnp.zeros((B, 1), jnp.int32)), logits_BxPxV[:, -1], pad_B
+
+
+def _decode_one(model, cache, tok_B, i, P: int, pad_B, rows=None):
+    """Feed the i-th new token of every row; returns the cache and the next logits [B, V]."""
+    slot = P + i
+    cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, slot].set(True), start=slot,
+                          positions_BxT=(P - pad_B + i)[:, None])
+    logits_Bx1xV, cache = model.decode(tok_B[:, None], cache, rows=rows)
+    return cache, logits_Bx1xV[:, -1]
+
+
 def _generate(graphdef, params, ids_BxP, valid_BxP, key, edit, *, cfg: SamplingConfig, eos: int, cache_dtype):
     model = nnx.merge(graphdef, params)
     B, P = ids_BxP.shape
     N = cfg.max_new_tokens
-    pad_B = P - jnp.sum(valid_BxP, axis=1)
-    cache = model.init_cache(B, P + N, cache_dtype)
-    cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, :P].set(valid_BxP),
-                          positions_BxT=jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0))
-    logits_BxPxV, cache = model.decode(ids_BxP, cache, edit)  # an edit touches prompt positions only
-    cache = cache.replace(positions_BxT=jnp.zeros((B, 1), jnp.int32))  # one token per step from here on
+    cache, last_BxV, pad_B = _prefill(model, ids_BxP, valid_BxP, N, cache_dtype, edit)
 
     def cond(carry):
         i, _, _, _, done_B, _ = carry
@@ -89,13 +105,10 @@ def _generate(graphdef, params, ids_BxP, valid_BxP, key, edit, *, cfg: SamplingC
         tok_B = jnp.where(done_B, eos, next_tokens(last_BxV, sub, cfg))
         out_BxN = out_BxN.at[:, i].set(tok_B)
         done_B = done_B | (tok_B == eos)
-        slot = P + i
-        cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, slot].set(True), start=slot,
-                              positions_BxT=(P - pad_B + i)[:, None])
-        logits_Bx1xV, cache = model.decode(tok_B[:, None], cache)
-        return i + 1, cache, logits_Bx1xV[:, -1], out_BxN, done_B, key
+        cache, last_BxV = _decode_one(model, cache, tok_B, i, P, pad_B)
+        return i + 1, cache, last_BxV, out_BxN, done_B, key
 
-    carry = (jnp.zeros((), jnp.int32), cache, logits_BxPxV[:, -1], jnp.full((B, N), eos, jnp.int32),
+    carry = (jnp.zeros((), jnp.int32), cache, last_BxV, jnp.full((B, N), eos, jnp.int32),
              jnp.zeros((B,), bool), key)
     return jax.lax.while_loop(cond, body, carry)[3]
 
@@ -111,8 +124,24 @@ class Generation:
 class Sampler:
     """Generation and next-token views from a model's graphdef + params and its tokenizer."""
 
-    def __init__(self, graphdef: Any, params: Any, tokenizer: Any, mesh: Mesh, seq_len: int, dtype: str = "float32"):
+    def __init__(self, graphdef: Any, params: Any, tokenizer: Any, mesh: Mesh, seq_len: int, dtype: str = "float32",
+                 cache_rows: int = 0):
+        """``cache_rows`` > 0: the STEM tables of ``params`` live in host memory (``model.stem_offload``);
+        the prompt's unique rows are fetched for the prefill, and decoding reads a device cache of that many
+        hot rows per STEM layer (``hotrows.py``; its hit rate is ``self.row_cache.lfu.hit_rate``)."""
         self.graphdef, self.params, self.tokenizer, self.mesh, self.seq_len = graphdef, params, tokenizer, mesh, seq_len
+        self.row_cache = None
+        if cache_rows:
+            tables, self.backbone = sparse.split_tables(params)
+            self.abstract_tables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tables)
+            self.host_tables = sparse.table_list(tables)
+            self.row_cache = hotrows.RowCache(self.host_tables, cache_rows, max_batch=8)
+            self._gather = jax.jit(offload.gather)
+            self._sample = jax.jit(next_tokens, static_argnums=2)
+            self._prefill_rows = jax.jit(self._prefill_rows_fn, static_argnums=5)
+            self._decode_rows = jax.jit(self._decode_rows_fn)
+            self._forward_rows = jax.jit(
+                lambda b, rows, inv, ids_1xL, n: self._rows_model(b)(ids_1xL, rows=(tuple(rows), inv))[0, n - 1])
         self.eos = tokenizer.token_to_id(EOS)
         if self.eos is None:
             raise SamplingError(f"the tokenizer has no {EOS} token")
@@ -121,15 +150,23 @@ class Sampler:
         self._forward = jax.jit(lambda p, ids_1xL, n, edit: nnx.merge(graphdef, p)(ids_1xL, edit)[0, n - 1])
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1)) -> "Sampler":
+    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1),
+                     cache_rows: int = 0) -> "Sampler":
+        """``cache_rows`` > 0 restores the STEM tables into host memory and decodes through a hot-row cache."""
         from stem_jax import checkpoint, sharding
         from stem_jax.evaluate import load_run_config, load_tokenizer
         from stem_jax.trainer import Setup
         cfg = load_run_config(workdir)
         cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
+        if cache_rows:
+            if cfg.model.ffn != "stem":
+                raise SamplingError(f"a hot-row cache needs a STEM model, not model.ffn={cfg.model.ffn!r}")
+            hotrows.LFUCache(cache_rows)  # a bad capacity fails before the restore
+            cfg.model.stem_offload, cfg.train.stem_optimizer = True, "sparse"
         s = Setup(cfg, sharding.make_mesh(cfg.mesh.shape))
         params, _ = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
-        return cls(s.graphdef, params, load_tokenizer(workdir), s.mesh, cfg.model.seq_len, cfg.model.dtype)
+        return cls(s.graphdef, params, load_tokenizer(workdir), s.mesh, cfg.model.seq_len, cfg.model.dtype,
+                   cache_rows)
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids
@@ -154,6 +191,10 @@ class Sampler:
         valid_BxP = np.zeros((len(prompt_ids), P), bool)
         for b, p in enumerate(prompt_ids):
             ids_BxP[b, P - len(p):], valid_BxP[b, P - len(p):] = p, True
+        if self.row_cache is not None:
+            if edit is not None:
+                raise SamplingError("row edits need the tables on device; load the sampler without a row cache")
+            return self._generate_offloaded(ids_BxP, valid_BxP, cfg)
         if edit is not None:
             edit = _left_pad_edit(edit, [len(p) for p in prompt_ids], P)
         key = dataclasses.replace(cfg, seed=0)  # the seed is an argument, not part of the program
@@ -164,6 +205,39 @@ class Sampler:
         with jax.set_mesh(self.mesh):
             out = fn(self.params, jnp.asarray(ids_BxP), jnp.asarray(valid_BxP), jax.random.key(cfg.seed), edit)
         return np.asarray(jax.device_get(out))
+
+    def _rows_model(self, backbone):
+        return nnx.merge(self.graphdef, backbone, self.abstract_tables)
+
+    def _prefill_rows_fn(self, backbone, rows, inv_BxP, ids_BxP, valid_BxP, new_tokens: int):
+        return _prefill(self._rows_model(backbone), ids_BxP, valid_BxP, new_tokens, self.cache_dtype,
+                        rows=(tuple(rows), inv_BxP))
+
+    def _decode_rows_fn(self, backbone, cache_rows, slots_Bx1, kv, tok_B, i, P, pad_B):
+        return _decode_one(self._rows_model(backbone), kv, tok_B, i, P, pad_B, rows=(tuple(cache_rows), slots_Bx1))
+
+    def _generate_offloaded(self, ids_BxP: np.ndarray, valid_BxP: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+        """``_generate`` with host tables: the prompts' unique rows are fetched for the prefill, then each
+        new token's row comes from the hot-row cache (a host round trip per token plans its misses)."""
+        (B, P), N = ids_BxP.shape, cfg.max_new_tokens
+        uniq, inv = offload.dedup_host(ids_BxP, self.host_tables[0].shape[0], ids_BxP.size)
+        out_BxN, done_B = np.full((B, N), self.eos, np.int32), np.zeros(B, bool)
+        key, sample_cfg = jax.random.key(cfg.seed), dataclasses.replace(cfg, seed=0)
+        with jax.set_mesh(self.mesh):
+            rows = self._gather(self.host_tables, jnp.asarray(uniq))
+            kv, last_BxV, pad_B = self._prefill_rows(self.backbone, rows, jnp.asarray(inv), jnp.asarray(ids_BxP),
+                                                     jnp.asarray(valid_BxP), N)
+            for i in range(N):
+                key, sub = jax.random.split(key)
+                tok_B = np.where(done_B, self.eos, np.asarray(self._sample(last_BxV, sub, sample_cfg)))
+                out_BxN[:, i] = tok_B
+                done_B |= tok_B == self.eos
+                if done_B.all():
+                    break
+                slots_Bx1 = self.row_cache.lookup(tok_B)
+                kv, last_BxV = self._decode_rows(self.backbone, self.row_cache.rows, slots_Bx1, kv,
+                                                 jnp.asarray(tok_B), i, P, pad_B)
+        return out_BxN
 
     def generate(self, prompts: Sequence[str], cfg: SamplingConfig = SamplingConfig()) -> list[Generation]:
         out_BxN = self.generate_ids([self.encode(p) for p in prompts], cfg)
@@ -198,6 +272,13 @@ class Sampler:
             pad = ((0, 0), (0, L - e_ids.shape[1]), (0, 0))
             edit = (np.pad(e_ids, pad, constant_values=self.eos), np.pad(e_w, pad), on)
         with jax.set_mesh(self.mesh):
+            if self.row_cache is not None:
+                if edit is not None:
+                    raise SamplingError("row edits need the tables on device; load the sampler without a row cache")
+                uniq, inv = offload.dedup_host(ids_1xL, self.host_tables[0].shape[0], ids_1xL.size)
+                rows = self._gather(self.host_tables, jnp.asarray(uniq))
+                return np.asarray(self._forward_rows(self.backbone, rows, jnp.asarray(inv), jnp.asarray(ids_1xL),
+                                                     len(ids)))
             return np.asarray(jax.device_get(self._forward(self.params, jnp.asarray(ids_1xL), len(ids), edit)))
 
 

@@ -124,18 +124,31 @@ class StemFFN(nnx.Module):
                                logical_axes=("stem_vocab", "stem_dff"))
         self.vocab_size, self.dtype, self.lookup_mode = vocab_size, dtype, lookup_mode
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None,
+                 rows: tuple | None = None) -> jax.Array:
         """``edit`` (knowledge editing, ``editing.py``): ``(ids_BxLxM, weights_BxLxM, on)``; where ``on``, the
-        row at each position is ``sum_m weights[m] * U[ids[m]]`` instead of ``U[t]``. Weights are unchanged."""
+        row at each position is ``sum_m weights[m] * U[ids[m]]`` instead of ``U[t]``. Weights are unchanged.
+
+        ``rows``: ``(rows_UxF, inverse_BxL)``, the rows already gathered (``U[uniq]``, with ``uniq[inverse] ==
+        ids``): the table is not read. The sparse optimizer differentiates w.r.t. them, offload brings them from
+        host memory and the decode cache holds them (``sparse.py``, ``offload.py``)."""
         chex.assert_equal_shape_prefix([x_BxLxD, ids_BxL], 2)
-        rows, width = self.table.shape
+        n_rows, width = self.table.shape
         d_ff = self.w_gate.shape[1]
-        if width != d_ff or rows < self.vocab_size:
+        if width != d_ff or n_rows < self.vocab_size:
             raise ValueError(f"STEM table has shape {self.table.shape} but the layer needs "
                              f"[>= {self.vocab_size}, d_ff={d_ff}]: the row multiplies SiLU(W_gate x) elementwise")
         act = ("batch", "length", "act_mlp")
         gate_BxLxF = project(x_BxLxD, self.w_gate, "bld,df->blf", self.dtype, act)
-        u_BxLxF = sharding.constrain(lookup(self.table[...], ids_BxL, self.lookup_mode, self.dtype), act)
+        if rows is not None:
+            if edit is not None:
+                raise ValueError("a STEM row edit needs the table, not pre-gathered rows")
+            rows_UxF, inv_BxL = rows
+            chex.assert_shape(rows_UxF, (None, d_ff))
+            rows_UxF = sharding.constrain(rows_UxF.astype(self.dtype), (None, "stem_dff"))
+            u_BxLxF = sharding.constrain(jnp.take(rows_UxF, inv_BxL, axis=0), act)
+        else:
+            u_BxLxF = sharding.constrain(lookup(self.table[...], ids_BxL, self.lookup_mode, self.dtype), act)
         if edit is not None:
             e_ids_BxLxM, e_w_BxLxM, on = edit
             B, L, M = e_ids_BxLxM.shape

@@ -2,6 +2,7 @@
 state, logging, periodic / final / on-signal checkpoints, and final validation."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -16,10 +17,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from stem_jax import accounting, checkpoint, corpus as corpus_lib, data, sharding
+from stem_jax import accounting, checkpoint, corpus as corpus_lib, data, offload, sharding, sparse
 from stem_jax.config import Config, ConfigError, resume_changes, to_dict, validate
 from stem_jax.preemption import StopRequests
-from stem_jax.model import Transformer, cross_entropy
+from stem_jax.model import Transformer, cross_entropy, token_metrics
 from stem_jax.optim import group_norms, make_optimizer, schedule
 from stem_jax.writer import MetricsWriter
 
@@ -34,10 +35,14 @@ class Setup:
 
     def __init__(self, cfg: Config, mesh: Mesh):
         self.cfg, self.mesh = cfg, mesh
-        self.tx = make_optimizer(cfg.train)
+        self.sparse = cfg.train.stem_optimizer == "sparse"
+        self.tx = make_optimizer(cfg.train, tables=not self.sparse)
+        if cfg.model.stem_offload:
+            offload.check_supported(mesh)
         with jax.set_mesh(mesh):
             abstract_model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
             self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+            self.abstract_tables = sparse.split_tables(abstract_params)[0]
             self.abstract_state = jax.eval_shape(self._init)
         self.stem_layers = abstract_model.stem_layers
         n_dff = sharding.axis_size("stem_dff", mesh)
@@ -50,9 +55,16 @@ class Setup:
                                      f"expert shards (mesh axes {sharding.mesh_axes('experts')}); choose a "
                                      "multiple of it or a smaller data axis")
         self.state_shardings = sharding.tree_shardings(mesh, self.abstract_state)
+        if cfg.model.stem_offload:
+            self.state_shardings = offload.host_shardings(self.state_shardings)
         self.batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
         self.counts = accounting.count_params(abstract_params, cfg.model)
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+        # Sparse optimizer: the batch's unique ids index the rows to gather and update (sparse.py).
+        self.table_rows = sparse.table_list(self.abstract_tables)[0].shape[0] if self.stem_layers else 0
+        self.unique_rows = sparse.unique_size(cfg.train.batch_size * cfg.model.seq_len, self.table_rows)
+        self.offloader = offload.Trainer(self) if cfg.model.stem_offload else None
+        step_fn = functools.partial(sparse.train_step, self) if self.sparse else self._train_step
+        self.train_step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, NamedSharding(mesh, P())),
                                   donate_argnums=0)
         self.eval_step = jax.jit(self._eval_metrics,
@@ -62,7 +74,12 @@ class Setup:
     def _init(self) -> dict:
         model = Transformer(self.cfg.model, rngs=nnx.Rngs(self.cfg.train.seed))
         params = nnx.state(model, nnx.Param)
-        return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        if self.sparse:
+            tables, backbone = sparse.split_tables(params)
+            opt_state = {"tx": self.tx.init(backbone), "rows": sparse.init_state(tables)}
+        else:
+            opt_state = self.tx.init(params)
+        return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
     def init_state(self) -> dict:
         with jax.set_mesh(self.mesh):
@@ -74,9 +91,7 @@ class Setup:
 
     def _eval_metrics(self, params: Any, batch_BxL1: jax.Array) -> dict:
         """Mean loss and next-token top-1 accuracy (the accuracy the tiny comparison's ROI uses)."""
-        logits = nnx.merge(self.graphdef, params)(batch_BxL1[:, :-1])
-        acc = jnp.mean((jnp.argmax(logits, axis=-1) == batch_BxL1[:, 1:]).astype(jnp.float32))
-        return {"loss": cross_entropy(logits, batch_BxL1[:, 1:]), "acc": acc}
+        return token_metrics(nnx.merge(self.graphdef, params)(batch_BxL1[:, :-1]), batch_BxL1)
 
     def _train_step(self, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
         loss, grads = jax.value_and_grad(self.loss)(state["params"], batch_BxL1)
@@ -95,7 +110,10 @@ class Setup:
         out = []
         with jax.set_mesh(self.mesh):
             for local in batches:
-                out.append(self.eval_step(params, data.to_global(local, self.batch_sharding)))
+                if self.offloader is not None:
+                    out.append(self.offloader.eval_metrics(params, local))
+                else:
+                    out.append(self.eval_step(params, data.to_global(local, self.batch_sharding)))
         out = jax.device_get(out)
         return {k: float(np.mean([o[k] for o in out])) for k in ("loss", "acc")}
 
@@ -204,6 +222,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     t, m = cfg.train, cfg.model
     batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size,
                                       name=f"{corpus.path / 'train.bin'}"))
+    if s.offloader is not None:  # offload stages the next batch's rows while a step runs
+        batches = data.Lookahead(batches)
     meta = run_meta(s, corpus)
     state, start, mngr = _start(s, workdir, meta, batches)
     if jax.process_index() == 0:
@@ -281,7 +301,10 @@ def _loop(s: Setup, state: dict, start: int, batches, mngr, meta: dict, writer: 
     pending, step = None, start
     try:
         for step in range(start + 1, t.steps + 1):
-            state, metrics = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+            if s.offloader is not None:
+                state, metrics = s.offloader.step(state, next(batches), batches.peek() if step < t.steps else None)
+            else:
+                state, metrics = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
             if pending is not None:
                 finished(*pending)
             pending = (step, metrics)

@@ -1,0 +1,181 @@
+"""Sparse row-wise AdamW for the STEM tables (``train.stem_optimizer="sparse"``).
+
+A batch reads a few hundred rows of a [V, d_ff] table, but dense AdamW reads and writes all V rows (the
+parameter and both moments) every step, so its cost grows with the vocabulary. Here the step deduplicates the
+batch's ids (unique + inverse index), gathers only those rows, differentiates the loss w.r.t. the rows
+(``Transformer(ids, rows=...)``), and updates only those rows and their state.
+
+Semantics, and how they differ from dense AdamW (they agree exactly when every row is touched every step):
+
+- **per-row step counts** for bias correction: a row's t-th update is corrected by ``1 - b^t`` whatever the
+  global step, as in lazy/sparse Adam (TF ``LazyAdam``, PyTorch ``SparseAdam``);
+- **untouched rows do not move**: no moment decay and no weight decay; their parameter and state stay
+  bit-identical. Dense AdamW keeps moving a row on its stale momentum for many steps after its last use and
+  decays every row every step;
+- **weight decay on touched rows only**, by ``lr * stem_weight_decay`` per update (decoupled, as in AdamW);
+- the learning-rate schedule and the table group's global-norm clipping use the global step and the norm of
+  the rows' gradients, which equals the dense table gradient's norm (untouched rows have zero gradient).
+
+Tables stay vocab-sharded: every device updates the touched rows it owns, in place. Only ids and [U, d_ff]
+row blocks move between devices, never a table-sized array.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from stem_jax import sharding
+from stem_jax.config import TrainConfig
+from stem_jax.model import cross_entropy
+from stem_jax.optim import schedule
+from stem_jax.stem import lookup
+
+def split_tables(params: nnx.State) -> tuple[nnx.State, nnx.State]:
+    """(tables, backbone) of a parameter state; ``nnx.State.merge`` puts them back together."""
+    return params.split(nnx.PathContains("table"), ...)
+
+
+def table_list(tables: nnx.State) -> list[jax.Array]:
+    """The table arrays in layer order."""
+    return [v.get_value() for v in jax.tree.leaves(tables, is_leaf=lambda x: isinstance(x, nnx.Variable))]
+
+
+def with_tables(tables: nnx.State, arrays: list[jax.Array]) -> nnx.State:
+    """``tables`` with its arrays replaced, in ``table_list`` order."""
+    return jax.tree.unflatten(jax.tree.structure(tables), arrays)
+
+
+def unique_size(tokens: int, rows: int) -> int:
+    """Static number of unique-id slots for a batch of ``tokens`` ids: a batch has at most this many."""
+    return min(tokens, rows)
+
+
+def dedup(ids_BxL: jax.Array, size: int, fill: int) -> tuple[jax.Array, jax.Array]:
+    """``(uniq_U, inverse_BxL)`` with ``uniq[inverse] == ids``; unused slots hold ``fill`` (an id past every
+    table row, so gathers clip and scatters drop them)."""
+    uniq_U, inv = jnp.unique(ids_BxL, size=size, fill_value=fill, return_inverse=True)
+    return uniq_U.astype(jnp.int32), inv.reshape(ids_BxL.shape).astype(jnp.int32)
+
+
+def init_state(tables: nnx.State) -> dict:
+    """Zero moments shaped like the tables and an int32 update count per row (sharded like the rows)."""
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    zeros = lambda: jax.tree.map(lambda v: v.replace(jnp.zeros_like(v.get_value())), tables, is_leaf=is_var)
+    count = jax.tree.map(lambda v: v.replace(jnp.zeros(v.get_value().shape[:1], jnp.int32),
+                                             logical_axes=("stem_vocab",)), tables, is_leaf=is_var)
+    return {"mu": zeros(), "nu": zeros(), "count": count}
+
+
+def clip(g_rows: list[jax.Array], max_norm: float) -> tuple[list[jax.Array], jax.Array]:
+    """optax.clip_by_global_norm over all tables' row gradients; returns (clipped, norm before clipping)."""
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in g_rows))
+    if max_norm <= 0:
+        return g_rows, norm
+    return [jax.lax.select(norm < max_norm, g, (g / norm) * max_norm) for g in g_rows], norm
+
+
+def adamw_rows(p_UxF, m_UxF, v_UxF, c_U, g_UxF, lr, t: TrainConfig):
+    """One AdamW update of a block of rows, each with its own count; written in optax's operation order so
+    that a fully touched table matches ``optax.adamw`` to rounding."""
+    b1, b2 = t.b1, t.b2
+    c_U = c_U + 1
+    m_UxF = (1 - b1) * g_UxF + b1 * m_UxF
+    v_UxF = (1 - b2) * (g_UxF ** 2) + b2 * v_UxF
+    m_hat = m_UxF / (1 - b1 ** c_U)[:, None].astype(m_UxF.dtype)
+    v_hat = v_UxF / (1 - b2 ** c_U)[:, None].astype(v_UxF.dtype)
+    u_UxF = m_hat / (jnp.sqrt(v_hat) + t.eps)
+    if t.stem_weight_decay:
+        u_UxF = u_UxF + t.stem_weight_decay * p_UxF
+    return p_UxF + (-lr) * u_UxF, m_UxF, v_UxF, c_U
+
+
+def _owned(uniq_U: jax.Array, first_row, rows: int) -> jax.Array:
+    """Local row index of each id, or ``rows`` (out of range: dropped by scatters) for ids owned elsewhere."""
+    local_U = uniq_U - first_row
+    return jnp.where((local_U >= 0) & (local_U < rows), local_U, rows)
+
+
+def gather_rows(arrays: tuple, idx_U: jax.Array) -> tuple:
+    return tuple(jnp.take(a, jnp.clip(idx_U, 0, a.shape[0] - 1), axis=0) for a in arrays)
+
+
+def scatter_rows(arrays: tuple, idx_U: jax.Array, rows: tuple) -> tuple:
+    return tuple(a.at[idx_U].set(r, mode="drop") for a, r in zip(arrays, rows))
+
+
+def update(tables: nnx.State, state: dict, uniq_U: jax.Array, g_rows: list[jax.Array], lr: jax.Array,
+           t: TrainConfig) -> tuple[nnx.State, dict, jax.Array]:
+    """Apply ``adamw_rows`` to the rows ``uniq_U`` of every table, in place on each vocab shard.
+
+    Returns (tables, state, sum of squares of the updated rows) — the last for the step's param norm."""
+    mesh = jax.sharding.get_abstract_mesh()
+    vocab_axes = sharding.mesh_axes("stem_vocab") if not mesh.empty else ()
+
+    def local(p_vxf, m_vxf, v_vxf, c_v, uniq_U, g_UxF, lr):
+        first = jax.lax.axis_index(vocab_axes) * p_vxf.shape[0] if vocab_axes else 0
+        idx_U = _owned(uniq_U, first, p_vxf.shape[0])
+        new = adamw_rows(*gather_rows((p_vxf, m_vxf, v_vxf, c_v), idx_U), g_UxF, lr, t)
+        # Rows owned elsewhere (or fill slots) were clipped gathers of some other row: leave them out.
+        mine_U = idx_U < p_vxf.shape[0]
+        sq = jnp.sum(jnp.where(mine_U[:, None], jnp.square(new[0]), 0.0))
+        if vocab_axes:  # each device holds a [rows, d_ff] block of the table
+            sq = jax.lax.psum(sq, vocab_axes + sharding.mesh_axes("stem_dff"))
+        return (*scatter_rows((p_vxf, m_vxf, v_vxf, c_v), idx_U, new), sq)
+
+    if vocab_axes:
+        tab, col = sharding.spec(("stem_vocab", "stem_dff")), sharding.spec(("stem_vocab",))
+        rows_spec = sharding.spec((None, "stem_dff"))
+        local = jax.shard_map(local, in_specs=(tab, tab, tab, col, P(), rows_spec, P()),
+                              out_specs=(tab, tab, tab, col, P()))
+    out = [local(p, m, v, c, uniq_U, g, lr) for p, m, v, c, g in zip(
+        table_list(tables), table_list(state["mu"]), table_list(state["nu"]), table_list(state["count"]), g_rows)]
+    new_tables = with_tables(tables, [o[0] for o in out])
+    new_state = {k: with_tables(state[k], [o[i] for o in out]) for i, k in enumerate(("mu", "nu", "count"), 1)}
+    return new_tables, new_state, sum(o[4] for o in out)
+
+
+# ---- the train step (on-device tables; offload.py reuses the pieces with host tables) ----
+
+def row_loss_grads(graphdef, abstract_tables: nnx.State, backbone: nnx.State, rows: list[jax.Array],
+                   inv_BxL: jax.Array, batch_BxL1: jax.Array):
+    """``(loss, (backbone grads, row grads))`` with the STEM rows given, never the tables: the model is
+    merged with *abstract* tables, so no [V, d_ff] gradient can be formed."""
+    def loss(backbone, rows):
+        model = nnx.merge(graphdef, backbone, abstract_tables)
+        return cross_entropy(model(batch_BxL1[:, :-1], rows=(tuple(rows), inv_BxL)), batch_BxL1[:, 1:])
+    return jax.value_and_grad(loss, argnums=(0, 1))(backbone, list(rows))
+
+
+def backbone_step(tx, t: TrainConfig, step: jax.Array, backbone: nnx.State, tx_state, g_back: nnx.State,
+                  loss: jax.Array, stem_norm: jax.Array, rows_sq: jax.Array):
+    """optax update of the backbone and the step's metrics (``param_norm`` covers the backbone and the
+    rows updated this step: a norm over the whole tables would cost O(V) again)."""
+    updates, tx_state = tx.update(g_back, tx_state, backbone)
+    backbone = optax.apply_updates(backbone, updates)
+    metrics = {"loss": loss, "lr": schedule(t)(step), "backbone_grad_norm": optax.tree.norm(g_back),
+               "stem_grad_norm": stem_norm,
+               "param_norm": jnp.sqrt(jnp.square(optax.tree.norm(backbone)) + rows_sq)}
+    return backbone, tx_state, metrics
+
+
+def train_step(s, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
+    """The sparse-optimizer train step for ``trainer.Setup`` ``s`` (tables on device, vocab-sharded)."""
+    t, m = s.cfg.train, s.cfg.model
+    tables, backbone = split_tables(state["params"])
+    uniq_U, inv_BxL = dedup(batch_BxL1[:, :-1], s.unique_rows, s.table_rows)
+    rows = [lookup(tb, uniq_U[None], m.stem_lookup)[0] for tb in table_list(tables)]
+    loss, (g_back, g_rows) = row_loss_grads(s.graphdef, s.abstract_tables, backbone, rows, inv_BxL, batch_BxL1)
+    g_rows, stem_norm = clip(g_rows, t.stem_clip_norm)
+    lr = stem_lr(t, state["step"])
+    tables, rows_state, rows_sq = update(tables, state["opt_state"]["rows"], uniq_U, g_rows, lr, t)
+    backbone, tx_state, metrics = backbone_step(s.tx, t, state["step"], backbone, state["opt_state"]["tx"],
+                                                g_back, loss, stem_norm, rows_sq)
+    return {"params": nnx.State.merge(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},
+            "step": state["step"] + 1}, metrics
+
+
+def stem_lr(t: TrainConfig, step: jax.Array) -> jax.Array:
+    return schedule(t)(step) * t.stem_lr_mult
