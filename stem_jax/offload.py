@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import compute_on as _compute_on
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from stem_jax import data, sparse
 from stem_jax.model import token_metrics
@@ -118,11 +119,14 @@ class Trainer:
         self._dev_sh = {"backbone": backbone_sh, "tx": sh["opt_state"]["tx"], "step": sh["step"]}
         self._gather = jax.jit(gather)
         self._scatter = jax.jit(scatter, donate_argnums=0, out_shardings=host_sh)
+        # The patch keeps one fixed (replicated) layout so the first step's empty patch needs no extra program.
+        self._replicated = NamedSharding(s.mesh, P())
         self._step = jax.jit(self._device_step, donate_argnums=0,
-                             out_shardings=(self._dev_sh, None, None))
+                             out_shardings=(self._dev_sh, self._replicated, self._replicated))
         self._eval = jax.jit(self._eval_step)
         self._staged: tuple[np.ndarray, tuple] | None = None  # (ids, staged rows) of the next batch
         self._patch: tuple | None = None                      # the last step's (uniq, new rows)
+        self._last_host: jax.Array | None = None              # first host array the last step returned
 
     def stage(self, host: list[jax.Array], local_BxL1: np.ndarray) -> tuple:
         """Dedup on the host and start the row transfer; returns device ``(uniq, inverse, rows)``."""
@@ -153,24 +157,29 @@ class Trainer:
         host = host_arrays(state)
         tables, backbone = sparse.split_tables(state["params"])
         with jax.set_mesh(s.mesh):
-            if self._staged is not None and np.array_equal(self._staged[0], local_BxL1):
-                staged = self._staged[1]
-            else:  # first step, or the prefetched batch was not the one that came
-                staged = self.stage(host, local_BxL1)
-            if self._patch is None:
-                self._patch = (jnp.full((1,), self.fill, jnp.int32),
-                               [jnp.zeros((1, *a.shape[1:]), a.dtype) for a in host])
+            # Prefetched rows predate the last write-back and need its patch; they only fit the state that
+            # the last step returned and the batch they were staged for.
+            continuing = self._last_host is not None and host[0] is self._last_host
+            if continuing and self._staged is not None and np.array_equal(self._staged[0], local_BxL1):
+                staged, last = self._staged[1], self._patch
+            else:
+                staged, last = self.stage(host, local_BxL1), None
+            if last is None:  # nothing to patch: all fill ids, shaped like this step's rows (one program)
+                U = staged[0].shape[0]
+                last = jax.device_put((np.full((U,), self.fill, np.int32),
+                                       [np.zeros((U, *a.shape[1:]), a.dtype) for a in host]), self._replicated)
             dev = {"backbone": backbone, "tx": state["opt_state"]["tx"], "step": state["step"]}
             batch = data.to_global(local_BxL1, s.batch_sharding)
-            dev, metrics, self._patch = self._step(dev, staged, self._patch, batch)
+            dev, metrics, self._patch = self._step(dev, staged, last, batch)
             # Read before the write-back below: the next step patches in this step's rows.
             self._staged = None if next_BxL1 is None else (next_BxL1, self.stage(host, next_BxL1))
             host = self._scatter(host, *self._patch)
+            self._last_host = host[0]
         n = self.n
         tables = sparse.with_tables(tables, host[:n])
         rows_state = {k: sparse.with_tables(state["opt_state"]["rows"][k], host[(i + 1) * n:(i + 2) * n])
                       for i, k in enumerate(("mu", "nu", "count"))}
-        return {"params": nnx.State.merge(dev["backbone"], tables),
+        return {"params": nnx.merge_state(dev["backbone"], tables),
                 "opt_state": {"tx": dev["tx"], "rows": rows_state}, "step": dev["step"]}, metrics
 
     def _eval_step(self, backbone, rows: list[jax.Array], inv_BxL: jax.Array, batch_BxL1: jax.Array) -> dict:

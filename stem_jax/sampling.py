@@ -2,7 +2,8 @@
 prefill and then the whole decode loop on device (``lax.while_loop``), stopping when every row has emitted
 ``<|endoftext|>`` or ``max_new_tokens``. Greedy, temperature, top-k and top-p (nucleus) sampling; batched
 prompts of any lengths (left-padded; padding is masked out of attention and RoPE positions start at each
-row's first real token)."""
+row's first real token). With ``cache_rows`` the STEM tables stay in host memory and decoding reads a hot-row
+cache (``hotrows.py``); that loop runs from Python, one host round trip per token to plan the cache."""
 from __future__ import annotations
 
 import dataclasses
@@ -306,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show_topk", type=int, default=0, help="also print the k most likely next tokens")
+    p.add_argument("--cache_rows", type=int, default=0,
+                   help="keep the STEM tables in host memory and decode through a device cache of this many "
+                        "hot rows per STEM layer (0 = tables on device)")
     a = p.parse_args(argv)
     from absl import logging
     logging.set_verbosity(logging.WARNING)
@@ -314,11 +318,17 @@ def main(argv: list[str] | None = None) -> None:
 
     def run():
         cfg.check()  # before the restore, so a bad setting fails fast
-        sampler = Sampler.from_workdir(a.workdir, a.step)
+        if a.cache_rows < 0:
+            raise SamplingError(f"--cache_rows={a.cache_rows} must be >= 1 (or 0 for tables on device)")
+        sampler = Sampler.from_workdir(a.workdir, a.step, cache_rows=a.cache_rows)
         for g in sampler.generate(a.prompt, cfg):
             print(f"{g.prompt}\u2502{g.text}   [{len(g.ids)} tokens, {g.stop}]")
             if a.show_topk:
                 print("  next: " + ", ".join(f"{t!r} {p:.3f}" for t, p in sampler.next_token_topk(g.prompt, a.show_topk)))
+        if sampler.row_cache is not None:
+            lfu = sampler.row_cache.lfu
+            print(f"hot-row cache: {lfu.hits}/{lfu.lookups} lookups hit ({lfu.hit_rate:.1%}), "
+                  f"{lfu.capacity} rows per STEM layer")
     cli.run_user_errors(run)
 
 

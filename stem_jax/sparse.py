@@ -33,9 +33,10 @@ from stem_jax.model import cross_entropy
 from stem_jax.optim import schedule
 from stem_jax.stem import lookup
 
+
 def split_tables(params: nnx.State) -> tuple[nnx.State, nnx.State]:
-    """(tables, backbone) of a parameter state; ``nnx.State.merge`` puts them back together."""
-    return params.split(nnx.PathContains("table"), ...)
+    """(tables, backbone) of a parameter state; ``nnx.merge_state`` puts them back together."""
+    return nnx.split_state(params, nnx.PathContains("table"), ...)
 
 
 def table_list(tables: nnx.State) -> list[jax.Array]:
@@ -173,7 +174,7 @@ def train_step(s, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
     tables, rows_state, rows_sq = update(tables, state["opt_state"]["rows"], uniq_U, g_rows, lr, t)
     backbone, tx_state, metrics = backbone_step(s.tx, t, state["step"], backbone, state["opt_state"]["tx"],
                                                 g_back, loss, stem_norm, rows_sq)
-    return {"params": nnx.State.merge(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},
+    return {"params": nnx.merge_state(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},
             "step": state["step"] + 1}, metrics
 
 

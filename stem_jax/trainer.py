@@ -60,7 +60,8 @@ class Setup:
         self.batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)
         self.counts = accounting.count_params(abstract_params, cfg.model)
         # Sparse optimizer: the batch's unique ids index the rows to gather and update (sparse.py).
-        self.table_rows = sparse.table_list(self.abstract_tables)[0].shape[0] if self.stem_layers else 0
+        tables = sparse.table_list(self.abstract_tables)  # none for hash_moe
+        self.table_rows = tables[0].shape[0] if tables else 0
         self.unique_rows = sparse.unique_size(cfg.train.batch_size * cfg.model.seq_len, self.table_rows)
         self.offloader = offload.Trainer(self) if cfg.model.stem_offload else None
         step_fn = functools.partial(sparse.train_step, self) if self.sparse else self._train_step
@@ -139,6 +140,11 @@ def describe_run(s: Setup, corpus: corpus_lib.Corpus | None = None) -> None:
             log(f"STEM tables padded from {m.vocab_size} to {rows} rows (multiple of "
                 f"{sharding.ROW_PAD_MULTIPLE} and of {sharding.axis_size('stem_vocab', s.mesh)} vocab shards); "
                 "padding rows are never addressed")
+        if m.stem_offload:
+            log("STEM tables and their row-wise AdamW state in host memory (pinned_host); each step moves only "
+                "the batch's unique rows, prefetched during the previous step")
+        elif s.sparse:
+            log("STEM tables: row-wise AdamW over each batch's unique rows (train.stem_optimizer=sparse)")
     else:
         log("dense model (no STEM layers)")
     log(s.counts.describe())

@@ -61,6 +61,4 @@ def test_two_processes_match_one_process_through_preemption_and_restore(tmp_path
     final = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()][-1]
     assert abs(json.loads((two / "eval.json").read_text())["val_loss"] - final["val_loss"]) < 1e-4
 
-    r = run_script("train.py", f"--workdir={two}", *ARGS[:-2], "--config.train.steps=20",
-                   "--config.train.batch_size=8", cache_dir=cache_dir, devices=8)
-    assert r.returncode == 1 and "written by 2 process(es), this run has 1" in r.stderr, r.stderr[-2000:]
+    # A 1-process resume of this checkpoint is refused: test_trainer.py checks that in-process.

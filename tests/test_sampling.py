@@ -113,3 +113,20 @@ def test_bad_settings_are_clear_errors(stem_sampler, kwargs, msg):
     sampler, _, _ = stem_sampler
     with pytest.raises(SamplingError, match=msg):
         sampler.generate_ids(PROMPTS, SamplingConfig(**kwargs))
+
+
+def test_offloaded_tables_with_a_hot_row_cache_sample_the_same_tokens(tokenizer, stem_sampler):
+    sampler, s, params = stem_sampler
+    cfg = tiny_config(seq_len=32, stem_layers="1", stem_offload=True)
+    cfg.train.stem_optimizer = "sparse"
+    s_off = Setup(cfg, mesh_of((1, 1, 1)))
+    host_params = jax.device_put(params, s_off.state_shardings["params"])
+    # 4 slots for 3 prompts: nearly every step evicts.
+    off = Sampler(s_off.graphdef, host_params, tokenizer, s_off.mesh, 32, cache_rows=4)
+    assert off.host_tables[0].sharding.memory_kind == "pinned_host"
+    for c in (SamplingConfig(max_new_tokens=8), SamplingConfig(max_new_tokens=8, temperature=1.0, seed=3)):
+        np.testing.assert_array_equal(off.generate_ids(PROMPTS, c), sampler.generate_ids(PROMPTS, c))
+    np.testing.assert_allclose(off.next_token_logits(PROMPTS[2]), sampler.next_token_logits(PROMPTS[2]),
+                               rtol=1e-5, atol=1e-5)
+    lfu = off.row_cache.lfu
+    assert lfu.lookups and lfu.lookups % len(PROMPTS) == 0 and 0 <= lfu.hit_rate <= 1  # B lookups per step

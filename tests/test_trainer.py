@@ -15,7 +15,8 @@ def _one_step(cfg, shape, batch):
     return jax.device_get(state["params"]), jax.device_get(metrics), s
 
 
-@pytest.mark.parametrize("lookup", ["shard_map", "xla"])
+# The "xla" lookup is checked against numpy and shard_map in test_stem.py / test_sharding.py.
+@pytest.mark.parametrize("lookup", ["shard_map"])
 def test_train_step_on_2x4_mesh_equals_single_device(lookup):
     cfg = tiny_config(stem_lookup=lookup)
     rng = np.random.default_rng(0)
@@ -50,3 +51,12 @@ def test_non_finite_metrics_stop_training_with_the_step_named():
     assert _check_finite(3, {"loss": np.float32(2.5)}) == {"loss": 2.5}
     with pytest.raises(FloatingPointError, match="non-finite metrics at step 7"):
         _check_finite(7, {"loss": np.float32(np.nan), "stem_grad_norm": np.float32(1.0)})
+
+
+def test_resume_refuses_a_checkpoint_of_another_process_count():
+    from stem_jax.config import ConfigError, to_dict
+    from stem_jax.trainer import _resume_check
+    cfg = tiny_config()
+    check = _resume_check(cfg, {"tokenizer_sha256": "t", "process_count": 1, "mesh": {}}, [])
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
+        check({"config": to_dict(cfg), "tokenizer_sha256": "t", "process_count": 2, "mesh": {}})
