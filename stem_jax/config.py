@@ -212,7 +212,8 @@ def _may_change_on_resume(section: str, name: str) -> bool:
     if section == "train":
         return name not in ("batch_size", "seed", "stem_optimizer")  # the optimizer state differs
     if section == "model":
-        return name in ("stem_lookup", "dtype", "stem_offload")  # same parameters and (up to rounding) the same function
+        # Same parameters and (up to rounding) the same function; offload moves the same arrays to the host.
+        return name in ("stem_lookup", "dtype", "stem_offload")
     return name == "cache_dir"
 
 

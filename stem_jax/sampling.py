@@ -136,6 +136,9 @@ class Sampler:
             tables, self.backbone = sparse.split_tables(params)
             self.abstract_tables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tables)
             self.host_tables = sparse.table_list(tables)
+            if not self.host_tables or any(t.sharding.memory_kind != offload.HOST for t in self.host_tables):
+                raise SamplingError("cache_rows needs STEM tables in host memory (pinned_host); load with "
+                                    "Sampler.from_workdir(workdir, cache_rows=N)")
             self.row_cache = hotrows.RowCache(self.host_tables, cache_rows, max_batch=8)
             self._gather = jax.jit(offload.gather)
             self._sample = jax.jit(next_tokens, static_argnums=2)

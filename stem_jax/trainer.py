@@ -103,6 +103,9 @@ class Setup:
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     def run_train_step(self, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
+        if self.offloader is not None:
+            raise ValueError("with model.stem_offload the tables are in host memory: step with "
+                             "Setup.offloader.step(state, batch, next_batch), which stages their rows")
         with jax.set_mesh(self.mesh):
             return self.train_step(state, batch_BxL1)
 

@@ -72,3 +72,10 @@ def test_offloaded_training_equals_on_device_sparse_training():
     # The device holds no table: every device-memory leaf of the state is a backbone array.
     on_dev = [a for a in jax.tree.leaves(st) if a.sharding.memory_kind == "device"]
     assert all(a.shape[0] != s_off.table_rows for a in on_dev if a.ndim)
+
+
+def test_the_plain_train_step_is_refused_when_the_tables_are_on_the_host():
+    cfg = tiny_config(n_layers=2, stem_layers="1", stem_offload=True)
+    cfg.train.stem_optimizer = "sparse"
+    with pytest.raises(ValueError, match="Setup.offloader.step"):
+        Setup(cfg, mesh_of((1, 1, 1))).run_train_step(None, None)
