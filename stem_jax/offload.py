@@ -183,7 +183,7 @@ class Trainer:
                 "opt_state": {"tx": dev["tx"], "rows": rows_state}, "step": dev["step"]}, metrics
 
     def _eval_step(self, backbone, rows: list[jax.Array], inv_BxL: jax.Array, batch_BxL1: jax.Array) -> dict:
-        model = nnx.merge(self.s.graphdef, backbone, self.s.abstract_tables)
+        model = sparse.rows_model(self.s.graphdef, backbone, self.s.abstract_tables)
         return token_metrics(model(batch_BxL1[:, :-1], rows=(tuple(rows), inv_BxL)), batch_BxL1)
 
     def eval_metrics(self, params: nnx.State, local_BxL1: np.ndarray) -> dict:

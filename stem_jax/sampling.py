@@ -211,7 +211,7 @@ class Sampler:
         return np.asarray(jax.device_get(out))
 
     def _rows_model(self, backbone):
-        return nnx.merge(self.graphdef, backbone, self.abstract_tables)
+        return sparse.rows_model(self.graphdef, backbone, self.abstract_tables)
 
     def _prefill_rows_fn(self, backbone, rows, inv_BxP, ids_BxP, valid_BxP, new_tokens: int):
         return _prefill(self._rows_model(backbone), ids_BxP, valid_BxP, new_tokens, self.cache_dtype,

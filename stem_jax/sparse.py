@@ -140,12 +140,17 @@ def update(tables: nnx.State, state: dict, uniq_U: jax.Array, g_rows: list[jax.A
 
 # ---- the train step (on-device tables; offload.py reuses the pieces with host tables) ----
 
+def rows_model(graphdef, backbone: nnx.State, abstract_tables: nnx.State):
+    """The model with *abstract* tables: it runs only with pre-gathered rows (``model(ids, rows=...)``), so it
+    can neither read a host-resident table nor form a [V, d_ff] gradient."""
+    return nnx.merge(graphdef, backbone, abstract_tables)
+
+
 def row_loss_grads(graphdef, abstract_tables: nnx.State, backbone: nnx.State, rows: list[jax.Array],
                    inv_BxL: jax.Array, batch_BxL1: jax.Array):
-    """``(loss, (backbone grads, row grads))`` with the STEM rows given, never the tables: the model is
-    merged with *abstract* tables, so no [V, d_ff] gradient can be formed."""
+    """``(loss, (backbone grads, row grads))`` with the STEM rows given, never the tables (``rows_model``)."""
     def loss(backbone, rows):
-        model = nnx.merge(graphdef, backbone, abstract_tables)
+        model = rows_model(graphdef, backbone, abstract_tables)
         return cross_entropy(model(batch_BxL1[:, :-1], rows=(tuple(rows), inv_BxL)), batch_BxL1[:, 1:])
     return jax.value_and_grad(loss, argnums=(0, 1))(backbone, list(rows))
 
