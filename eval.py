@@ -6,7 +6,7 @@
 """
 from absl import app, flags
 
-from stem_jax import cli
+from stem_jax import cli, evaluate, workdir
 
 flags.DEFINE_string("workdir", "runs/tiny", "A workdir written by train.py.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
@@ -32,8 +32,7 @@ def _niah_lengths(value: str | None, seq_len_of) -> list[int]:
     if not value or value.lower() in ("0", "false", "no", "none"):
         return []
     if value.lower() in ("default", "1", "true", "yes"):
-        from stem_jax.evaluate import default_niah_lengths
-        return default_niah_lengths(seq_len_of())
+        return evaluate.default_niah_lengths(seq_len_of())
     try:
         return [int(x) for x in value.split(",") if x.strip()]
     except ValueError:
@@ -43,10 +42,9 @@ def _niah_lengths(value: str | None, seq_len_of) -> list[int]:
 def main(argv):
     cli.check_no_args(argv)
     cli.enable_compilation_cache()
-    from stem_jax import evaluate
     f = flags.FLAGS
     mesh = tuple(int(x) for x in f.mesh)
-    seq_len = lambda: cli.run_user_errors(evaluate.load_run_config, f.workdir).model.seq_len
+    seq_len = lambda: cli.run_user_errors(workdir.load_run_config, f.workdir).model.seq_len
     try:
         depths = [float(d) for d in f.niah_depths]
     except ValueError:

@@ -9,7 +9,7 @@ checkpoint at the current step and exit 0. Multi-process: add --coordinator_addr
 """
 from absl import app, flags
 
-from stem_jax import cli
+from stem_jax import cli, trainer
 
 flags.DEFINE_string("workdir", "runs/tiny", "Where config, metrics, TensorBoard files and checkpoints go.")
 cli.define_distributed_flags()
@@ -20,7 +20,6 @@ def main(argv):
     cli.check_no_args(argv)
     cli.enable_compilation_cache()
     cli.init_distributed()
-    from stem_jax import trainer
     cli.run_user_errors(trainer.train_and_evaluate, cli.checked(_CONFIG), flags.FLAGS.workdir)
 
 

@@ -1,6 +1,7 @@
 """Hot-row cache hit rate while decoding with host-resident STEM tables, per cache capacity.
 
-    python benchmarks/decode_cache.py --workdir runs/tiny            # writes benchmarks/decode_cache.md
+    python benchmarks/decode_cache.py --workdir runs/tiny                                 # prints the table
+    python benchmarks/decode_cache.py --workdir runs/tiny --out benchmarks/decode_cache.md  # also writes it
 
 Prompts are the openings of held-out documents; every capacity decodes the same prompts with the same
 sampling settings, and the tokens are checked against the sampler with the tables on device (the cache may
@@ -9,17 +10,15 @@ host round trip per token, where the on-device loop is one ``lax.while_loop``.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stem_jax import corpus as corpus_lib  # noqa: E402
-from stem_jax.evaluate import load_run_config  # noqa: E402
-from stem_jax.sampling import Sampler, SamplingConfig  # noqa: E402
+from stem_jax import cli, corpus as corpus_lib
+from stem_jax.sampling import Sampler, SamplingConfig
+from stem_jax.workdir import load_run_config
 
 
 def prompts(workdir: str, n: int, length: int) -> list[list[int]]:
@@ -29,16 +28,20 @@ def prompts(workdir: str, n: int, length: int) -> list[list[int]]:
     return [val[s:s + length].astype(int).tolist() for s in starts]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--capacities", default="64,256,1024,4096")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--prompt_len", type=int, default=16)
-    ap.add_argument("--new_tokens", type=int, default=96)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
-    a = ap.parse_args()
+def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_string("workdir", None, "A workdir written by train.py.", required=True, flag_values=fv)
+    flags.DEFINE_string("capacities", "64,256,1024,4096", "Comma-separated cache rows per STEM layer to try.",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch", 8, "Prompts decoded together.", flag_values=fv)
+    flags.DEFINE_integer("prompt_len", 16, "Tokens per prompt (held-out text).", flag_values=fv)
+    flags.DEFINE_integer("new_tokens", 96, "Tokens generated per prompt.", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.8, "Sampling temperature.", flag_values=fv)
+    flags.DEFINE_string("out", "", "Also write the markdown table to this file (default: print it only).",
+                        flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, a = cli.parse_command(argv, "python benchmarks/decode_cache.py", __doc__.splitlines()[0], _define)
     both = prompts(a.workdir, 4 * a.batch, a.prompt_len)
     ids, warm = both[::4], [p for i, p in enumerate(both) if i % 4]
     cfg = SamplingConfig(max_new_tokens=a.new_tokens, temperature=a.temperature, top_p=0.95, seed=0)
@@ -70,7 +73,8 @@ def main() -> None:
         print(rows[-1], flush=True)
     text = "\n".join(rows) + "\n"
     print(text)
-    Path(a.out).write_text(text)
+    if a.out:
+        Path(a.out).write_text(text)
 
 
 if __name__ == "__main__":

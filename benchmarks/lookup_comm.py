@@ -1,6 +1,7 @@
 """Collective bytes of the STEM table lookup (forward + backward), read from the compiled HLO.
 
-    python benchmarks/lookup_comm.py            # 8 fake CPU devices; writes benchmarks/lookup_comm.md
+    python benchmarks/lookup_comm.py                                  # 8 fake CPU devices; prints the table
+    python benchmarks/lookup_comm.py --out benchmarks/lookup_comm.md  # also writes it there
 
 For each mesh and lookup mode, compiles ``(table, ids, cot) -> (rows, d table)`` (``stem.lookup`` and its
 VJP) with the shardings of ``sharding.RULES``, sums the collectives of ``compiled.as_text()`` and compares
@@ -9,18 +10,16 @@ Nothing runs on the devices: the figures are what XLA's partitioner planned, not
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import re
-import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stem_jax import sharding, stem  # noqa: E402
+from stem_jax import cli, config, sharding, stem
 
 B, L, V, F = 16, 128, 8192, 512  # the tiny preset's batch x length, a vocab of 8192, d_ff 512; float32
 MESHES = ((8, 1, 1), (2, 4, 1), (4, 1, 2))  # (data, fsdp, tensor)
@@ -130,17 +129,20 @@ def lookup_hlo(mesh: jax.sharding.Mesh, mode: str) -> str:
         return fn.lower(*args).compile().as_text()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".md")), help="markdown file to write")
-    args = ap.parse_args()
+def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_string("out", "", "Also write the markdown table to this file (default: print it only).",
+                        flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, args = cli.parse_command(argv, "python benchmarks/lookup_comm.py", __doc__.splitlines()[0], _define)
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", 8)  # before the first jax.devices()
 
     results = {}
     for shape in MESHES:
         mesh = sharding.make_mesh(shape)
-        for mode in stem.LOOKUP_MODES:
+        for mode in config.LOOKUP_MODES:
             results[shape, mode] = collectives(lookup_hlo(mesh, mode))
     kinds = [k for k in KINDS if any(c.kind == k for cs in results.values() for c in cs)]
 
@@ -182,7 +184,8 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    Path(args.out).write_text(text + "\n")
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

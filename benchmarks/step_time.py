@@ -10,31 +10,33 @@ model is the median step time over all timed steps. Prints tokens/s of each, the
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from configs import tiny  # noqa: E402
-from stem_jax import accounting, data, sharding  # noqa: E402
-from stem_jax.config import validate  # noqa: E402
-from stem_jax.trainer import Setup  # noqa: E402
+from configs import tiny
+from stem_jax import accounting, cli, data, sharding, steps
+from stem_jax.config import validate
+from stem_jax.trainer import Trainer
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--out", default="", help="also write the markdown table here")
-    args = ap.parse_args()
+def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_integer("steps", 5, "Timed steps per round.", flag_values=fv)
+    flags.DEFINE_integer("rounds", 4, "Rounds, each timing every model.", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.", flag_values=fv)
+    flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=fv)
+    flags.DEFINE_string("out", "", "Also write the markdown table to this file (default: print it only).",
+                        flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, args = cli.parse_command(argv, "python benchmarks/step_time.py", __doc__.splitlines()[0], _define)
 
     base = tiny.get_config()
     base.model = dataclasses.replace(base.model, dtype=args.dtype, vocab_size=args.vocab)
@@ -46,16 +48,17 @@ def main() -> None:
     runs = {}
     for name, model_cfg in variants.items():
         cfg = validate(dataclasses.replace(base, model=model_cfg))
-        s = Setup(cfg, mesh)
+        s = Trainer.create(cfg, mesh)
         state = s.init_state()
-        batch = data.to_global(rng.integers(0, args.vocab, (B, L + 1)).astype(np.int32), s.batch_sharding)
+        batch = data.to_global(rng.integers(0, args.vocab, (B, L + 1)).astype(np.int32), s.ctx.batch_sharding)
         for _ in range(2):  # compile + one warm step
-            state, m = s.run_train_step(state, batch)
+            with jax.set_mesh(mesh):
+                state, m = s.train_step(state, batch)
         jax.block_until_ready(m)
         # Forward + backward alone (no optimizer update), to separate model cost from the dense AdamW
         # that touches every table row each step.
-        grad_fn = jax.jit(jax.grad(s.loss), in_shardings=(s.state_shardings["params"], s.batch_sharding),
-                          out_shardings=s.state_shardings["params"])
+        grad_fn = jax.jit(jax.grad(functools.partial(steps.loss, s.ctx.graphdef)), in_shardings=(s.ctx.state_shardings["params"], s.ctx.batch_sharding),
+                          out_shardings=s.ctx.state_shardings["params"])
         with jax.set_mesh(mesh):
             jax.block_until_ready(grad_fn(state["params"], batch))
         runs[name] = {"setup": s, "state": state, "batch": batch, "times": [], "grad_times": [], "cfg": cfg,
@@ -64,7 +67,8 @@ def main() -> None:
         for r in runs.values():
             for _ in range(args.steps):
                 t0 = time.perf_counter()
-                r["state"], m = r["setup"].run_train_step(r["state"], r["batch"])
+                with jax.set_mesh(mesh):
+                    r["state"], m = r["setup"].train_step(r["state"], r["batch"])
                 jax.block_until_ready(m)
                 r["times"].append(time.perf_counter() - t0)
             with jax.set_mesh(mesh):
@@ -76,7 +80,7 @@ def main() -> None:
     step = {k: statistics.median(r["times"]) for k, r in runs.items()}
     fwd_bwd = {k: statistics.median(r["grad_times"]) for k, r in runs.items()}
     flops = {k: accounting.flops_per_token(r["cfg"].model) for k, r in runs.items()}
-    params = {k: r["setup"].counts for k, r in runs.items()}
+    params = {k: r["setup"].ctx.counts for k, r in runs.items()}
     dev = jax.devices()[0]
     lines = [
         f"Train step at the tiny shape (d {base.model.d_model}, {base.model.n_layers} layers, d_ff {base.model.d_ff}, "

@@ -1,7 +1,7 @@
 """Capacity without cost: how STEM's step time, device memory and row traffic scale with the vocabulary.
 
-    python benchmarks/table_scaling.py                       # all parts, writes benchmarks/table_scaling.md
-    python benchmarks/table_scaling.py --parts steps --vocabs 8192,32768
+    python benchmarks/table_scaling.py --out benchmarks/table_scaling.md   # all parts, also written there
+    python benchmarks/table_scaling.py --parts steps --vocabs 8192,32768   # printed only
 
 Parts (each a markdown table; every ratio comes from one run of this script):
 - ``steps``: train-step time of STEM-full vs the dense twin at the tiny shape for each vocabulary, with the
@@ -15,21 +15,19 @@ vocabularies add table rows that exist but are rarely read, as in a real large-v
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from configs import tiny  # noqa: E402
-from stem_jax import corpus as corpus_lib, data, offload, sharding, sparse  # noqa: E402
-from stem_jax.config import Config, stem_indices, validate  # noqa: E402
-from stem_jax.trainer import Setup  # noqa: E402
+from configs import tiny
+from stem_jax import cli, corpus as corpus_lib, data, offload, sharding, sparse
+from stem_jax.config import Config, stem_indices, validate
+from stem_jax.trainer import Trainer
 
 
 def config(vocab: int, ffn: str, optimizer: str = "dense", offloaded: bool = False) -> Config:
@@ -47,14 +45,11 @@ def corpus_batches(n: int, batch: int, seq_len: int) -> list[np.ndarray]:
 
 def _runner(cfg: Config):
     """A function that runs one train step of a fresh ``cfg`` model on one device and waits for it."""
-    s = Setup(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    s = Trainer.create(cfg, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     box = {"state": s.init_state()}
 
     def step(b: np.ndarray, nxt: np.ndarray | None) -> None:
-        if s.offloader is not None:
-            box["state"], m = s.offloader.step(box["state"], b, nxt)
-        else:
-            box["state"], m = s.run_train_step(box["state"], data.to_global(b, s.batch_sharding))
+        box["state"], m = s.step(box["state"], b, nxt)
         jax.block_until_ready(m)
     return step
 
@@ -98,7 +93,7 @@ def part_memory(vocab: int, batches: list[np.ndarray]) -> str:
     rows = ["| placement | table + optimizer bytes on device | in host memory | backbone bytes on device |",
             "|---|---|---|---|"]
     for offloaded in (False, True):
-        s = Setup(config(vocab, "stem", "sparse", offloaded), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+        s = Trainer.create(config(vocab, "stem", "sparse", offloaded), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
         state = s.init_state()
         kinds = _bytes_by_kind(state)
         backbone = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(sparse.split_tables(state["params"])[1]))
@@ -120,11 +115,11 @@ def part_memory(vocab: int, batches: list[np.ndarray]) -> str:
 
 
 def part_offload(vocab: int, batches: list[np.ndarray], rounds: int = 2) -> str:
-    """The same offloaded Setup run with and without prefetch, rounds alternating. Without prefetch each
+    """The same offloaded trainer run with and without prefetch, rounds alternating. Without prefetch each
     step gathers its own rows first; with it the gather for step k+1 is dispatched behind step k. The hidden
     share of the transfer is (serial - pipelined) / (gather alone), clipped to [0, 1]."""
     t_on = time_models({"on": config(vocab, "stem", "sparse")}, batches, 1)["on"]
-    s = Setup(config(vocab, "stem", "sparse", offloaded=True), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    s = Trainer.create(config(vocab, "stem", "sparse", offloaded=True), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     state, tr = s.init_state(), s.offloader
     times: dict[str, list[float]] = {"serial": [], "pipelined": [], "gather": []}
     for _ in range(rounds):
@@ -149,16 +144,21 @@ def part_offload(vocab: int, batches: list[np.ndarray], rounds: int = 2) -> str:
         f"| {t_on:.4f} | {serial:.4f} | {pipe:.4f} | {pipe / t_on:.2f} | {gather:.4f} | {hidden:.0%} |"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="steps,memory,offload")
-    ap.add_argument("--vocabs", default="8192,32768,131072")
-    ap.add_argument("--steps", type=int, default=4, help="steps per round")
-    ap.add_argument("--rounds", type=int, default=2, help="timed rounds (after one warm-up round)")
-    ap.add_argument("--memory_vocab", type=int, default=131072)
-    ap.add_argument("--offload_vocab", type=int, default=32768)
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
-    a = ap.parse_args()
+def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_string("parts", "steps,memory,offload", "Comma-separated parts to run: steps, memory, offload.",
+                        flag_values=fv)
+    flags.DEFINE_string("vocabs", "8192,32768,131072", "Comma-separated vocabularies of the steps part.",
+                        flag_values=fv)
+    flags.DEFINE_integer("steps", 4, "Steps per round.", flag_values=fv)
+    flags.DEFINE_integer("rounds", 2, "Timed rounds (after one warm-up round).", flag_values=fv)
+    flags.DEFINE_integer("memory_vocab", 131072, "Vocabulary of the memory part.", flag_values=fv)
+    flags.DEFINE_integer("offload_vocab", 32768, "Vocabulary of the offload part.", flag_values=fv)
+    flags.DEFINE_string("out", "", "Also write the markdown tables to this file (default: print them only).",
+                        flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, a = cli.parse_command(argv, "python benchmarks/table_scaling.py", __doc__.splitlines()[0], _define)
     base = tiny.get_config()
     batches = corpus_batches(max(a.steps, 50), base.train.batch_size, base.model.seq_len)
     head = (f"# STEM table scaling ({jax.devices()[0].device_kind}, {jax.device_count()} device(s) visible, "
@@ -174,7 +174,8 @@ def main() -> None:
         out += ["", f"## Offload (vocab {a.offload_vocab:,})", "", part_offload(a.offload_vocab, batches[:a.steps])]
     text = "\n".join(out) + "\n"
     print(text)
-    Path(a.out).write_text(text)
+    if a.out:
+        Path(a.out).write_text(text)
 
 
 if __name__ == "__main__":

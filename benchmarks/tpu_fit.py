@@ -1,8 +1,8 @@
 """Which presets fit which small TPU slices? Ahead-of-time compiles of the real train step, no TPU needed.
 
     pip install -e ".[tpu]"
-    python benchmarks/tpu_fit.py                                   # writes benchmarks/tpu_fit.md
-    python benchmarks/tpu_fit.py --presets stem_350m --topologies v5e:2x2 --out /tmp/fit.md
+    python benchmarks/tpu_fit.py --out benchmarks/tpu_fit.md       # all pairs; rewrites the table there
+    python benchmarks/tpu_fit.py --presets stem_350m --topologies v5e:2x2   # prints the table only
 
 Each (preset, topology) pair runs ``python -m stem_jax.aot`` in a subprocess, first as the preset is (mesh
 data=1, fsdp=-1; batch 512 x 4096 tokens). If that runs out of HBM it tries one sequence per device, and then
@@ -10,10 +10,10 @@ data=1, fsdp=-1; batch 512 x 4096 tokens). If that runs out of HBM it tries one 
 state fit at all. The compiler's message gives the memory it needed when a try does not fit.
 ``--data_mesh`` repeats the last try of each pair on the mesh data=-1 (backbone replicated, tables still
 vocab-sharded over every device). A compile that takes longer than ``--timeout`` is recorded as such.
+The markdown is printed unless ``--out`` is given; rewriting an existing ``--out`` file keeps its notes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -24,6 +24,10 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+
+from absl import flags
+
+from stem_jax import cli
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = ("stem_350m", "dense_350m", "stem_1b", "dense_1b")
@@ -61,6 +65,13 @@ def run(preset: str, topology: str, args: tuple[str, ...], timeout: int) -> dict
     return r
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def row(r: dict) -> str:
     flag = {a.split("=")[0].split(".")[-1].lstrip("-"): a.split("=")[1] for a in r["cmd"] if "=" in a}
     mesh = f"{flag['data']}, {flag['fsdp']}, {flag['tensor']}"
@@ -75,18 +86,22 @@ def row(r: dict) -> str:
             f"| {r['compile_s']:.0f} | {coll} |")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--topologies", default=",".join(TOPOLOGIES))
-    ap.add_argument("--timeout", type=int, default=330, help="seconds per compile before it counts as too slow")
-    ap.add_argument("--short_seq", action="store_true", help="if one 4096-token sequence per device does not "
-                    "fit, also try 1024 tokens")
-    ap.add_argument("--data_mesh", action="store_true", help="repeat the last try of each pair on mesh data=-1")
-    ap.add_argument("--dump", default="", help="also write the raw results as JSON here")
-    ap.add_argument("--from_dump", default="", help="rewrite the table from a --dump file; compile nothing")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "tpu_fit.md"))
-    args = ap.parse_args()
+def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_string("presets", ",".join(PRESETS), "Comma-separated presets (configs/NAME.py).", flag_values=fv)
+    flags.DEFINE_string("topologies", ",".join(TOPOLOGIES), "Comma-separated TPU topologies.", flag_values=fv)
+    flags.DEFINE_integer("timeout", 330, "Seconds per compile before it counts as too slow.", flag_values=fv)
+    flags.DEFINE_bool("short_seq", False, "If one 4096-token sequence per device does not fit, also try 1024 "
+                      "tokens.", flag_values=fv)
+    flags.DEFINE_bool("data_mesh", False, "Repeat the last try of each pair on mesh data=-1.", flag_values=fv)
+    flags.DEFINE_string("dump", "", "Also write the raw results as JSON here.", flag_values=fv)
+    flags.DEFINE_string("from_dump", "", "Rewrite the table from a --dump file; compile nothing.", flag_values=fv)
+    flags.DEFINE_string("out", "", "Write the markdown table to this file, keeping the notes of an existing one "
+                        "(default: print it only).", flag_values=fv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    given = list(sys.argv[1:] if argv is None else argv)
+    _, args = cli.parse_command(given, "python benchmarks/tpu_fit.py", __doc__.splitlines()[0], _define)
 
     results = json.loads(Path(args.from_dump).read_text()) if args.from_dump else []
     for preset in [] if args.from_dump else args.presets.split(","):
@@ -106,16 +121,16 @@ def main() -> None:
 
     if args.dump:
         Path(args.dump).write_text(json.dumps(results, indent=1))
-    out = Path(args.out)
-    notes = out.read_text().split(NOTES, 1)[1] if out.exists() and NOTES in out.read_text() else "\n"
-    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("jax", "jaxlib", "libtpu"))
-    out.write_text("\n".join([
+    out = Path(args.out) if args.out else None
+    notes = out.read_text().split(NOTES, 1)[1] if out and out.exists() and NOTES in out.read_text() else "\n"
+    versions = ", ".join(f"{p} {_version(p)}" for p in ("jax", "jaxlib", "libtpu"))
+    text = "\n".join([
         "# Do the presets fit small TPU slices? (ahead-of-time compile, no TPU)",
         "",
-        f"Written by `python {' '.join(['benchmarks/tpu_fit.py', *sys.argv[1:]])}` on a CPU-only machine "
+        f"Written by `python {' '.join(['benchmarks/tpu_fit.py', *given])}` on a CPU-only machine "
         f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; {versions}). Each row "
-        "is one `python -m stem_jax.aot` run: the real `Setup.train_step` lowered and compiled for the topology "
-        "on abstract inputs. Mesh is (data, fsdp, tensor); the presets use (1, -1, 1).",
+        "is one `python -m stem_jax.aot` run: the real train step (`steps.train_step_fn`) lowered and compiled for "
+        "the topology on abstract inputs. Mesh is (data, fsdp, tensor); the presets use (1, -1, 1).",
         "",
         "| preset | topology | mesh | global batch x seq | fits | per-device total = arg + out + temp - alias, "
         "bytes (GiB), of HBM; or the compiler's message | compile s | collectives in optimized HLO: count "
@@ -130,8 +145,12 @@ def main() -> None:
         "```",
         "",
         NOTES + notes,
-    ]))
-    print(f"wrote {out}")
+    ])
+    if out:
+        out.write_text(text)
+        print(f"wrote {out}")
+    else:
+        print(text)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from stem_jax import sharding
 from stem_jax.config import ModelConfig, moe_width, stem_indices
 from stem_jax.model import Transformer
 
@@ -47,7 +48,7 @@ def count_params(params: Any, cfg: ModelConfig) -> ParamCounts:
     total = tables = 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         n = math.prod(leaf.shape)
-        if any(getattr(k, "key", None) == "table" for k in path):
+        if sharding.is_table_path(path):
             n = cfg.vocab_size * leaf.shape[1]      # padding rows are never addressed
             tables += n
         total += n

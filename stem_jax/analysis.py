@@ -16,20 +16,19 @@ activated STEM parameters ``|S| * d_ff * L_uniq`` (§2.3) and a Heaps-law fit ``
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+from absl import flags
 from flax import nnx
+from matplotlib.figure import Figure  # the object API: files only, no pyplot state or display
 
-from stem_jax import checkpoint, cli, sharding
+from stem_jax import checkpoint, cli, data
 from stem_jax.config import stem_indices, validate
-from stem_jax.evaluate import load_run_config, load_tokenizer
-from stem_jax.trainer import Setup, open_corpus
+from stem_jax.workdir import load_run_config, load_tokenizer, restore
 
 PAPER_P95 = "paper (1B, §5.2): STEM rows P95 |cos| 0.026-0.033; dense up-projection cosines centred near 0.15"
 
@@ -90,7 +89,7 @@ def _fingerprint(tokenizer) -> str:
 
 def open_workdir_corpus(workdir: Path, cfg):
     """The workdir's corpus (built from its config's data section), checked against its tokenizer.json."""
-    corpus = open_corpus(cfg)
+    corpus = data.open_corpus(cfg)
     saved = workdir / "tokenizer.json"
     if saved.is_file() and _fingerprint(load_tokenizer(workdir)) != _fingerprint(corpus.tokenizer):
         raise ValueError(f"{workdir}/tokenizer.json differs from the tokenizer of its data config's corpus "
@@ -109,10 +108,8 @@ def table_layers(workdir: Path, cfg) -> tuple[int, ...]:
 
 def restore_model(workdir: Path, cfg, step: int | None = None):
     """(host model, step): the checkpoint restored onto one device, merged with numpy parameters."""
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.train.batch_size = 1, 1, 1, 1
-    s = Setup(cfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
-    params, step = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
-    return nnx.merge(s.graphdef, jax.device_get(params)), step
+    run = restore(workdir, (1, 1, 1), step, devices=jax.devices()[:1], cfg=cfg)
+    return nnx.merge(run.graphdef, jax.device_get(run.params)), run.step
 
 
 def ffn_input_chunks(model, ids_BxL: np.ndarray, layers, chunk: int = 16):
@@ -249,24 +246,16 @@ def angular_markdown(s: dict) -> str:
                                f"{s['random_p95_abs']:.4f}; {PAPER_P95}."]) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _save(fig, path: str) -> None:
+def _save(fig: Figure, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
 
 
 def _histogram(cos: dict, path: str, title: str) -> None:
-    plt = _pyplot()
     allv = np.concatenate(list(cos.values()))
     bins = np.linspace(allv.min(), allv.max(), 121)
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
     for name, c in cos.items():
         ax.hist(c, bins=bins, density=True, alpha=0.55,
                 label=f"{name}: P95 |cos| {np.percentile(np.abs(c), 95):.3f}, mean {c.mean():.3f}")
@@ -329,11 +318,11 @@ def activated_markdown(r: dict) -> str:
 
 
 def _activated_plot(r: dict, path: str) -> None:
-    plt = _pyplot()
     L = np.array([x["L"] for x in r["lengths"]], np.float64)
     U = np.array([x["L_uniq"] for x in r["lengths"]])
     h, per = r["heaps"], len(r["stem_layers"]) * r["d_ff"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    a, b = fig.subplots(1, 2)
     a.loglog(L, U, "o", label="L_uniq (mean over windows)")
     a.loglog(L, h["K"] * L ** h["beta"], "-", label=f"fit {h['K']:.2f} L^{h['beta']:.3f} (R² {h['r2']:.3f})")
     a.loglog(L, L, ":", color="gray", label="L_uniq = L")
@@ -346,31 +335,33 @@ def _activated_plot(r: dict, path: str) -> None:
     _save(fig, path)
 
 
+COMMANDS = {"angular": "pairwise cosine of STEM rows (and dense W_up x) per STEM layer",
+            "activated": "distinct tokens and activated STEM params vs context length"}
+
+
+def _define(fv: flags.FlagValues, command: str) -> None:
+    flags.DEFINE_string("out", None, "Output folder (default <workdir>/analysis).", flag_values=fv)
+    if command == "angular":
+        flags.DEFINE_string("workdir", None, "A STEM workdir.", required=True, flag_values=fv)
+        flags.DEFINE_string("dense_workdir", None, "The dense twin (optional).", flag_values=fv)
+        flags.DEFINE_integer("top_n", 1000, "Most frequent training tokens.", flag_values=fv)
+        flags.DEFINE_enum("dense_x", "first", ("first", "mean"), "W_up x at a token's first occurrence in the "
+                          "held-out windows, or the mean over all.", flag_values=fv)
+        flags.DEFINE_integer("dense_windows", 1024, "Held-out windows of seq_len the dense model reads.", flag_values=fv)
+        flags.DEFINE_integer("step", None, "Checkpoint step of the STEM workdir (default: the latest).", flag_values=fv)
+        flags.DEFINE_integer("dense_step", None, "Checkpoint step of the dense workdir.", flag_values=fv)
+        return
+    flags.DEFINE_string("workdir", None, "A workdir (only config.json and tokenizer.json are read).", flag_values=fv)
+    flags.DEFINE_string("config", None, "A preset file, instead of --workdir.", flag_values=fv)
+    flags.DEFINE_string("text_file", None, "Text to analyse (default: the held-out split).", flag_values=fv)
+    flags.DEFINE_integer("max_len", None, "Longest context (default model.seq_len).", flag_values=fv)
+    flags.DEFINE_integer("windows", 32, "Windows per length (random offsets).", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of the window offsets.", flag_values=fv)
+
+
 def main(argv=None) -> None:
-    from stem_jax import cli
-    p = argparse.ArgumentParser(prog="python -m stem_jax.analysis", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("angular", help="pairwise cosine of STEM rows (and dense W_up x) per STEM layer")
-    a.add_argument("--workdir", required=True)
-    a.add_argument("--dense_workdir", help="the dense twin (optional)")
-    a.add_argument("--top_n", type=int, default=1000, help="most frequent training tokens")
-    a.add_argument("--dense_x", choices=("first", "mean"), default="first",
-                   help="W_up x at a token's first occurrence in the held-out windows, or the mean over all")
-    a.add_argument("--dense_windows", type=int, default=1024, help="held-out windows of seq_len the dense reads")
-    a.add_argument("--step", type=int)
-    a.add_argument("--dense_step", type=int)
-    c = sub.add_parser("activated", help="distinct tokens and activated STEM params vs context length")
-    c.add_argument("--workdir", help="a workdir (only config.json and tokenizer.json are read)")
-    c.add_argument("--config", help="a preset file, instead of --workdir")
-    c.add_argument("--text_file", help="text to analyse (default: the held-out split)")
-    c.add_argument("--max_len", type=int, help="longest context (default model.seq_len)")
-    c.add_argument("--windows", type=int, default=32, help="windows per length (random offsets)")
-    c.add_argument("--seed", type=int, default=0)
-    for q in (a, c):
-        q.add_argument("--out", help="output folder (default <workdir>/analysis)")
-    f = p.parse_args(argv)
-    logging.set_verbosity(logging.WARNING)  # orbax's INFO logs
-    if f.cmd == "angular":
+    command, f = cli.parse_command(argv, "python -m stem_jax.analysis", __doc__.split("\n\n")[0], _define, COMMANDS)
+    if command == "angular":
         s = cli.run_user_errors(angular_spread, f.workdir, f.dense_workdir, f.top_n, f.out, f.step, f.dense_step,
                                 f.dense_x, f.dense_windows)
         print(angular_markdown(s), end="")

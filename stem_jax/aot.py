@@ -2,7 +2,7 @@
 
     python -m stem_jax.aot --config configs/stem_1b.py --topology v5p:2x2x2 [--config.mesh.fsdp=-1] [--batch_size N]
 
-Compiles the real ``Setup.train_step`` for a TPU topology on abstract inputs (nothing is allocated) and prints
+Compiles the real train step (``steps.train_step_fn``) for a TPU topology on abstract inputs (nothing is allocated) and prints
 per-device memory, the collectives of the optimized HLO and the compile time; out of HBM exits 1 with `error:`.
 """
 from __future__ import annotations
@@ -34,9 +34,13 @@ def _libtpu_env() -> None:
 
 
 _libtpu_env()
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
+from jax.errors import JaxRuntimeError  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
 
-from stem_jax import cli  # noqa: E402
+from stem_jax import checkpoint, cli, sharding, steps  # noqa: E402
 
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5p:2x2x2 (type:shape).", required=True)
 flags.DEFINE_integer("batch_size", None, "Global batch in sequences (default: train.batch_size of the config).",
@@ -59,8 +63,6 @@ def one_line(e: BaseException) -> str:  # XLA messages span lines; `error:` outp
 
 
 def topology_devices(name: str) -> list:
-    from jax.experimental import topologies
-    from jax.errors import JaxRuntimeError
     try:
         return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
     except RuntimeError as e:
@@ -96,25 +98,19 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 
 
 def check(cfg, topology: str) -> dict:
-    import jax
-    import jax.numpy as jnp
-    from jax.errors import JaxRuntimeError
-    from stem_jax import checkpoint, sharding
-    from stem_jax.trainer import Setup
-
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(cfg.mesh.shape, devices=devices)
-    setup = Setup(cfg, mesh)  # abstract only: eval_shape of the model and optimizer state
-    state = checkpoint.restore_target(setup.abstract_state, setup.state_shardings)
+    ctx = steps.make_context(cfg, mesh)  # abstract only: eval_shape of the model and optimizer state
+    state = checkpoint.restore_target(ctx.abstract_state, ctx.state_shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len + 1), jnp.int32,
-                                 sharding=setup.batch_sharding)
+                                 sharding=ctx.batch_sharding)
     kind = devices[0].device_kind
     print(f"topology {topology}: {len(devices)} x {kind}; mesh {sharding.describe(mesh)}; "
-          f"batch {cfg.train.batch_size} x {cfg.model.seq_len}; {setup.counts.describe()}", flush=True)
+          f"batch {cfg.train.batch_size} x {cfg.model.seq_len}; {ctx.counts.describe()}", flush=True)
     try:
         t0 = time.perf_counter()
         with jax.set_mesh(mesh):
-            lowered = setup.train_step.lower(state, batch)
+            lowered = steps.train_step_fn(ctx).lower(state, batch)
         t1 = time.perf_counter()
         compiled = lowered.compile()
     except JaxRuntimeError as e:

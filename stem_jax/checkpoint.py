@@ -18,8 +18,10 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from stem_jax.config import ConfigError
+from stem_jax import sharding
+from stem_jax.config import Config, ConfigError, to_dict
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +42,15 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def run_meta(cfg: Config, mesh, tokenizer_sha256: str | None, **extra) -> dict:
+    """What a checkpoint records about its run: the resolved config, the tokenizer's fingerprint, the STEM
+    tables' padded row count (None without tables), the process count and the mesh; plus ``extra``."""
+    tables = cfg.model.ffn not in ("dense", "hash_moe")
+    rows = sharding.padded_rows(cfg.model.vocab_size, mesh=mesh) if tables else None
+    return {"config": to_dict(cfg), "tokenizer_sha256": tokenizer_sha256, "table_rows": rows,
+            "process_count": jax.process_count(), "mesh": dict(mesh.shape), **extra}
+
+
 def save(mngr: ocp.CheckpointManager, state: dict, data_iter: Any, meta: dict) -> int:
     """Start an async save of ``state`` at its step; returns the step. Device buffers are copied to host
     before this returns, so ``state`` may be donated right after."""
@@ -52,31 +63,48 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_iter: Any, meta: dict) -
     return step
 
 
+def save_params(workdir: str | Path, params: Any, meta: dict) -> None:
+    """A params-only checkpoint at ``meta["step"]`` (imports, conversions, injections): no optimizer or data
+    state, so train.py cannot resume it, but every tool reads it."""
+    mngr = manager(workdir)
+    try:
+        mngr.save(int(meta["step"]), args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
+                                                             meta=ocp.args.JsonSave(meta)))
+        mngr.wait_until_finished()
+    finally:
+        mngr.close()
+
+
 def restore_target(abstract: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs that carry the new shardings (never the saved layout by accident)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def _is_table(path) -> bool:
-    return any(getattr(k, "key", None) == "table" for k in path)
 
 
 def _restore_args(abstract: Any, shardings: Any, resize_tables: bool) -> ocp.args.PyTreeRestore:
     """Restore onto the new shardings; only STEM tables (and their optimizer moments) may change rows."""
     def one(path, a, s):
         return ocp.ArrayRestoreArgs(sharding=s, global_shape=a.shape, dtype=a.dtype,
-                                    strict=not (resize_tables and _is_table(path)))
+                                    strict=not (resize_tables and sharding.is_table_path(path)))
     return ocp.args.PyTreeRestore(item=restore_target(abstract, shardings),
                                   restore_args=jax.tree_util.tree_map_with_path(one, abstract, shardings))
 
 
 def _table_rows(abstract_params: Any) -> int | None:
-    rows = [a.shape[0] for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0] if _is_table(p)]
+    rows = [a.shape[0] for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0] if sharding.is_table_path(p)]
     return rows[0] if rows else None
 
 
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
+def read_step_meta(workdir: str | Path, step: int) -> dict:
+    """The ``meta`` item of checkpoint ``step`` of ``workdir``."""
+    mngr = manager(workdir, create=False)
+    try:
+        return read_meta(mngr, step)
+    finally:
+        mngr.close()
 
 
 def restore_state(mngr: ocp.CheckpointManager, step: int, meta: dict, abstract_state: dict,
@@ -143,7 +171,6 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
         for step in steps:
             shutil.move(str(Path(mngr.directory) / str(step)), str(aside / f"{step}-{int(time.time())}"))
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("stem_jax_set_aside")
     mngr.reload()
 

@@ -1,15 +1,24 @@
-"""Shared command-line plumbing for train.py / eval.py: flag parsing with helpful errors for unknown
-config keys, and user errors printed as one line instead of a traceback."""
+"""Command-line plumbing shared by every entry point, all absl flags: train.py / eval.py / aot / experiments
+(``--config`` presets with ``--config.a.b=value`` overrides), the workdir tools (``parse_command``: fresh
+flags per call, optional sub-commands, ``--help`` listing every flag), and user errors printed as one line
+instead of a traceback."""
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Callable, Sequence
 
-from absl import flags
+import jax
+from absl import flags, logging
+from ml_collections import config_flags
 
+from stem_jax.checkpoint import CheckpointError
 from stem_jax.config import Config, ConfigError, suggest_key, validate
+from stem_jax.corpus import default_cache_dir
+from stem_jax.data import TokenIdError
+from stem_jax.sharding import MeshError
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = str(REPO / "configs" / "tiny.py")
@@ -55,7 +64,6 @@ def define_config_flag():
 
     ml_collections resolves override names while defining the flag: an unknown one is reported here
     with the closest field name."""
-    from ml_collections import config_flags
     try:
         return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Preset file defining get_config().",
                                                lock_config=True)
@@ -71,6 +79,54 @@ def parse_flags(argv: list[str]) -> list[str]:
         _explain_unknown_key(argv, e)
     except flags.Error as e:
         die(str(e))
+
+
+Define = Callable[[flags.FlagValues, "str | None"], None]
+
+
+def parse_command(argv: Sequence[str] | None, prog: str, about: str, define: Define,
+                  commands: dict[str, str] | None = None) -> tuple[str | None, flags.FlagValues]:
+    """``(command, flags)`` of a tool's command line, e.g. ``export --workdir W --out D``.
+
+    ``define(fv, command)`` declares the flags on a fresh ``FlagValues``, so a tool can be run many times in
+    one process (tests). ``commands`` maps sub-command names to one-line descriptions. ``--help`` prints the
+    usage and every flag; a bad command or flag exits with a one-line ``error:``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    helping = any(a in ("-h", "--help", "--helpfull") for a in argv)
+    command = None
+    if commands:
+        listing = "; ".join(f"{name}: {text}" for name, text in commands.items())
+        if not argv or argv[0] not in commands:
+            if helping:
+                print(f"usage: {prog} COMMAND [--flag=value ...]\n{about}\ncommands: {listing}")
+                raise SystemExit(0)
+            die(f"{prog}: expected a command first, one of {', '.join(commands)} (got {argv[:1] or 'none'}); "
+                f"{prog} COMMAND --help lists its flags")
+        command = argv.pop(0)
+    fv = flags.FlagValues()
+    define(fv, command)
+    name = f"{prog} {command}" if command else prog
+    if helping:
+        listing = [line for line in fv.get_help(include_special_flags=False).splitlines() if not line.endswith(":")]
+        print(f"usage: {name} [--flag=value ...]\n{commands[command] if command else about}\n", *listing, sep="\n")
+        raise SystemExit(0)
+    try:
+        rest = fv([name, *argv])
+    except flags.Error as e:
+        die(f"{name}: " + "; ".join(line.strip() for line in str(e).splitlines() if line.strip()))
+    if len(rest) > 1:
+        die(f"{name}: unexpected positional arguments {rest[1:]}; use --flag=value")
+    if not any(a.startswith(("-v", "--verbosity")) for a in argv):
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+    return command, fv
+
+
+def int_list(value: str, name: str) -> list[int] | None:
+    """A comma-separated list of ints (None when empty), or a one-line error naming the flag."""
+    try:
+        return [int(x) for x in value.split(",") if x.strip()] or None
+    except ValueError:
+        die(f"--{name}={value!r}: expected comma-separated integers like 1,4")
 
 
 def define_distributed_flags() -> None:
@@ -100,7 +156,6 @@ def init_distributed() -> None:
     if missing and not f.distributed:
         die(f"a multi-process run needs --coordinator_address, --num_processes and --process_id (or "
             f"--distributed for cluster auto-detection); missing: {', '.join('--' + k for k in missing)}")
-    import jax
     try:
         jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
     except (ValueError, TypeError, RuntimeError) as e:
@@ -110,15 +165,12 @@ def init_distributed() -> None:
 def enable_compilation_cache() -> None:
     """Keep compiled XLA programs (those that took over a second) in ``<cache>/xla``, so a rerun (a resume
     after preemption, an eval) skips most compilation. $JAX_COMPILATION_CACHE_DIR takes precedence."""
-    import jax
     if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        from stem_jax.corpus import default_cache_dir
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
 
 
 def check_no_args(argv: list[str]) -> None:
     """Reject stray positional arguments; quiet absl/orbax INFO logs unless -v/--verbosity was given."""
-    from absl import logging
     if not any(a.startswith(("-v", "--verbosity")) for a in sys.argv[1:]):
         logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
@@ -138,9 +190,6 @@ def checked(config_holder) -> Config:
 def run_user_errors(fn, *args, **kwargs):
     """Run ``fn``; user-facing errors become ``error: ...`` and exit code 1 (set STEM_JAX_TRACEBACK=1
     for the full traceback)."""
-    from stem_jax.checkpoint import CheckpointError
-    from stem_jax.data import TokenIdError
-    from stem_jax.sharding import MeshError
     try:
         return fn(*args, **kwargs)
     except (ConfigError, MeshError, TokenIdError, CheckpointError, FloatingPointError, OSError, ValueError,

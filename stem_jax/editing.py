@@ -23,8 +23,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
+from tokenizers import Tokenizer
 
+from stem_jax import cli, hf
+from stem_jax.config import stem_indices
 from stem_jax.sampling import Sampler, SamplingConfig
+from stem_jax.stem import RowEdit
+from stem_jax.workdir import load_run_config
 
 MODES = ("auto", "one_to_one", "average", "copy", "left_pad", "right_pad")
 
@@ -89,8 +95,8 @@ class Edit:
     weights_LxM: np.ndarray
     on_S: np.ndarray        # per STEM layer
 
-    def arrays(self) -> tuple:
-        return self.ids_LxM[None], self.weights_LxM[None], self.on_S
+    def arrays(self) -> RowEdit:
+        return RowEdit(self.ids_LxM[None], self.weights_LxM[None], self.on_S)
 
 
 class Editor:
@@ -103,8 +109,6 @@ class Editor:
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1)) -> "Editor":
-        from stem_jax.config import stem_indices
-        from stem_jax.evaluate import load_run_config
         cfg = load_run_config(workdir)
         if cfg.model.ffn != "stem":
             raise EditError(f"{workdir} holds a model.ffn={cfg.model.ffn!r} model; editing needs STEM layers "
@@ -170,9 +174,6 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
     target); ``average``: every source token takes the mean row of all target tokens, so several example
     strings set a token's rows from their average. Returns the diff report (also written to
     ``<out>/injection.json``)."""
-    from stem_jax import hf
-    from stem_jax.config import stem_indices
-    from tokenizers import Tokenizer
     if mode not in ("copy", "average"):
         raise EditError(f"unknown injection mode {mode!r}; choose 'copy' or 'average'")
     tok = Tokenizer.from_file(str(Path(workdir) / "tokenizer.json"))
@@ -207,49 +208,50 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
     return report
 
 
+COMMANDS = {"edit": "before/after top-k and generations for a row swap (no weights change)",
+            "inject": "write rows permanently into a new workdir"}
+
+
+def _define(fv: flags.FlagValues, command: str) -> None:
+    flags.DEFINE_string("workdir", None, "A STEM workdir written by train.py.", required=True, flag_values=fv)
+    flags.DEFINE_string("layers", "", "Comma-separated STEM layers (default: all).", flag_values=fv)
+    if command == "edit":
+        flags.DEFINE_string("prompt", None, "The prompt.", required=True, flag_values=fv)
+        flags.DEFINE_string("source", None, "Entity in the prompt (its last occurrence).", required=True,
+                            flag_values=fv)
+        flags.DEFINE_string("target", None, "The entity whose rows replace the source's.", required=True,
+                            flag_values=fv)
+        flags.DEFINE_enum("mode", "auto", MODES, "Multi-token alignment.", flag_values=fv)
+        flags.DEFINE_integer("k", 5, "Next tokens shown.", flag_values=fv)
+        flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated before and after.", flag_values=fv)
+        flags.DEFINE_string("json", "", "Also write the result here.", flag_values=fv)
+    else:
+        flags.DEFINE_string("out", None, "The new workdir.", required=True, flag_values=fv)
+        flags.DEFINE_string("source", None, 'Token string whose rows change, e.g. " Spain".', required=True,
+                            flag_values=fv)
+        flags.DEFINE_multi_string("target", None, "Target string; repeat to average several examples.",
+                                  required=True, flag_values=fv)
+        flags.DEFINE_enum("mode", "copy", ("copy", "average"), "How source tokens take the target rows.",
+                          flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m stem_jax.editing edit|inject ...``"""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m stem_jax.editing", description="STEM knowledge editing.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("edit", help="before/after top-k and generations for a row swap (no weights change)")
-    e.add_argument("--workdir", required=True)
-    e.add_argument("--prompt", required=True)
-    e.add_argument("--source", required=True, help="entity in the prompt (last occurrence)")
-    e.add_argument("--target", required=True)
-    e.add_argument("--mode", default="auto", choices=MODES)
-    e.add_argument("--layers", default="", help="comma-separated STEM layers (default: all)")
-    e.add_argument("--k", type=int, default=5)
-    e.add_argument("--max_new_tokens", type=int, default=16)
-    e.add_argument("--json", default="", help="also write the result here")
-    i = sub.add_parser("inject", help="write rows permanently into a new workdir")
-    i.add_argument("--workdir", required=True)
-    i.add_argument("--out", required=True)
-    i.add_argument("--source", required=True, help='token string whose rows change, e.g. " Spain"')
-    i.add_argument("--target", action="append", required=True, help="repeat to average several examples")
-    i.add_argument("--mode", default="copy", choices=("copy", "average"))
-    i.add_argument("--layers", default="")
-    a = p.parse_args(argv)
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
-    from stem_jax import cli
-    try:
-        layers = [int(x) for x in a.layers.split(",") if x.strip()] or None
-    except ValueError:
-        cli.die(f"--layers={a.layers!r}: expected comma-separated layer indices like 1,4")
+    command, f = cli.parse_command(argv, "python -m stem_jax.editing", "STEM knowledge editing.", _define, COMMANDS)
+    layers = cli.int_list(f.layers, "layers")
 
     def run_edit():
-        r = Editor.from_workdir(a.workdir).compare(a.prompt, a.source, a.target, a.mode, layers, a.k,
-                                                   SamplingConfig(max_new_tokens=a.max_new_tokens))
+        r = Editor.from_workdir(f.workdir).compare(f.prompt, f.source, f.target, f.mode, layers, f.k,
+                                                   SamplingConfig(max_new_tokens=f.max_new_tokens))
         print(format_comparison(r))
-        if a.json:
-            Path(a.json).write_text(json.dumps(r, indent=1) + "\n")
+        if f.json:
+            Path(f.json).write_text(json.dumps(r, indent=1) + "\n")
 
     def run_inject():
-        r = inject(a.workdir, a.out, a.source, a.target, a.mode, layers)
+        r = inject(f.workdir, f.out, f.source, f.target, f.mode, layers)
         print(f"injected {r['source']!r} <- {r['targets']} ({r['mode']}): {len(r['changed_rows'])} rows changed "
-              f"-> {a.out} (report: {Path(a.out) / 'injection.json'})")
-    cli.run_user_errors(run_edit if a.cmd == "edit" else run_inject)
+              f"-> {f.out} (report: {Path(f.out) / 'injection.json'})")
+    cli.run_user_errors(run_edit if command == "edit" else run_inject)
 
 
 if __name__ == "__main__":

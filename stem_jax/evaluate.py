@@ -12,10 +12,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from stem_jax import accounting, checkpoint, sharding, tasks
-from stem_jax.config import Config, ModelConfig, from_dict, validate
+from stem_jax import accounting, data, sharding, steps, tasks, workdir as workdir_lib
+from stem_jax.config import ModelConfig
 from stem_jax.scoring import Scorer
-from stem_jax.trainer import Setup, describe_run, log, open_corpus
+from stem_jax.writer import describe_run, log
 
 
 @dataclasses.dataclass
@@ -29,25 +29,6 @@ class EvalOptions:
     niah_depths: Sequence[float] = (0.0, 0.5, 1.0)
     limit: int | None = None                  # examples per task (NIAH: per length and depth, default 4)
     eval_batch: int | None = None             # rows per scoring forward (default: 8, rounded to the mesh)
-
-
-def load_run_config(workdir: str | Path) -> Config:
-    path = Path(workdir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a stem-jax training workdir?")
-    cfg = validate(from_dict(json.loads(path.read_text())))
-    # Inference tools keep the tables on device; the sampler offloads on request (Sampler.from_workdir).
-    cfg.model.stem_offload = False
-    return cfg
-
-
-def load_tokenizer(workdir: str | Path):
-    """The BPE tokenizer train.py saved in the workdir."""
-    from tokenizers import Tokenizer
-    path = Path(workdir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the workdir has no tokenizer (written by train.py)")
-    return Tokenizer.from_file(str(path))
 
 
 def default_niah_lengths(seq_len: int) -> list[int]:
@@ -67,19 +48,6 @@ def accounting_block(model: ModelConfig, workdir: Path) -> dict:
         if mfus:
             out["train_mfu"] = float(np.median(mfus))
     return out
-
-
-def check_tokenizer(workdir: Path, step: int, tokenizer) -> None:
-    """The checkpoint was trained with this tokenizer (scores with another one would be meaningless)."""
-    mngr = checkpoint.manager(workdir, create=False)
-    try:
-        saved = checkpoint.read_meta(mngr, step).get("tokenizer_sha256")
-    finally:
-        mngr.close()
-    if saved and saved != checkpoint.fingerprint(tokenizer.to_str()):
-        raise ValueError(f"the tokenizer does not match checkpoint {step} of {workdir} (fingerprint "
-                         f"{checkpoint.fingerprint(tokenizer.to_str())} vs {saved}): was "
-                         f"{workdir / 'tokenizer.json'} replaced or the data config changed?")
 
 
 def text_file_loss(scorer: Scorer, path: str | Path) -> dict:
@@ -105,28 +73,27 @@ def evaluate_workdir(workdir: str | Path, mesh_shape=(-1, 1, 1), step: int | Non
     """
     opts = options or EvalOptions()
     workdir = Path(workdir)
-    cfg = load_run_config(workdir)
-    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
+    cfg = workdir_lib.load_run_config(workdir)
     if eval_batches is not None:
         cfg.train.eval_batches = eval_batches
-    s = Setup(cfg, sharding.make_mesh(cfg.mesh.shape))
     # Tasks are read before the checkpoint so a bad file fails fast.
     mc = {Path(p).stem: tasks.load_jsonl(p, opts.limit) for p in opts.mc_jsonl}
     for name in opts.tfds_tasks:
         mc[name] = tasks.load_tfds(name, opts.tfds_data_dir, opts.limit)
-    corpus = None if opts.text_file else open_corpus(cfg)
-    describe_run(s, corpus)
-    params, step = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
-    tokenizer = load_tokenizer(workdir) if (workdir / "tokenizer.json").is_file() or corpus is None \
-        else corpus.tokenizer
-    check_tokenizer(workdir, step, tokenizer)
-    scorer = Scorer.from_setup(s, params, tokenizer, opts.eval_batch)
+    corpus = None if opts.text_file else data.open_corpus(cfg, log)
+    run = workdir_lib.restore(workdir, mesh_shape, step, cfg=cfg)
+    step = run.step
+    describe_run(cfg, run.mesh, accounting.count_params(run.params, cfg.model), corpus)
+    if corpus is not None and not (workdir / "tokenizer.json").is_file():
+        run.tokenizer = corpus.tokenizer
+    workdir_lib.check_tokenizer(workdir, step, run.require_tokenizer())
+    scorer = Scorer.from_run(run, opts.eval_batch)
 
     result: dict = {"step": step}
     if corpus is None:
         result.update(text_file_loss(scorer, opts.text_file))
     else:
-        result.update(s.validate(params, corpus), val_tokens=len(corpus.val), eval_batches=cfg.train.eval_batches,
+        result.update(validate(run, corpus), val_tokens=len(corpus.val), eval_batches=cfg.train.eval_batches,
                       val_source="held-out split")
     log(f"step {step}: val_loss {result['val_loss']:.4f}, val_ppl {result['val_ppl']:.2f} ({result['val_source']})")
     if mc:
@@ -145,6 +112,18 @@ def evaluate_workdir(workdir: str | Path, mesh_shape=(-1, 1, 1), step: int | Non
         (workdir / "eval.md").write_text(to_markdown(result))
     log(f"-> {workdir / 'eval.json'}, {workdir / 'eval.md'}")
     return result
+
+
+def validate(run: workdir_lib.Run, corpus) -> dict:
+    """The trainer's validation (``train.eval_batches`` batches of the held-out split at the run's batch size)."""
+    batch_sh = sharding.batch_sharding(run.mesh, run.cfg.train.batch_size)
+    param_sh = jax.tree.map(lambda a: a.sharding, run.params)
+    eval_step = steps.eval_step_fn(run.graphdef, param_sh, batch_sh)
+
+    def metrics_of(local_BxL1):
+        with jax.set_mesh(run.mesh):
+            return eval_step(run.params, data.to_global(local_BxL1, batch_sh))
+    return steps.validation(metrics_of, steps.validation_batches(run.cfg, corpus.val, f"{corpus.path / 'val.bin'}"))
 
 
 def run_niah(scorer: Scorer, corpus, opts: EvalOptions, seed: int) -> dict:

@@ -20,7 +20,6 @@ randomly initialised up-projections; its ``stem_jax`` config section records the
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -30,13 +29,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
+from absl import flags
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from tokenizers import Tokenizer
 
-from stem_jax import checkpoint, sharding
+from stem_jax import checkpoint, cli, sharding, workdir as workdir_lib
 from stem_jax.config import Config, ModelConfig, from_dict, stem_indices, to_dict, validate
-from stem_jax.evaluate import load_run_config
-from stem_jax.trainer import Setup
 
 STEM_TABLE_KEY = "model.layers.{i}.mlp.stem_table.weight"
 STEM_MODEL_TYPE = "stem_llama"
@@ -95,9 +95,11 @@ def hf_shape(kind: str, shape: tuple[int, ...], vocab: int) -> tuple[int, ...]:
 
 # --- stem-jax workdirs ---------------------------------------------------------------------------------
 
-def _setup(cfg: Config) -> Setup:
-    """Model graph and shardings on one device: conversion is host work, and any mesh restores it later."""
-    return Setup(cfg, sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1]))
+ONE_DEVICE = (1, 1, 1)  # conversion is host work, and any mesh restores the result later
+
+
+def _one_device_mesh():
+    return sharding.make_mesh(ONE_DEVICE, devices=jax.devices()[:1])
 
 
 def _flat(tree) -> dict[ParamPath, object]:
@@ -112,10 +114,8 @@ def _check_ffn(cfg: Config, what: str) -> None:
 
 def read_params(workdir: str | Path, step: int | None = None) -> tuple[Config, dict[ParamPath, np.ndarray], int]:
     """(config, {path: float32 host array}, step) of a workdir's latest (or given) checkpoint."""
-    cfg = load_run_config(workdir)
-    s = _setup(cfg)
-    params, step = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
-    return cfg, {p: np.asarray(jax.device_get(a)) for p, a in _flat(nnx.to_pure_dict(params)).items()}, step
+    run = workdir_lib.restore(workdir, ONE_DEVICE, step, devices=jax.devices()[:1])
+    return run.cfg, {p: np.asarray(jax.device_get(a)) for p, a in _flat(nnx.to_pure_dict(run.params)).items()}, run.step
 
 
 def _check_new_workdir(workdir: Path) -> None:
@@ -126,7 +126,6 @@ def _check_new_workdir(workdir: Path) -> None:
 
 def _tokenizer_sha(path: Path) -> str | None:
     """The fingerprint train.py records (of the canonical string, not the file's formatting)."""
-    from tokenizers import Tokenizer
     try:
         return checkpoint.fingerprint(Tokenizer.from_file(str(path)).to_str())
     except Exception:  # noqa: BLE001 - not a tokenizers file (e.g. a sentencepiece-only HF repo)
@@ -141,8 +140,8 @@ def write_workdir(workdir: str | Path, cfg: Config, arrays: dict[ParamPath, np.n
     workdir = Path(workdir)
     validate(cfg)
     _check_new_workdir(workdir)
-    s = _setup(cfg)
-    abstract = s.abstract_state["params"]
+    mesh = _one_device_mesh()
+    _, abstract, shardings = workdir_lib.abstract_model(cfg, mesh)
     extra = arrays.keys() - _flat(nnx.to_pure_dict(abstract)).keys()
     if extra:
         raise ValueError(f"parameters {sorted(extra)} are not in the model")
@@ -157,21 +156,15 @@ def write_workdir(workdir: str | Path, cfg: Config, arrays: dict[ParamPath, np.n
         return w.astype(np.float32)
 
     nnx.replace_by_pure_dict(abstract, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract)))
-    params = jax.device_put(abstract, s.state_shardings["params"])
+    params = jax.device_put(abstract, shardings)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
     tok_sha = None
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, workdir / "tokenizer.json")
         tok_sha = _tokenizer_sha(workdir / "tokenizer.json")
-    rows = sharding.padded_rows(cfg.model.vocab_size, mesh=s.mesh) if s.stem_layers else None
-    meta = {"step": 0, "config": to_dict(cfg), "table_rows": rows, "tokenizer_sha256": tok_sha,
-            "process_count": jax.process_count(), "mesh": dict(s.mesh.shape), "params_only": True,
-            "source": source}
-    mngr = checkpoint.manager(workdir)
-    mngr.save(0, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params), meta=ocp.args.JsonSave(meta)))
-    mngr.wait_until_finished()
-    mngr.close()
+    checkpoint.save_params(workdir, params, checkpoint.run_meta(cfg, mesh, tok_sha, step=0, params_only=True,
+                                                                source=source))
     return workdir
 
 
@@ -198,11 +191,10 @@ def hf_config(cfg: Config) -> dict:
 
 def export_safetensors(workdir: str | Path, out_dir: str | Path, step: int | None = None) -> Path:
     """Write ``out_dir/{model.safetensors, config.json, tokenizer.json}`` from a workdir's checkpoint."""
-    from safetensors.numpy import save_file
     workdir, out_dir = Path(workdir), Path(out_dir)
     if (out_dir / "model.safetensors").exists():
         raise FileExistsError(f"{out_dir / 'model.safetensors'} already exists; refusing to overwrite it")
-    _check_ffn(load_run_config(workdir), "export")
+    _check_ffn(workdir_lib.load_run_config(workdir), "export")
     cfg, arrays, step = read_params(workdir, step)
     names = key_map(cfg.model)
     if names.keys() != arrays.keys():  # e.g. a parameter added by a newer FFN variant
@@ -274,14 +266,12 @@ def _weight_files(hf_dir: Path) -> list[Path]:
 
 def import_llama(hf_dir: str | Path, workdir: str | Path, seq_len: int | None = None) -> Path:
     """Read an HF Llama directory (single or sharded safetensors) into a new stem-jax workdir."""
-    from safetensors import safe_open
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir / 'config.json'} not found: is {hf_dir} a Hugging Face model directory?")
     cfg = config_from_hf(json.loads((hf_dir / "config.json").read_text()), seq_len)
     _check_new_workdir(workdir)  # before reading gigabytes of weights
-    s = _setup(cfg)
-    shapes = {p: a.shape for p, a in _flat(nnx.to_pure_dict(s.abstract_state["params"])).items()}
+    shapes = {p: a.shape for p, a in _flat(nnx.to_pure_dict(workdir_lib.abstract_model(cfg, _one_device_mesh())[1])).items()}
     names = key_map(cfg.model)
     handles = {}  # HF key -> open file
     for f in _weight_files(hf_dir):
@@ -322,7 +312,7 @@ def dense_to_stem(workdir_in: str | Path, workdir_out: str | Path, stem_layers: 
     A heuristic starting point, not an equivalent model: the FFN's real input is the residual stream at that
     layer, not the raw embedding of the token, so the STEM model needs further training."""
     workdir_in = Path(workdir_in)
-    cfg = load_run_config(workdir_in)
+    cfg = workdir_lib.load_run_config(workdir_in)
     if cfg.model.ffn != "dense":
         raise ValueError(f"{workdir_in} has model.ffn={cfg.model.ffn!r}; dense_to_stem needs a dense model")
     _check_new_workdir(Path(workdir_out))
@@ -342,32 +332,32 @@ def dense_to_stem(workdir_in: str | Path, workdir_out: str | Path, stem_layers: 
 
 # --- CLI -----------------------------------------------------------------------------------------------
 
+COMMANDS = {"export": "workdir checkpoint -> model.safetensors + HF config.json",
+            "import": "HF Llama directory -> new stem-jax workdir",
+            "to_stem": "dense workdir -> new STEM workdir (tables from W_up and the embedding)"}
+
+
+def _define(fv: flags.FlagValues, command: str) -> None:
+    flags.DEFINE_string("workdir", None, "The stem-jax workdir (read by export and to_stem, written by import).",
+                        required=True, flag_values=fv)
+    if command == "import":
+        flags.DEFINE_string("hf_dir", None, "A Hugging Face Llama directory.", required=True, flag_values=fv)
+        flags.DEFINE_integer("seq_len", None, "Default: min(max_position_embeddings, 4096).", flag_values=fv)
+        return
+    flags.DEFINE_string("out", None, "Output directory (a new workdir for to_stem).", required=True, flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+    if command == "to_stem":
+        flags.DEFINE_string("stem_layers", "1/3", "Layers to convert: 1/3, 1/2, full or indices.", flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m stem_jax.hf", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("export", help="workdir checkpoint -> model.safetensors + HF config.json")
-    e.add_argument("--workdir", required=True)
-    e.add_argument("--out", required=True)
-    e.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    i = sub.add_parser("import", help="HF Llama directory -> new stem-jax workdir")
-    i.add_argument("--hf_dir", required=True)
-    i.add_argument("--workdir", required=True)
-    i.add_argument("--seq_len", type=int, default=None, help="default: min(max_position_embeddings, 4096)")
-    t = sub.add_parser("to_stem", help="dense workdir -> new STEM workdir (tables from W_up and the embedding)")
-    t.add_argument("--workdir", required=True)
-    t.add_argument("--out", required=True)
-    t.add_argument("--stem_layers", default="1/3")
-    t.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    a = p.parse_args(argv)
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from stem_jax import cli
-    if a.cmd == "export":
-        cli.run_user_errors(export_safetensors, a.workdir, a.out, a.step)
-    elif a.cmd == "import":
-        cli.run_user_errors(import_llama, a.hf_dir, a.workdir, a.seq_len)
+    command, f = cli.parse_command(argv, "python -m stem_jax.hf", __doc__.split("\n\n")[0], _define, COMMANDS)
+    if command == "export":
+        cli.run_user_errors(export_safetensors, f.workdir, f.out, f.step)
+    elif command == "import":
+        cli.run_user_errors(import_llama, f.hf_dir, f.workdir, f.seq_len)
     else:
-        cli.run_user_errors(dense_to_stem, a.workdir, a.out, a.stem_layers, a.step)
+        cli.run_user_errors(dense_to_stem, f.workdir, f.out, f.stem_layers, f.step)
 
 
 if __name__ == "__main__":

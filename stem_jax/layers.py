@@ -62,7 +62,8 @@ class DenseFFN(nnx.Module):
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
         self.dtype = dtype
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array | None = None, rows=None, edit=None) -> jax.Array:
+        """``rows`` and ``edit`` (``stem.StemRows``, ``stem.RowEdit``) concern table layers only."""
         act = ("batch", "length", "act_mlp")
         gate_BxLxF = project(x_BxLxD, self.w_gate, "bld,df->blf", self.dtype, act)
         up_BxLxF = project(x_BxLxD, self.w_up, "bld,df->blf", self.dtype, act)

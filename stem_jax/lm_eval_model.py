@@ -15,13 +15,16 @@ from __future__ import annotations
 
 from typing import Any
 
-try:
+try:  # the optional lmeval extra
+    from lm_eval.__main__ import cli_evaluate
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.utils import simple_parse_args_string
 except ModuleNotFoundError as e:  # pragma: no cover - depends on the environment
     raise ModuleNotFoundError(f"stem_jax.lm_eval_model needs lm-eval ({e}); install it with "
                               "pip install -e '.[lmeval]'") from e
 
+from stem_jax import cli
 from stem_jax.corpus import EOS
 from stem_jax.scoring import Scorer
 
@@ -57,7 +60,6 @@ class StemJaxLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "StemJaxLM":
-        from lm_eval.utils import simple_parse_args_string
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -86,9 +88,7 @@ class StemJaxLM(LM):
 
 def main() -> None:
     """The lm_eval CLI with ``stem_jax`` registered."""
-    from stem_jax import cli
     cli.enable_compilation_cache()
-    from lm_eval.__main__ import cli_evaluate
     cli_evaluate()
 
 

@@ -10,7 +10,7 @@ from flax import nnx
 from stem_jax import sharding
 from stem_jax.config import DTYPES, ModelConfig, moe_width, stem_indices
 from stem_jax.layers import DenseFFN, RMSNorm, matrix_std, param, project, rope
-from stem_jax.stem import StemFFN
+from stem_jax.stem import RowEdit, StemFFN, StemRows
 from stem_jax.variants import HashMoEFFN, StemAdditiveFFN, StemGateFFN
 
 TABLE_FFNS = {"stem": StemFFN, "stem_additive": StemAdditiveFFN, "stem_gate": StemGateFFN}
@@ -72,37 +72,32 @@ class KVCache:
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x), ids)."""
 
-    def __init__(self, cfg: ModelConfig, use_stem: bool, *, rngs: nnx.Rngs):
-        """``use_stem``: this layer's FFN is ``cfg.ffn`` (STEM or a variant) rather than SwiGLU."""
+    def __init__(self, cfg: ModelConfig, table_index: int | None, *, rngs: nnx.Rngs):
+        """``table_index``: this layer's position among the layers whose FFN is ``cfg.ffn`` (STEM or a variant),
+        or None for SwiGLU."""
         dtype = DTYPES[cfg.dtype]
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if use_stem and cfg.ffn == "hash_moe":
+        if table_index is not None and cfg.ffn == "hash_moe":
             self.ffn = HashMoEFFN(cfg.d_model, moe_width(cfg), cfg.moe_experts, cfg.init_std, rngs=rngs,
                                   dtype=dtype)
-        elif use_stem:
+        elif table_index is not None:
             self.ffn = TABLE_FFNS[cfg.ffn](cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.init_std, rngs=rngs,
-                                           dtype=dtype, lookup_mode=cfg.stem_lookup)
+                                           table_index=table_index, dtype=dtype, lookup_mode=cfg.stem_lookup)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.init_std, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None,
-                 rows: tuple | None = None) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
+                 edit: RowEdit | None = None) -> jax.Array:
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
-        return x_BxLxD + self._ffn(x_BxLxD, ids_BxL, edit, rows)
+        return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL, rows, edit)
 
     def decode(self, x_BxTxD: jax.Array, ids_BxT: jax.Array, cache: KVCache, layer: int,
-               edit: tuple | None = None, rows: tuple | None = None):
+               rows: StemRows | None = None, edit: RowEdit | None = None):
         attn, k, v = self.attn(self.attn_norm(x_BxTxD), cache, layer)
         x_BxTxD = x_BxTxD + attn
-        return x_BxTxD + self._ffn(x_BxTxD, ids_BxT, edit, rows), k, v
-
-    def _ffn(self, x_BxLxD, ids_BxL, edit, rows):
-        h_BxLxD = self.ffn_norm(x_BxLxD)
-        if rows is not None:
-            return self.ffn(h_BxLxD, ids_BxL, rows=rows)
-        return self.ffn(h_BxLxD, ids_BxL) if edit is None else self.ffn(h_BxLxD, ids_BxL, edit)
+        return x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), ids_BxT, rows, edit), k, v
 
 
 class Transformer(nnx.Module):
@@ -113,47 +108,30 @@ class Transformer(nnx.Module):
         self.stem_layers = stem_indices(cfg)
         D, V = cfg.d_model, cfg.vocab_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), D ** -0.5)
-        self.blocks = nnx.List([Block(cfg, i in self.stem_layers, rngs=rngs) for i in range(cfg.n_layers)])
+        table_index = {layer: k for k, layer in enumerate(self.stem_layers)}
+        self.blocks = nnx.List([Block(cfg, table_index.get(i), rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(D, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
-    def __call__(self, ids_BxL: jax.Array, edit: tuple | None = None, rows: tuple | None = None) -> jax.Array:
-        """``edit``: an optional STEM row override ``(ids_BxLxM, weights_BxLxM, on_S)``, ``on_S`` a bool per
-        STEM layer (see ``editing.py``). ``rows``: ``(rows_per_stem_layer, inverse_BxL)``, pre-gathered STEM
-        rows ``[U, d_ff]`` per STEM layer in order, read at ``inverse`` instead of the tables (``StemFFN``)."""
+    def __call__(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None) -> jax.Array:
+        """``rows``: pre-gathered STEM rows, read instead of the tables; ``edit``: a STEM row override
+        (``stem.StemRows``, ``stem.RowEdit``)."""
         x_BxLxD = self._embed(ids_BxL)
-        for i, block in enumerate(self.blocks):
-            x_BxLxD = block(x_BxLxD, ids_BxL, self._layer_edit(edit, i), self._layer_rows(rows, i))
+        for block in self.blocks:
+            x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit)
         return self._logits(x_BxLxD)
 
-    def decode(self, ids_BxT: jax.Array, cache: KVCache, edit: tuple | None = None,
-               rows: tuple | None = None) -> tuple[jax.Array, KVCache]:
+    def decode(self, ids_BxT: jax.Array, cache: KVCache, rows: StemRows | None = None,
+               edit: RowEdit | None = None) -> tuple[jax.Array, KVCache]:
         """Logits of ``T`` new tokens given the cached ones (prefill: T = prompt length; decode: T = 1), and
         the cache with their keys/values written at ``cache.start``."""
         x_BxTxD = self._embed(ids_BxT)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
-            x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, self._layer_edit(edit, i),
-                                         self._layer_rows(rows, i))
+            x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, rows, edit)
             ks.append(k)
             vs.append(v)
         return self._logits(x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
-
-    def _layer_edit(self, edit: tuple | None, layer: int) -> tuple | None:
-        if edit is None or layer not in self.stem_layers:
-            return None
-        if self.cfg.ffn != "stem":
-            raise ValueError(f"knowledge editing needs model.ffn='stem', not {self.cfg.ffn!r}")
-        ids_BxLxM, weights_BxLxM, on_S = edit
-        return ids_BxLxM, weights_BxLxM, on_S[self.stem_layers.index(layer)]
-
-    def _layer_rows(self, rows: tuple | None, layer: int) -> tuple | None:
-        if rows is None or layer not in self.stem_layers:
-            return None
-        if self.cfg.ffn != "stem":
-            raise ValueError(f"pre-gathered STEM rows need model.ffn='stem', not {self.cfg.ffn!r}")
-        per_layer, inv_BxL = rows
-        return per_layer[self.stem_layers.index(layer)], inv_BxL
 
     def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         K = self.cfg.d_model // self.cfg.n_heads

@@ -5,10 +5,12 @@ The tables and their row-wise optimizer state (``sparse.py``) live in host memor
 
 1. the host deduplicates the batch's ids (``np.unique``: unique ids + inverse index), padded to a
    power-of-two bucket so a handful of programs cover every batch;
-2. the unique rows (parameters, moments, counts) are gathered *on the host* and copied to the device;
-   this is dispatched for step k+1 right after step k, so it overlaps step k's compute (double buffering:
-   step k+1's rows are staged while step k's are in use);
-3. the device computes with ``rows[inverse]`` and applies AdamW to the staged rows;
+2. the unique rows (parameters, moments, counts) are gathered *on the host* and copied to the device.
+   The gather for step k+1 is dispatched right after step k (double buffering: step k+1's rows are staged
+   while step k's are in use), as its own executable; whether it overlaps step k's compute depends on the
+   backend's scheduling. On the 2-core CPU, where host and device are the same cores, none of it was hidden;
+   it has not been measured on an accelerator (docs/offload.md);
+3. the device computes with ``rows[inverse]`` and applies AdamW to the staged rows (``steps.offload_step``);
 4. the new rows go back and the host scatters them into the tables.
 
 Step k+1's rows were read before step k's write-back, so the device first patches them with step k's new
@@ -19,19 +21,16 @@ so only [U, d_ff] row blocks cross the host-device boundary. Decoding uses a dev
 instead (``hotrows.py``)."""
 from __future__ import annotations
 
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import compute_on as _compute_on
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from stem_jax import data, sparse
-from stem_jax.model import token_metrics
+from stem_jax import data, sharding, sparse, steps
+from stem_jax.stem import StemRows
 
-HOST = "pinned_host"
 MIN_BUCKET = 64  # smallest padded unique-id count
 
 
@@ -44,18 +43,10 @@ def check_supported(mesh) -> None:
         raise OffloadError("model.stem_offload=True runs in a single process for now (the host deduplicates the "
                            f"global batch); this run has {jax.process_count()} processes")
     kinds = {m.kind for m in mesh.devices.flat[0].addressable_memories()}
-    if HOST not in kinds:
-        raise OffloadError(f"model.stem_offload=True needs the {HOST!r} memory kind, but "
+    if sharding.HOST not in kinds:
+        raise OffloadError(f"model.stem_offload=True needs the {sharding.HOST!r} memory kind, but "
                            f"{mesh.devices.flat[0].platform} devices offer {sorted(kinds)}; "
                            "set --config.model.stem_offload=False")
-
-
-def host_shardings(shardings: Any) -> Any:
-    """``shardings`` with every STEM table and table-state leaf moved to host memory."""
-    def one(path, s):
-        is_table = any(getattr(k, "key", None) == "table" for k in path)
-        return s.with_memory_kind(HOST) if is_table else s
-    return jax.tree_util.tree_map_with_path(one, shardings)
 
 
 def on_host(fn):
@@ -108,19 +99,19 @@ def host_arrays(state: dict) -> list[jax.Array]:
                                         for a in sparse.table_list(state["opt_state"]["rows"][k])]
 
 
-class Trainer:
-    """Offloaded training and evaluation steps for a ``trainer.Setup`` (see the module docstring)."""
+class Offloader:
+    """Offloaded training and evaluation steps for a ``steps.StepContext`` (see the module docstring)."""
 
-    def __init__(self, s):
-        self.s, self.fill, self.n = s, s.table_rows, len(s.stem_layers)
-        sh = s.state_shardings
-        backbone_sh = sparse.split_tables(sh["params"])[1]
-        host_sh = host_arrays(sh)
-        self._dev_sh = {"backbone": backbone_sh, "tx": sh["opt_state"]["tx"], "step": sh["step"]}
+    def __init__(self, ctx: steps.StepContext):
+        check_supported(ctx.mesh)
+        self.ctx, self.fill = ctx, ctx.tables.rows
+        sh = ctx.state_shardings
+        self._dev_sh = {"backbone": sparse.split_tables(sh["params"])[1], "tx": sh["opt_state"]["tx"],
+                        "step": sh["step"]}
         self._gather = jax.jit(gather)
-        self._scatter = jax.jit(scatter, donate_argnums=0, out_shardings=host_sh)
+        self._scatter = jax.jit(scatter, donate_argnums=0, out_shardings=host_arrays(sh))
         # The patch keeps one fixed (replicated) layout so the first step's empty patch needs no extra program.
-        self._replicated = NamedSharding(s.mesh, P())
+        self._replicated = sharding.replicated(ctx.mesh)
         self._step = jax.jit(self._device_step, donate_argnums=0,
                              out_shardings=(self._dev_sh, self._replicated, self._replicated))
         self._eval = jax.jit(self._eval_step)
@@ -130,33 +121,22 @@ class Trainer:
 
     def stage(self, host: list[jax.Array], local_BxL1: np.ndarray) -> tuple:
         """Dedup on the host and start the row transfer; returns device ``(uniq, inverse, rows)``."""
-        uniq, inv = dedup_host(local_BxL1[:, :-1], self.fill, self.s.unique_rows)
+        uniq, inv = dedup_host(local_BxL1[:, :-1], self.fill, self.ctx.tables.unique_rows)
         uniq = jnp.asarray(uniq)
         return uniq, jnp.asarray(inv), self._gather(host, uniq)
 
     def _device_step(self, dev: dict, staged: tuple, last: tuple, batch_BxL1: jax.Array):
-        s, t, n = self.s, self.s.cfg.train, self.n
         uniq_U, inv_BxL, rows = staged
-        rows = patch(uniq_U, rows, *last)
-        p, m, v, c = rows[:n], rows[n:2 * n], rows[2 * n:3 * n], rows[3 * n:]
-        loss, (g_back, g_rows) = sparse.row_loss_grads(s.graphdef, s.abstract_tables, dev["backbone"], p,
-                                                       inv_BxL, batch_BxL1)
-        g_rows, stem_norm = sparse.clip(g_rows, t.stem_clip_norm)
-        lr = sparse.stem_lr(t, dev["step"])
-        new = [sparse.adamw_rows(*x, g, lr, t) for x, g in zip(zip(p, m, v, c), g_rows)]
-        real_U = (uniq_U < self.fill)[:, None]
-        rows_sq = sum(jnp.sum(jnp.where(real_U, jnp.square(r[0]), 0.0)) for r in new)
-        backbone, tx_state, metrics = sparse.backbone_step(s.tx, t, dev["step"], dev["backbone"], dev["tx"],
-                                                           g_back, loss, stem_norm, rows_sq)
-        new_rows = [r[i] for i in range(4) for r in new]
-        return {"backbone": backbone, "tx": tx_state, "step": dev["step"] + 1}, metrics, (uniq_U, new_rows)
+        dev, metrics, new_rows = steps.offload_step(self.ctx, dev, patch(uniq_U, rows, *last), uniq_U, inv_BxL,
+                                                    batch_BxL1)
+        return dev, metrics, (uniq_U, new_rows)
 
     def step(self, state: dict, local_BxL1: np.ndarray, next_BxL1: np.ndarray | None) -> tuple[dict, dict]:
-        """One training step; stages ``next_BxL1``'s rows (when given) while it computes."""
-        s = self.s
+        """One training step; stages ``next_BxL1``'s rows (when given) right after dispatching it."""
+        ctx = self.ctx
         host = host_arrays(state)
         tables, backbone = sparse.split_tables(state["params"])
-        with jax.set_mesh(s.mesh):
+        with jax.set_mesh(ctx.mesh):
             # Prefetched rows predate the last write-back and need its patch; they only fit the state that
             # the last step returned and the batch they were staged for.
             continuing = self._last_host is not None and host[0] is self._last_host
@@ -169,13 +149,13 @@ class Trainer:
                 last = jax.device_put((np.full((U,), self.fill, np.int32),
                                        [np.zeros((U, *a.shape[1:]), a.dtype) for a in host]), self._replicated)
             dev = {"backbone": backbone, "tx": state["opt_state"]["tx"], "step": state["step"]}
-            batch = data.to_global(local_BxL1, s.batch_sharding)
+            batch = data.to_global(local_BxL1, ctx.batch_sharding)
             dev, metrics, self._patch = self._step(dev, staged, last, batch)
             # Read before the write-back below: the next step patches in this step's rows.
             self._staged = None if next_BxL1 is None else (next_BxL1, self.stage(host, next_BxL1))
             host = self._scatter(host, *self._patch)
             self._last_host = host[0]
-        n = self.n
+        n = len(ctx.stem_layers)
         tables = sparse.with_tables(tables, host[:n])
         rows_state = {k: sparse.with_tables(state["opt_state"]["rows"][k], host[(i + 1) * n:(i + 2) * n])
                       for i, k in enumerate(("mu", "nu", "count"))}
@@ -183,11 +163,11 @@ class Trainer:
                 "opt_state": {"tx": dev["tx"], "rows": rows_state}, "step": dev["step"]}, metrics
 
     def _eval_step(self, backbone, rows: list[jax.Array], inv_BxL: jax.Array, batch_BxL1: jax.Array) -> dict:
-        model = sparse.rows_model(self.s.graphdef, backbone, self.s.abstract_tables)
-        return token_metrics(model(batch_BxL1[:, :-1], rows=(tuple(rows), inv_BxL)), batch_BxL1)
+        params = nnx.merge_state(backbone, self.ctx.tables.abstract)  # abstract tables: rows only
+        return steps.eval_metrics(self.ctx.graphdef, params, batch_BxL1, rows=StemRows(tuple(rows), inv_BxL))
 
     def eval_metrics(self, params: nnx.State, local_BxL1: np.ndarray) -> dict:
         tables, backbone = sparse.split_tables(params)
-        with jax.set_mesh(self.s.mesh):
+        with jax.set_mesh(self.ctx.mesh):
             uniq, inv, rows = self.stage(sparse.table_list(tables), local_BxL1)
-            return self._eval(backbone, rows, inv, data.to_global(local_BxL1, self.s.batch_sharding))
+            return self._eval(backbone, rows, inv, data.to_global(local_BxL1, self.ctx.batch_sharding))

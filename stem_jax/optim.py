@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from stem_jax import sharding
 from stem_jax.config import TrainConfig
 
 STEM, BACKBONE = "stem", "backbone"
@@ -15,7 +16,7 @@ STEM, BACKBONE = "stem", "backbone"
 def param_labels(params: Any) -> Any:
     """'stem' for STEM tables (any parameter named ``table``), 'backbone' for the rest."""
     def label(path, _):
-        return STEM if any(getattr(k, "key", None) == "table" for k in path) else BACKBONE
+        return STEM if sharding.is_table_path(path) else BACKBONE
     return jax.tree_util.tree_map_with_path(label, params)
 
 

@@ -14,12 +14,14 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 from jax.sharding import Mesh
 
-from stem_jax import hotrows, offload, sparse
+from stem_jax import cli, hotrows, offload, sharding, sparse, steps, workdir as workdir_lib
 from stem_jax.config import DTYPES
 from stem_jax.corpus import EOS
+from stem_jax.stem import RowEdit, StemRows
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compiled program
 
@@ -70,18 +72,19 @@ def next_tokens(logits_BxV: jax.Array, key: jax.Array, cfg: SamplingConfig) -> j
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _prefill(model, ids_BxP, valid_BxP, new_tokens: int, cache_dtype, edit=None, rows=None):
+def _prefill(model, ids_BxP, valid_BxP, new_tokens: int, cache_dtype, edit: RowEdit | None = None,
+             rows: StemRows | None = None):
     """KV cache after the (left-padded) prompts, the last position's logits, and each row's padding."""
     B, P = ids_BxP.shape
     pad_B = P - jnp.sum(valid_BxP, axis=1)
     cache = model.init_cache(B, P + new_tokens, cache_dtype)
     cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, :P].set(valid_BxP),
                           positions_BxT=jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0))
-    logits_BxPxV, cache = model.decode(ids_BxP, cache, edit, rows)  # an edit touches prompt positions only
+    logits_BxPxV, cache = model.decode(ids_BxP, cache, rows, edit)  # an edit touches prompt positions only
     return cache.replace(positions_BxT=jnp.zeros((B, 1), jnp.int32)), logits_BxPxV[:, -1], pad_B
 
 
-def _decode_one(model, cache, tok_B, i, P: int, pad_B, rows=None):
+def _decode_one(model, cache, tok_B, i, P: int, pad_B, rows: StemRows | None = None):
     """Feed the i-th new token of every row; returns the cache and the next logits [B, V]."""
     slot = P + i
     cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, slot].set(True), start=slot,
@@ -136,7 +139,7 @@ class Sampler:
             tables, self.backbone = sparse.split_tables(params)
             self.abstract_tables = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tables)
             self.host_tables = sparse.table_list(tables)
-            if not self.host_tables or any(t.sharding.memory_kind != offload.HOST for t in self.host_tables):
+            if not self.host_tables or any(t.sharding.memory_kind != sharding.HOST for t in self.host_tables):
                 raise SamplingError("cache_rows needs STEM tables in host memory (pinned_host); load with "
                                     "Sampler.from_workdir(workdir, cache_rows=N)")
             self.row_cache = hotrows.RowCache(self.host_tables, cache_rows, max_batch=8)
@@ -145,42 +148,40 @@ class Sampler:
             self._prefill_rows = jax.jit(self._prefill_rows_fn, static_argnums=5)
             self._decode_rows = jax.jit(self._decode_rows_fn)
             self._forward_rows = jax.jit(
-                lambda b, rows, inv, ids_1xL, n: self._rows_model(b)(ids_1xL, rows=(tuple(rows), inv))[0, n - 1])
+                lambda b, rows, inv, ids_1xL, n: self._rows_model(b)(ids_1xL, StemRows(tuple(rows), inv))[0, n - 1])
         self.eos = tokenizer.token_to_id(EOS)
         if self.eos is None:
             raise SamplingError(f"the tokenizer has no {EOS} token")
         self.cache_dtype = DTYPES[dtype]
         self._programs: dict[SamplingConfig, Any] = {}  # jitted generate per settings
-        self._forward = jax.jit(lambda p, ids_1xL, n, edit: nnx.merge(graphdef, p)(ids_1xL, edit)[0, n - 1])
+        self._forward = jax.jit(lambda p, ids_1xL, n, edit: nnx.merge(graphdef, p)(ids_1xL, edit=edit)[0, n - 1])
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1),
                      cache_rows: int = 0) -> "Sampler":
         """``cache_rows`` > 0 restores the STEM tables into host memory and decodes through a hot-row cache."""
-        from stem_jax import checkpoint, sharding
-        from stem_jax.evaluate import load_run_config, load_tokenizer
-        from stem_jax.trainer import Setup
-        cfg = load_run_config(workdir)
-        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
         if cache_rows:
-            if cfg.model.ffn != "stem":
-                raise SamplingError(f"a hot-row cache needs a STEM model, not model.ffn={cfg.model.ffn!r}")
+            ffn = workdir_lib.load_run_config(workdir).model.ffn
+            if ffn != "stem":
+                raise SamplingError(f"a hot-row cache needs a STEM model, not model.ffn={ffn!r}")
             hotrows.LFUCache(cache_rows)  # a bad capacity fails before the restore
-            cfg.model.stem_offload, cfg.train.stem_optimizer = True, "sparse"
-        s = Setup(cfg, sharding.make_mesh(cfg.mesh.shape))
-        params, _ = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"], step)
-        return cls(s.graphdef, params, load_tokenizer(workdir), s.mesh, cfg.model.seq_len, cfg.model.dtype,
-                   cache_rows)
+        run = workdir_lib.restore(workdir, mesh_shape, step, tables_on_host=cache_rows > 0)
+        return cls.from_run(run, cache_rows)
+
+    @classmethod
+    def from_run(cls, run: workdir_lib.Run, cache_rows: int = 0) -> "Sampler":
+        m = run.cfg.model
+        return cls(run.graphdef, run.params, run.require_tokenizer(), run.mesh, m.seq_len, m.dtype, cache_rows)
 
     def encode(self, prompt: str) -> list[int]:
         ids = self.tokenizer.encode(prompt).ids
         return ids or [self.eos]  # an empty prompt starts a new document
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig = SamplingConfig(),
-                     edit: tuple | None = None) -> np.ndarray:
+                     edit: RowEdit | None = None) -> np.ndarray:
         """[B, max_new_tokens] new ids per prompt (``<|endoftext|>`` after a row stops). ``edit``: a STEM row
-        override for the prompts, ``(ids_BxLxM, weights_BxLxM, on_S)`` with L the longest prompt's length
-        and each row's prompt at its start (see ``editing.py``)."""
+        override for the prompts, [B, L, M] with L the longest prompt's length and each row's prompt at its
+        start (see ``editing.py``)."""
         cfg.check()
         if not prompt_ids:
             raise SamplingError("no prompts given")
@@ -211,14 +212,14 @@ class Sampler:
         return np.asarray(jax.device_get(out))
 
     def _rows_model(self, backbone):
-        return sparse.rows_model(self.graphdef, backbone, self.abstract_tables)
+        return steps.rows_model(self.graphdef, backbone, self.abstract_tables)
 
     def _prefill_rows_fn(self, backbone, rows, inv_BxP, ids_BxP, valid_BxP, new_tokens: int):
         return _prefill(self._rows_model(backbone), ids_BxP, valid_BxP, new_tokens, self.cache_dtype,
-                        rows=(tuple(rows), inv_BxP))
+                        rows=StemRows(tuple(rows), inv_BxP))
 
     def _decode_rows_fn(self, backbone, cache_rows, slots_Bx1, kv, tok_B, i, P, pad_B):
-        return _decode_one(self._rows_model(backbone), kv, tok_B, i, P, pad_B, rows=(tuple(cache_rows), slots_Bx1))
+        return _decode_one(self._rows_model(backbone), kv, tok_B, i, P, pad_B, StemRows(tuple(cache_rows), slots_Bx1))
 
     def _generate_offloaded(self, ids_BxP: np.ndarray, valid_BxP: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
         """``_generate`` with host tables: the prompts' unique rows are fetched for the prefill, then each
@@ -253,7 +254,7 @@ class Sampler:
             gens.append(Generation(prompt, self.tokenizer.decode(ids), ids, stop))
         return gens
 
-    def next_token_topk(self, prompt: str | Sequence[int], k: int = 5, edit: tuple | None = None
+    def next_token_topk(self, prompt: str | Sequence[int], k: int = 5, edit: RowEdit | None = None
                         ) -> list[tuple[str, float]]:
         """The ``k`` most likely next tokens after ``prompt`` (text or ids) with their probabilities."""
         logits_V = self.next_token_logits(self.encode(prompt) if isinstance(prompt, str) else prompt, edit)
@@ -262,7 +263,7 @@ class Sampler:
         top = np.argsort(-probs)[:k]
         return [(self.tokenizer.decode([int(t)]), float(probs[t])) for t in top]
 
-    def next_token_logits(self, prompt_ids: Sequence[int], edit: tuple | None = None) -> np.ndarray:
+    def next_token_logits(self, prompt_ids: Sequence[int], edit: RowEdit | None = None) -> np.ndarray:
         """[V] logits of the token after ``prompt_ids`` (with an optional STEM row edit)."""
         ids = list(prompt_ids)
         if len(ids) > self.seq_len:
@@ -272,9 +273,9 @@ class Sampler:
         ids_1xL = np.full((1, L), self.eos, np.int32)
         ids_1xL[0, :len(ids)] = ids
         if edit is not None:
-            e_ids, e_w, on = (np.asarray(a) for a in edit)
-            pad = ((0, 0), (0, L - e_ids.shape[1]), (0, 0))
-            edit = (np.pad(e_ids, pad, constant_values=self.eos), np.pad(e_w, pad), on)
+            pad = ((0, 0), (0, L - edit.ids_BxLxM.shape[1]), (0, 0))
+            edit = RowEdit(np.pad(np.asarray(edit.ids_BxLxM), pad, constant_values=self.eos),
+                           np.pad(np.asarray(edit.weights_BxLxM), pad), np.asarray(edit.on_S))
         with jax.set_mesh(self.mesh):
             if self.row_cache is not None:
                 if edit is not None:
@@ -287,47 +288,44 @@ class Sampler:
 
 
 
-def _left_pad_edit(edit: tuple, lengths: list[int], P: int) -> tuple:
+def _left_pad_edit(edit: RowEdit, lengths: list[int], P: int) -> RowEdit:
     """Move each row's edit arrays to where its prompt sits after left-padding to ``P``."""
-    e_ids, e_w, on = (np.asarray(a) for a in edit)
+    e_ids, e_w = np.asarray(edit.ids_BxLxM), np.asarray(edit.weights_BxLxM)
     B, _, M = e_ids.shape
     ids_BxPxM, w_BxPxM = np.zeros((B, P, M), np.int32), np.zeros((B, P, M), np.float32)
     for b, n in enumerate(lengths):
         ids_BxPxM[b, P - n:], w_BxPxM[b, P - n:] = e_ids[b, :n], e_w[b, :n]
-    return jnp.asarray(ids_BxPxM), jnp.asarray(w_BxPxM), jnp.asarray(on)
+    return RowEdit(jnp.asarray(ids_BxPxM), jnp.asarray(w_BxPxM), jnp.asarray(edit.on_S))
+
+
+def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_string("workdir", None, "A workdir written by train.py.", required=True, flag_values=fv)
+    flags.DEFINE_multi_string("prompt", None, "A prompt; repeat for a batch of prompts.", required=True, flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+    flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy.", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).", flag_values=fv)
+    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold in (0, 1].", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fv)
+    flags.DEFINE_integer("show_topk", 0, "Also print the k most likely next tokens.", flag_values=fv)
+    flags.DEFINE_integer("cache_rows", 0, "Keep the STEM tables in host memory and decode through a device cache "
+                         "of this many hot rows per STEM layer (0 = tables on device).", flag_values=fv)
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m stem_jax.sampling --workdir runs/tiny --prompt "And God said" [--prompt ...]``"""
-    import argparse
-    p = argparse.ArgumentParser(prog="python -m stem_jax.sampling", description="Generate from a checkpoint.")
-    p.add_argument("--workdir", required=True)
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show_topk", type=int, default=0, help="also print the k most likely next tokens")
-    p.add_argument("--cache_rows", type=int, default=0,
-                   help="keep the STEM tables in host memory and decode through a device cache of this many "
-                        "hot rows per STEM layer (0 = tables on device)")
-    a = p.parse_args(argv)
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
-    from stem_jax import cli
-    cfg = SamplingConfig(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed)
+    _, f = cli.parse_command(argv, "python -m stem_jax.sampling", "Generate from a checkpoint.", _define)
+    cfg = SamplingConfig(f.max_new_tokens, f.temperature, f.top_k, f.top_p, f.seed)
 
     def run():
         cfg.check()  # before the restore, so a bad setting fails fast
-        if a.cache_rows < 0:
-            raise SamplingError(f"--cache_rows={a.cache_rows} must be >= 1 (or 0 for tables on device)")
-        sampler = Sampler.from_workdir(a.workdir, a.step, cache_rows=a.cache_rows)
-        for g in sampler.generate(a.prompt, cfg):
+        if f.cache_rows < 0:
+            raise SamplingError(f"--cache_rows={f.cache_rows} must be >= 1 (or 0 for tables on device)")
+        sampler = Sampler.from_workdir(f.workdir, f.step, cache_rows=f.cache_rows)
+        for g in sampler.generate(f.prompt, cfg):
             print(f"{g.prompt}\u2502{g.text}   [{len(g.ids)} tokens, {g.stop}]")
-            if a.show_topk:
-                print("  next: " + ", ".join(f"{t!r} {p:.3f}" for t, p in sampler.next_token_topk(g.prompt, a.show_topk)))
+            if f.show_topk:
+                print("  next: " + ", ".join(f"{t!r} {p:.3f}" for t, p in sampler.next_token_topk(g.prompt, f.show_topk)))
         if sampler.row_cache is not None:
             lfu = sampler.row_cache.lfu
             print(f"hot-row cache: {lfu.hits}/{lfu.lookups} lookups hit ({lfu.hit_rate:.1%}), "

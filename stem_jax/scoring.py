@@ -1,5 +1,5 @@
 """Score text with a restored model: log-likelihoods of continuations, rolling log-likelihoods of whole texts,
-and greedy generation, with lm-evaluation-harness conventions.
+and greedy generation (through ``sampling.Sampler``), with lm-evaluation-harness conventions.
 
 Every forward runs on ONE fixed shape, ``[eval_batch, seq_len]`` (rows right-padded, partial batches padded
 with empty rows), so a whole evaluation compiles a single program. Right padding is harmless: attention is
@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
-from stem_jax import sharding
+from stem_jax import sharding, workdir as workdir_lib
 from stem_jax.corpus import EOS
+from stem_jax.sampling import Sampler, SamplingConfig
 
 TokenPair = tuple[list[int], list[int]]   # (context ids, continuation ids)
 
@@ -32,6 +33,7 @@ class ScoringError(ValueError):
 class Forward:
     """The compiled scoring forward and what it needs: ``fn(params, ids, targets, mask)``."""
     fn: Callable
+    graphdef: Any
     params: Any
     mesh: Mesh
     batch_sharding: NamedSharding
@@ -51,13 +53,11 @@ def _make_forward(graphdef: Any, params: Any, mesh: Mesh, seq_len: int, eval_bat
 
     # Batch rows go over the mesh's batch axes when they divide eval_batch; otherwise every device gets
     # every row (correct, just not data-parallel).
-    n_shards = sharding.axis_size("batch", mesh)
-    spec = sharding.spec(("batch", "length")) if eval_batch % n_shards == 0 else P()
-    batch_sh = NamedSharding(mesh, spec)
+    batch_sh = NamedSharding(mesh, sharding.fitted_spec(("batch", "length"), (eval_batch, seq_len), mesh))
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     fn = jax.jit(score, in_shardings=(param_sh, batch_sh, batch_sh, batch_sh),
-                 out_shardings=NamedSharding(mesh, P()))  # replicated: every process can read the results
-    return Forward(fn, params, mesh, batch_sh, eval_batch, seq_len)
+                 out_shardings=sharding.replicated(mesh))  # every process can read the results
+    return Forward(fn, graphdef, params, mesh, batch_sh, eval_batch, seq_len)
 
 
 def default_eval_batch(mesh: Mesh, rows: int = 8) -> int:
@@ -83,28 +83,23 @@ class Scorer:
         self.forward = _make_forward(graphdef, params, mesh, seq_len, self.eval_batch)
         self.forward_calls = 0  # each is one [eval_batch, seq_len] forward
         self.step: int | None = None  # the checkpoint step, when restored from a workdir
+        self.dtype = "float32"        # compute dtype of the generation cache (the run's model.dtype)
+        self.sampler: Sampler | None = None  # built on the first generate_until
 
     @classmethod
-    def from_setup(cls, setup: Any, params: Any, tokenizer: Any, eval_batch: int | None = None) -> "Scorer":
-        """From a ``trainer.Setup`` and its (restored) params."""
-        m = setup.cfg.model
-        return cls(setup.graphdef, params, tokenizer, setup.mesh, m.seq_len, eval_batch, m.vocab_size)
+    def from_run(cls, run: workdir_lib.Run, eval_batch: int | None = None) -> "Scorer":
+        """From a restored checkpoint (``workdir.restore``)."""
+        m = run.cfg.model
+        scorer = cls(run.graphdef, run.params, run.require_tokenizer(), run.mesh, m.seq_len, eval_batch,
+                     m.vocab_size)
+        scorer.step, scorer.dtype = run.step, m.dtype
+        return scorer
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1),
                      eval_batch: int | None = None) -> "Scorer":
         """Restore the latest (or ``step``) checkpoint of a training workdir onto the devices present now."""
-        from stem_jax import checkpoint
-        from stem_jax.evaluate import load_run_config, load_tokenizer
-        from stem_jax.trainer import Setup
-        cfg = load_run_config(workdir)
-        cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = mesh_shape
-        s = Setup(cfg, sharding.make_mesh(cfg.mesh.shape))
-        params, step = checkpoint.restore_params(workdir, s.abstract_state["params"],
-                                                 s.state_shardings["params"], step)
-        scorer = cls.from_setup(s, params, load_tokenizer(workdir), eval_batch)
-        scorer.step = step
-        return scorer
+        return cls.from_run(workdir_lib.restore(workdir, mesh_shape, step), eval_batch)
 
     # -- tokenization (lm-eval's causal-LM conventions) -------------------------------------------------
 
@@ -205,34 +200,22 @@ class Scorer:
         return totals
 
     def generate_until(self, prompts: Sequence[str], until: Sequence[str] = (), max_tokens: int = 32) -> list[str]:
-        """Greedy continuation of each prompt, stopped at ``<|endoftext|>``, at ``max_tokens`` or just before
-        the first of the ``until`` strings. Re-runs the full fixed-shape forward per token (no KV cache yet);
-        a prompt longer than ``seq_len`` keeps its rightmost tokens."""
-        L, B = self.seq_len, self.eval_batch
+        """Greedy continuation of each prompt by the KV-cache sampler (``sampling.py``), stopped at
+        ``<|endoftext|>``, at ``max_tokens`` or just before the first of the ``until`` strings. Prompt and
+        continuation must fit the context: ``max_tokens`` is capped at ``seq_len - 1`` and a prompt keeps its
+        rightmost ``seq_len - max_tokens`` tokens."""
+        if self.sampler is None:
+            f = self.forward
+            self.sampler = Sampler(f.graphdef, f.params, self.tokenizer, f.mesh, self.seq_len, self.dtype)
+        max_tokens = max(1, min(max_tokens, self.seq_len - 1))
+        prompt_ids = [(self.encode(p) or [self.eot_id])[-(self.seq_len - max_tokens):] for p in prompts]
+        out_BxN = self.sampler.generate_ids(prompt_ids, SamplingConfig(max_new_tokens=max_tokens))
         until = [u for u in until if u]
-        prompt_ids = [self.encode(p) or [self.eot_id] for p in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for lo in range(0, len(prompts), B):
-            live = list(range(lo, min(lo + B, len(prompts))))
-            for _ in range(max_tokens):
-                if not live:
-                    break
-                ids_BxL = np.zeros((B, L), np.int32)
-                last = {}
-                for r, i in enumerate(live):
-                    seq = (prompt_ids[i] + outputs[i])[-L:]
-                    ids_BxL[r, :len(seq)] = seq
-                    last[i] = (r, len(seq) - 1)
-                _, _, argmax_BxL = self._run(ids_BxL, np.zeros_like(ids_BxL), np.zeros((B, L), bool))
-                for i in list(live):
-                    token = int(argmax_BxL[last[i]])
-                    if token == self.eot_id:
-                        live.remove(i)
-                        continue
-                    outputs[i].append(token)
-                    if until and any(u in self.decode(outputs[i]) for u in until):
-                        live.remove(i)
-        return [_cut(self.decode(out), until) for out in outputs]
+        texts = []
+        for row in out_BxN.tolist():
+            ids = row[:row.index(self.eot_id)] if self.eot_id in row else row
+            texts.append(_cut(self.decode(ids), until))
+        return texts
 
 
 def _cut(text: str, until: Sequence[str]) -> str:

@@ -14,6 +14,8 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from stem_jax.config import ModelConfig, stem_indices
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. None = replicated.
@@ -122,14 +124,21 @@ def padded_rows(rows: int, logical: str = "stem_vocab", mesh=None) -> int:
     return -(-rows // k) * k
 
 
+def fitted_axes(logical: str | None, size: int, mesh) -> tuple[str, ...]:
+    """The mesh axes of ``logical`` when they divide ``size`` evenly, else () (that dimension stays replicated:
+    e.g. 1 kv head on a 2-way tensor axis, or a batch of one prompt)."""
+    axes = mesh_axes(logical)
+    return axes if size % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
 def fitted_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh) -> P:
-    """``spec(logical_axes)`` with the mesh axes dropped on any dimension they do not divide evenly
-    (e.g. 1 kv head on a 2-way tensor axis, or a batch of 1, stays replicated)."""
-    parts = []
-    for name, size in zip(logical_axes, shape):
-        axes = mesh_axes(name)
-        parts.append(None if size % math.prod(mesh.shape[a] for a in axes) else part(axes))
-    return P(*parts)
+    """``spec(logical_axes)`` with the mesh axes dropped on any dimension they do not divide (``fitted_axes``)."""
+    return P(*(part(fitted_axes(name, size, mesh)) for name, size in zip(logical_axes, shape)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (metrics, small index arrays)."""
+    return NamedSharding(mesh, P())
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -169,6 +178,36 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
         raise MeshError(f"global batch size {batch_size} is not divisible by the {n} batch shards "
                         f"(mesh axes {mesh_axes('batch')})")
     return named(mesh, ("batch", "length"))
+
+
+def check_model_fits(m: ModelConfig, mesh: Mesh) -> None:
+    """Raise MeshError for a model whose sharded dimensions the mesh does not divide."""
+    if not stem_indices(m):
+        return
+    if m.ffn == "hash_moe":
+        n_exp = axis_size("experts", mesh)
+        if m.moe_experts % n_exp:
+            raise MeshError(f"model.moe_experts={m.moe_experts} is not divisible by the {n_exp} expert shards "
+                            f"(mesh axes {mesh_axes('experts')}); choose a multiple of it or a smaller data axis")
+        return
+    n_dff = axis_size("stem_dff", mesh)
+    if m.d_ff % n_dff:
+        raise MeshError(f"model.d_ff={m.d_ff} is not divisible by the {n_dff} shards of the STEM table columns "
+                        f"(mesh axes {mesh_axes('stem_dff')})")
+
+
+HOST = "pinned_host"  # memory kind of host-resident STEM tables (model.stem_offload, the decode cache)
+
+
+def is_table_path(path) -> bool:
+    """Whether a pytree path leads to a STEM table (or its optimizer state): any parameter named ``table``."""
+    return any(getattr(k, "key", None) == "table" for k in path)
+
+
+def tables_on_host(shardings: Any) -> Any:
+    """``shardings`` with every STEM table and table-state leaf moved to host memory."""
+    return jax.tree_util.tree_map_with_path(lambda p, s: s.with_memory_kind(HOST) if is_table_path(p) else s,
+                                            shardings)
 
 
 def describe(mesh: Mesh) -> str:

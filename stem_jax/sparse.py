@@ -8,7 +8,8 @@ batch's ids (unique + inverse index), gathers only those rows, differentiates th
 Semantics, and how they differ from dense AdamW (they agree exactly when every row is touched every step):
 
 - **per-row step counts** for bias correction: a row's t-th update is corrected by ``1 - b^t`` whatever the
-  global step, as in lazy/sparse Adam (TF ``LazyAdam``, PyTorch ``SparseAdam``);
+  global step. This is our choice: lazy Adam (TF Addons ``LazyAdam``, PyTorch ``SparseAdam``) also updates only
+  the touched rows' moments, but corrects them with the one global step count;
 - **untouched rows do not move**: no moment decay and no weight decay; their parameter and state stay
   bit-identical. Dense AdamW keeps moving a row on its stale momentum for many steps after its last use and
   decays every row every step;
@@ -16,22 +17,20 @@ Semantics, and how they differ from dense AdamW (they agree exactly when every r
 - the learning-rate schedule and the table group's global-norm clipping use the global step and the norm of
   the rows' gradients, which equals the dense table gradient's norm (untouched rows have zero gradient).
 
-Tables stay vocab-sharded: every device updates the touched rows it owns, in place. Only ids and [U, d_ff]
-row blocks move between devices, never a table-sized array.
+Tables stay vocab-sharded: every device updates the touched rows it owns, in place. The train step is
+``steps.sparse_step``. The [U, d_ff] row blocks are replicated over the batch axes, and U grows with the global
+batch (up to the vocabulary): at large batches they approach table size (the pod-scale exchange is open work).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from stem_jax import sharding
 from stem_jax.config import TrainConfig
-from stem_jax.model import cross_entropy
 from stem_jax.optim import schedule
-from stem_jax.stem import lookup
 
 
 def split_tables(params: nnx.State) -> tuple[nnx.State, nnx.State]:
@@ -136,51 +135,6 @@ def update(tables: nnx.State, state: dict, uniq_U: jax.Array, g_rows: list[jax.A
     new_tables = with_tables(tables, [o[0] for o in out])
     new_state = {k: with_tables(state[k], [o[i] for o in out]) for i, k in enumerate(("mu", "nu", "count"), 1)}
     return new_tables, new_state, sum(o[4] for o in out)
-
-
-# ---- the train step (on-device tables; offload.py reuses the pieces with host tables) ----
-
-def rows_model(graphdef, backbone: nnx.State, abstract_tables: nnx.State):
-    """The model with *abstract* tables: it runs only with pre-gathered rows (``model(ids, rows=...)``), so it
-    can neither read a host-resident table nor form a [V, d_ff] gradient."""
-    return nnx.merge(graphdef, backbone, abstract_tables)
-
-
-def row_loss_grads(graphdef, abstract_tables: nnx.State, backbone: nnx.State, rows: list[jax.Array],
-                   inv_BxL: jax.Array, batch_BxL1: jax.Array):
-    """``(loss, (backbone grads, row grads))`` with the STEM rows given, never the tables (``rows_model``)."""
-    def loss(backbone, rows):
-        model = rows_model(graphdef, backbone, abstract_tables)
-        return cross_entropy(model(batch_BxL1[:, :-1], rows=(tuple(rows), inv_BxL)), batch_BxL1[:, 1:])
-    return jax.value_and_grad(loss, argnums=(0, 1))(backbone, list(rows))
-
-
-def backbone_step(tx, t: TrainConfig, step: jax.Array, backbone: nnx.State, tx_state, g_back: nnx.State,
-                  loss: jax.Array, stem_norm: jax.Array, rows_sq: jax.Array):
-    """optax update of the backbone and the step's metrics (``param_norm`` covers the backbone and the
-    rows updated this step: a norm over the whole tables would cost O(V) again)."""
-    updates, tx_state = tx.update(g_back, tx_state, backbone)
-    backbone = optax.apply_updates(backbone, updates)
-    metrics = {"loss": loss, "lr": schedule(t)(step), "backbone_grad_norm": optax.tree.norm(g_back),
-               "stem_grad_norm": stem_norm,
-               "param_norm": jnp.sqrt(jnp.square(optax.tree.norm(backbone)) + rows_sq)}
-    return backbone, tx_state, metrics
-
-
-def train_step(s, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
-    """The sparse-optimizer train step for ``trainer.Setup`` ``s`` (tables on device, vocab-sharded)."""
-    t, m = s.cfg.train, s.cfg.model
-    tables, backbone = split_tables(state["params"])
-    uniq_U, inv_BxL = dedup(batch_BxL1[:, :-1], s.unique_rows, s.table_rows)
-    rows = [lookup(tb, uniq_U[None], m.stem_lookup)[0] for tb in table_list(tables)]
-    loss, (g_back, g_rows) = row_loss_grads(s.graphdef, s.abstract_tables, backbone, rows, inv_BxL, batch_BxL1)
-    g_rows, stem_norm = clip(g_rows, t.stem_clip_norm)
-    lr = stem_lr(t, state["step"])
-    tables, rows_state, rows_sq = update(tables, state["opt_state"]["rows"], uniq_U, g_rows, lr, t)
-    backbone, tx_state, metrics = backbone_step(s.tx, t, state["step"], backbone, state["opt_state"]["tx"],
-                                                g_back, loss, stem_norm, rows_sq)
-    return {"params": nnx.merge_state(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},
-            "step": state["step"] + 1}, metrics
 
 
 def stem_lr(t: TrainConfig, step: jax.Array) -> jax.Array:

@@ -15,54 +15,33 @@ scatter-add into the table slice: a [V, d_ff] gradient never crosses devices.
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import chex
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from stem_jax import sharding
+from stem_jax.config import LOOKUP_MODES
 from stem_jax.layers import matrix_std, param, project
 
-RATIO_STRIDE = {"1/3": 3, "1/2": 2}
-LOOKUP_MODES = ("shard_map", "xla")
+
+@flax.struct.dataclass
+class StemRows:
+    """Rows gathered before the forward, read instead of the tables: ``per_layer[k]`` is ``U_k[uniq]`` [U, d_ff]
+    for the k-th table layer and ``inverse_BxL`` indexes it (``uniq[inverse] == ids``). The sparse optimizer
+    differentiates w.r.t. them, offload brings them from host memory, the decode cache holds them."""
+    per_layer: tuple
+    inverse_BxL: jax.Array
 
 
-def stem_layer_indices(spec: str | Sequence[int], n_layers: int) -> tuple[int, ...]:
-    """The layers whose FFN is STEM.
-
-    ``"1/3"`` / ``"1/2"``: ``n_layers // k`` layers at stride k = 3 / 2 starting at layer 1, e.g. 16 layers
-    give 1/3 = [1, 4, 7, 10, 13] (the paper's 1B run) and 32 layers give 10 / 16 layers (its 350M counts).
-    ``"full"``: every layer but 0. ``"none"``: no layer. ``"1,4,7"`` or a sequence: those indices.
-    """
-    if isinstance(spec, str):
-        s = spec.strip()
-        if s in RATIO_STRIDE:
-            k = RATIO_STRIDE[s]
-            idx = tuple(1 + i * k for i in range(n_layers // k))
-            if not idx:
-                raise ValueError(f"stem_layers={s!r} selects no layer of a {n_layers}-layer model; "
-                                 "use 'full' or explicit indices")
-            return idx
-        if s == "full":
-            return tuple(range(1, n_layers))
-        if s in ("none", ""):
-            return ()
-        try:
-            spec = [int(p) for p in s.split(",") if p.strip()]
-        except ValueError:
-            raise ValueError(f"unknown stem_layers {spec!r}: use '1/3', '1/2', 'full', 'none' "
-                             "or comma-separated layer indices like '1,4,7'") from None
-    idx = tuple(int(i) for i in spec)
-    bad = [i for i in idx if not 0 <= i < n_layers]
-    if bad:
-        raise ValueError(f"stem layer indices {bad} are out of range for n_layers={n_layers} "
-                         f"(valid: 0..{n_layers - 1})")
-    if len(set(idx)) != len(idx):
-        raise ValueError(f"stem layer indices {list(idx)} contain duplicates")
-    return tuple(sorted(idx))
+@flax.struct.dataclass
+class RowEdit:
+    """A knowledge edit (``editing.py``): where ``on_S[k]``, table layer k reads ``sum_m weights[b, l, m] *
+    U_k[ids[b, l, m]]`` at position (b, l) instead of ``U_k[t]``. The weights of the model are unchanged."""
+    ids_BxLxM: jax.Array
+    weights_BxLxM: jax.Array
+    on_S: jax.Array
 
 
 def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "shard_map", dtype=jnp.float32) -> jax.Array:
@@ -70,11 +49,10 @@ def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "shard_map", dt
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return jnp.take(table_VxF, ids_BxL, axis=0).astype(dtype)
-    # A batch that does not split over the batch shards (e.g. one prompt) is replicated instead.
-    batch = "batch" if ids_BxL.shape[0] % sharding.axis_size("batch") == 0 else None
     table_spec = sharding.spec(("stem_vocab", "stem_dff"))
-    ids_spec, out_spec = sharding.spec((batch, "length")), sharding.spec((batch, "length", "stem_dff"))
-    vocab_axes, batch_axes = sharding.mesh_axes("stem_vocab"), sharding.mesh_axes(batch)
+    ids_spec = sharding.fitted_spec(("batch", "length"), ids_BxL.shape, mesh)  # one prompt: replicated
+    out_spec = sharding.fitted_spec(("batch", "length", "stem_dff"), (*ids_BxL.shape, table_VxF.shape[1]), mesh)
+    vocab_axes, batch_axes = sharding.mesh_axes("stem_vocab"), sharding.fitted_axes("batch", ids_BxL.shape[0], mesh)
 
     if mode == "xla":  # XLA's partitioned gather; the reference the shard_map path is tested against
         gather = jax.sharding.explicit_axes(
@@ -110,51 +88,55 @@ def init_table(key: jax.Array, vocab_size: int, d_ff: int, rows: int) -> jax.Arr
     return jnp.pad(table_VxF, ((0, rows - vocab_size), (0, 0)))
 
 
-class StemFFN(nnx.Module):
-    """``y = W_down(SiLU(W_gate x) * U[t])`` with a vocab-sharded table ``U``."""
+class TableFFN(nnx.Module):
+    """An FFN that owns a vocab-sharded ``[V_pad, d_ff]`` table (STEM and its ablations in ``variants.py``).
+    ``table_index`` is the layer's position among the model's table layers (its entry in ``StemRows`` and
+    ``RowEdit``)."""
+
+    def __init__(self, rngs: nnx.Rngs, vocab_size: int, d_ff: int, table_index: int, dtype, lookup_mode: str):
+        self.table = nnx.Param(init_table(rngs.params(), vocab_size, d_ff, sharding.padded_rows(vocab_size)),
+                               logical_axes=("stem_vocab", "stem_dff"))
+        self.vocab_size, self.table_index, self.dtype, self.lookup_mode = vocab_size, table_index, dtype, lookup_mode
+
+    def token_rows(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None) -> jax.Array:
+        """``U[ids]`` as [B, L, d_ff] in the compute dtype: from the table, or from pre-gathered ``rows``;
+        ``edit`` swaps in other rows where it is on for this layer."""
+        act = ("batch", "length", "act_mlp")
+        if rows is not None:
+            if edit is not None:
+                raise ValueError("a STEM row edit needs the table, not pre-gathered rows")
+            rows_UxF = rows.per_layer[self.table_index]
+            chex.assert_shape(rows_UxF, (None, self.table.shape[1]))
+            rows_UxF = sharding.constrain(rows_UxF.astype(self.dtype), (None, "stem_dff"))
+            return sharding.constrain(jnp.take(rows_UxF, rows.inverse_BxL, axis=0), act)
+        u_BxLxF = sharding.constrain(lookup(self.table[...], ids_BxL, self.lookup_mode, self.dtype), act)
+        if edit is None:
+            return u_BxLxF
+        B, L, M = edit.ids_BxLxM.shape
+        rows_BxLMxF = lookup(self.table[...], edit.ids_BxLxM.reshape(B, L * M), self.lookup_mode, self.dtype)
+        edited_BxLxF = jnp.einsum("blm,blmf->blf", edit.weights_BxLxM.astype(self.dtype),
+                                  rows_BxLMxF.reshape(B, L, M, -1))
+        return jnp.where(edit.on_S[self.table_index], edited_BxLxF, u_BxLxF)
+
+
+class StemFFN(TableFFN):
+    """``y = W_down(SiLU(W_gate x) * U[t])``."""
 
     def __init__(self, d_model: int, d_ff: int, vocab_size: int, init_std: float, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, lookup_mode: str = "shard_map"):
-        if lookup_mode not in LOOKUP_MODES:
-            raise ValueError(f"unknown STEM lookup mode {lookup_mode!r}; choose from {LOOKUP_MODES}")
+                 table_index: int = 0, dtype=jnp.float32, lookup_mode: str = "shard_map"):
         self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
-        rows = sharding.padded_rows(vocab_size)
-        self.table = nnx.Param(init_table(rngs.params(), vocab_size, d_ff, rows),
-                               logical_axes=("stem_vocab", "stem_dff"))
-        self.vocab_size, self.dtype, self.lookup_mode = vocab_size, dtype, lookup_mode
+        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, lookup_mode)
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, edit: tuple | None = None,
-                 rows: tuple | None = None) -> jax.Array:
-        """``edit`` (knowledge editing, ``editing.py``): ``(ids_BxLxM, weights_BxLxM, on)``; where ``on``, the
-        row at each position is ``sum_m weights[m] * U[ids[m]]`` instead of ``U[t]``. Weights are unchanged.
-
-        ``rows``: ``(rows_UxF, inverse_BxL)``, the rows already gathered (``U[uniq]``, with ``uniq[inverse] ==
-        ids``): the table is not read. The sparse optimizer differentiates w.r.t. them, offload brings them from
-        host memory and the decode cache holds them (``sparse.py``, ``offload.py``)."""
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
+                 edit: RowEdit | None = None) -> jax.Array:
         chex.assert_equal_shape_prefix([x_BxLxD, ids_BxL], 2)
         n_rows, width = self.table.shape
         d_ff = self.w_gate.shape[1]
         if width != d_ff or n_rows < self.vocab_size:
             raise ValueError(f"STEM table has shape {self.table.shape} but the layer needs "
                              f"[>= {self.vocab_size}, d_ff={d_ff}]: the row multiplies SiLU(W_gate x) elementwise")
-        act = ("batch", "length", "act_mlp")
-        gate_BxLxF = project(x_BxLxD, self.w_gate, "bld,df->blf", self.dtype, act)
-        if rows is not None:
-            if edit is not None:
-                raise ValueError("a STEM row edit needs the table, not pre-gathered rows")
-            rows_UxF, inv_BxL = rows
-            chex.assert_shape(rows_UxF, (None, d_ff))
-            rows_UxF = sharding.constrain(rows_UxF.astype(self.dtype), (None, "stem_dff"))
-            u_BxLxF = sharding.constrain(jnp.take(rows_UxF, inv_BxL, axis=0), act)
-        else:
-            u_BxLxF = sharding.constrain(lookup(self.table[...], ids_BxL, self.lookup_mode, self.dtype), act)
-        if edit is not None:
-            e_ids_BxLxM, e_w_BxLxM, on = edit
-            B, L, M = e_ids_BxLxM.shape
-            rows_BxLMxF = lookup(self.table[...], e_ids_BxLxM.reshape(B, L * M), self.lookup_mode, self.dtype)
-            edited_BxLxF = jnp.einsum("blm,blmf->blf", e_w_BxLxM.astype(self.dtype),
-                                      rows_BxLMxF.reshape(B, L, M, d_ff))
-            u_BxLxF = jnp.where(on, edited_BxLxF, u_BxLxF)
+        gate_BxLxF = project(x_BxLxD, self.w_gate, "bld,df->blf", self.dtype, ("batch", "length", "act_mlp"))
+        u_BxLxF = self.token_rows(ids_BxL, rows, edit)
         return project(jax.nn.silu(gate_BxLxF) * u_BxLxF, self.w_down, "blf,fd->bld", self.dtype,
                        ("batch", "length", "act_embed"))

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from stem_jax import sharding
 from stem_jax.layers import matrix_std, param, project
-from stem_jax.stem import LOOKUP_MODES, init_table, lookup
+from stem_jax.stem import RowEdit, StemRows, TableFFN
 
 # Knuth's multiplicative constant (2^32 / golden ratio): consecutive ids land on well-spread experts.
 _HASH_MULT = 2654435761
@@ -31,52 +31,39 @@ def expert_of(ids: jax.Array, n_experts: int) -> jax.Array:
     return (h % jnp.uint32(n_experts)).astype(jnp.int32)
 
 
-class _TableFFN(nnx.Module):
-    """Shared parts of the table ablations: the vocab-sharded table and its lookup."""
-
-    def _init_table(self, rngs: nnx.Rngs, vocab_size: int, d_ff: int, dtype, lookup_mode: str) -> None:
-        if lookup_mode not in LOOKUP_MODES:
-            raise ValueError(f"unknown STEM lookup mode {lookup_mode!r}; choose from {LOOKUP_MODES}")
-        self.table = nnx.Param(init_table(rngs.params(), vocab_size, d_ff, sharding.padded_rows(vocab_size)),
-                               logical_axes=("stem_vocab", "stem_dff"))
-        self.vocab_size, self.dtype, self.lookup_mode = vocab_size, dtype, lookup_mode
-
-    def _rows(self, ids_BxL: jax.Array) -> jax.Array:
-        rows = lookup(self.table[...], ids_BxL, self.lookup_mode, self.dtype)
-        return sharding.constrain(rows, ("batch", "length", "act_mlp"))
-
-
-class StemAdditiveFFN(_TableFFN):
+class StemAdditiveFFN(TableFFN):
     """STEM†: the up-projection is kept and the token row is added to it (more params and FLOPs than STEM)."""
 
     def __init__(self, d_model: int, d_ff: int, vocab_size: int, init_std: float, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, lookup_mode: str = "shard_map"):
+                 table_index: int = 0, dtype=jnp.float32, lookup_mode: str = "shard_map"):
         self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
-        self._init_table(rngs, vocab_size, d_ff, dtype, lookup_mode)
+        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, lookup_mode)
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
+                 edit: RowEdit | None = None) -> jax.Array:
         act = ("batch", "length", "act_mlp")
         gate_BxLxF = project(x_BxLxD, self.w_gate, "bld,df->blf", self.dtype, act)
-        up_BxLxF = project(x_BxLxD, self.w_up, "bld,df->blf", self.dtype, act) + self._rows(ids_BxL)
+        up_BxLxF = project(x_BxLxD, self.w_up, "bld,df->blf", self.dtype, act) + self.token_rows(ids_BxL, rows, edit)
         return project(jax.nn.silu(gate_BxLxF) * up_BxLxF, self.w_down, "blf,fd->bld", self.dtype,
                        ("batch", "length", "act_embed"))
 
 
-class StemGateFFN(_TableFFN):
+class StemGateFFN(TableFFN):
     """Gate replacement: SiLU of the token row gates ``W_up x``, so the gate no longer sees the context."""
 
     def __init__(self, d_model: int, d_ff: int, vocab_size: int, init_std: float, *, rngs: nnx.Rngs,
-                 dtype=jnp.float32, lookup_mode: str = "shard_map"):
+                 table_index: int = 0, dtype=jnp.float32, lookup_mode: str = "shard_map"):
         self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
-        self._init_table(rngs, vocab_size, d_ff, dtype, lookup_mode)
+        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, lookup_mode)
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
+                 edit: RowEdit | None = None) -> jax.Array:
         up_BxLxF = project(x_BxLxD, self.w_up, "bld,df->blf", self.dtype, ("batch", "length", "act_mlp"))
-        return project(jax.nn.silu(self._rows(ids_BxL)) * up_BxLxF, self.w_down, "blf,fd->bld", self.dtype,
-                       ("batch", "length", "act_embed"))
+        gate_BxLxF = jax.nn.silu(self.token_rows(ids_BxL, rows, edit))
+        return project(gate_BxLxF * up_BxLxF, self.w_down, "blf,fd->bld", self.dtype, ("batch", "length", "act_embed"))
 
 
 def _moe_local(x_BxLxD, ids_BxL, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, dtype):
@@ -104,16 +91,17 @@ class HashMoEFFN(nnx.Module):
         self.w_down = param(rngs, (E, F, D), ("experts", "mlp", "embed"), matrix_std(init_std, F))
         self.dtype = dtype
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array) -> jax.Array:
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: None = None, edit: None = None) -> jax.Array:
+        if rows is not None or edit is not None:
+            raise ValueError("Hash-MoE layers have no STEM rows to read or edit")
         weights = (self.w_gate[...], self.w_up[...], self.w_down[...])
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             return _moe_local(x_BxLxD, ids_BxL, *weights, self.dtype)
         # Each device routes its own batch rows; the (FSDP-sharded) experts are gathered whole, so the sort
         # never crosses devices and the weight gradients come back as a reduce-scatter.
-        batch = "batch" if ids_BxL.shape[0] % sharding.axis_size("batch") == 0 else None
-        x_spec = sharding.spec((batch, "length", None))
+        x_spec = sharding.fitted_spec(("batch", "length", None), x_BxLxD.shape, mesh)
         out = jax.shard_map(lambda x, i, *w: _moe_local(x, i, *w, self.dtype),
-                            in_specs=(x_spec, sharding.spec((batch, "length")), *(P(),) * 3),
+                            in_specs=(x_spec, P(*x_spec[:2]), *(P(),) * 3),
                             out_specs=x_spec)(x_BxLxD, ids_BxL, *weights)
         return sharding.constrain(out, ("batch", "length", "act_embed"))

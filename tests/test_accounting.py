@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from configs import dense_1b, dense_350m, stem_1b, stem_350m
+from configs import dense_1b, dense_350m, stem_1b, stem_350m, tiny
 from conftest import tiny_config
 from stem_jax import accounting
 from stem_jax.accounting import abstract_params, count_params, flops_per_token
@@ -78,13 +78,23 @@ def test_variant_counts_and_flops():
     # STEM† keeps W_up: the table is extra, and its FLOPs equal dense.
     assert rep["stem_additive"]["total_params"] == rep["dense"]["total_params"] + 2 * V * F
     assert rep["stem_additive"]["infer_flops_per_token"] == rep["dense"]["infer_flops_per_token"]
-    # Hash-MoE: total matched to STEM (up to width rounding); one expert of four active.
+    # Hash-MoE: total matched to STEM; one expert of four active. The expert width is read off the built
+    # model, not from moe_width; it is the nearest multiple of 8 to the exact match, so at most 4 off per layer.
     moe = rep["hash_moe"]
-    from stem_jax.config import moe_width
-    W = moe_width(dataclasses.replace(base, ffn="hash_moe"))
+    w_up_ExDxW = abstract_params(dataclasses.replace(base, ffn="hash_moe"))["blocks"][1]["ffn"]["w_up"]
+    W = w_up_ExDxW.shape[-1]
     assert moe["total_params"] == rep["dense"]["total_params"] + 2 * (4 * 3 * D * W - 3 * D * F)
     assert moe["active_params"] == rep["dense"]["active_params"] + 2 * (3 * D * W - 3 * D * F)
-    assert abs(moe["total_params"] - rep["stem"]["total_params"]) < 2 * 4 * 3 * D * 8
+    assert abs(moe["total_params"] - rep["stem"]["total_params"]) <= 2 * 4 * 3 * D * 4
+
+
+def test_tiny_preset_hash_moe_has_the_stem_total():
+    # README: width 704 gives Hash-MoE-1/3 the 11.83M total of STEM-1/3 (active 3.72M vs 3.44M).
+    cfg = tiny.get_config().model
+    stem, moe = accounting.report(cfg), accounting.report(dataclasses.replace(cfg, ffn="hash_moe"))
+    assert moe["ffn_layers"] == stem["ffn_layers"] == [1, 4]
+    assert moe["total_params"] == stem["total_params"] and round(stem["total_params"] / 1e6, 2) == 11.83
+    assert round(moe["active_params"] / 1e6, 2) == 3.72 and round(stem["active_params"] / 1e6, 2) == 3.44
 
 
 def test_mfu_uses_the_peak_table_and_skips_unknown_devices():

@@ -11,7 +11,8 @@ import pytest
 from conftest import REPO, mesh_of, script_env, tiny_config
 from stem_jax import analysis, checkpoint, corpus as corpus_lib
 from stem_jax.config import to_dict
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
+from stem_jax.workdir import load_run_config
 
 WORDS = "the of and to in that he shall unto for his a lord they be is him not them it with all thou".split()
 
@@ -71,10 +72,10 @@ def make_workdir(root: Path, name: str, cache_dir: str, **model) -> Path:
                          "stem_layers": "1", **model})
     cfg.data.source, cfg.data.text_files, cfg.data.cache_dir = "text", str(text), cache_dir
     corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
-    s = Setup(cfg, mesh_of((1, 1, 1)))
+    s = Trainer.create(cfg, mesh_of((1, 1, 1)))
     rng = np.random.default_rng(len(name))
     params = jax.device_put(jax.tree.map(lambda a: rng.normal(0, 0.2, a.shape).astype(a.dtype),
-                                         s.abstract_state["params"]), jax.devices()[0])
+                                         s.ctx.abstract_state["params"]), jax.devices()[0])
     work = root / name
     meta = {"step": 1, "config": to_dict(cfg), "table_rows": checkpoint._table_rows(params),
             "tokenizer_sha256": checkpoint.fingerprint(corpus.tokenizer.to_str())}
@@ -96,7 +97,6 @@ def workdirs(tmp_path_factory, cache_dir):
 @pytest.fixture(scope="module")
 def models(workdirs):
     """The restored (model, config) of each workdir."""
-    from stem_jax.evaluate import load_run_config
     out = []
     for work in workdirs:
         cfg = load_run_config(work)

@@ -6,7 +6,7 @@ import pytest
 from conftest import mesh_of, tiny_config
 from stem_jax import checkpoint, data
 from stem_jax.config import ConfigError, to_dict
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
 
 TOKENS = (np.arange(17 * 200 + 1) % 1000).astype(np.uint16)
 
@@ -17,17 +17,17 @@ def _batches(cfg):
 
 def _trained_state(cfg, shape, steps):
     """State after ``steps`` real steps (so the Adam moments are not zero) and its data iterator."""
-    s = Setup(cfg, mesh_of(shape))
+    s = Trainer.create(cfg, mesh_of(shape))
     state, batches = s.init_state(), _batches(cfg)
     for _ in range(steps):
-        state, _ = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+        state, _ = s.step(state, next(batches))
     return s, state, batches
 
 
 def _save(workdir, s, state, batches, step):
     mngr = checkpoint.manager(workdir)
     rows = state["params"]["blocks"][1]["ffn"]["table"].get_value().shape[0]
-    checkpoint.save(mngr, state, batches, {"step": step, "config": to_dict(s.cfg), "table_rows": rows})
+    checkpoint.save(mngr, state, batches, {"step": step, "config": to_dict(s.ctx.cfg), "table_rows": rows})
     mngr.wait_until_finished()
     mngr.close()
 
@@ -45,15 +45,15 @@ def test_save_on_2x4_restore_on_any_mesh_with_identical_values(tmp_path):
     next_batch = next(batches).copy()
     # 6 vocab shards pad the tables to lcm(128, 6) = 384k rows: 1152 instead of 1024.
     for shape, rows in [((4, 2, 1), 1024), ((8, 1, 1), 1024), ((1, 1, 1), 1024), ((6, 1, 1), 1152)]:
-        dst = Setup(cfg, mesh_of(shape))
+        dst = Trainer.create(cfg, mesh_of(shape))
         it = _batches(cfg)
         mngr = checkpoint.manager(tmp_path, create=False)
         meta = checkpoint.read_meta(mngr, 1)
-        got = checkpoint.restore_state(mngr, 1, meta, dst.abstract_state, dst.state_shardings, it)
+        got = checkpoint.restore_state(mngr, 1, meta, dst.ctx.abstract_state, dst.ctx.state_shardings, it)
         mngr.close()
         assert int(got["step"]) == 1
         table = got["params"]["blocks"][1]["ffn"]["table"].get_value()
-        want_sharding = dst.state_shardings["params"]["blocks"][1]["ffn"]["table"].get_value()
+        want_sharding = dst.ctx.state_shardings["params"]["blocks"][1]["ffn"]["table"].get_value()
         assert table.shape[0] == rows and table.sharding.is_equivalent_to(want_sharding, 2)
         flat = _flat(jax.device_get({"params": got["params"], "opt_state": got["opt_state"]}))
         assert flat.keys() == want.keys()
@@ -71,14 +71,14 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept_aside(tmp_path):
     cfg = tiny_config()
     s, state, batches = _trained_state(cfg, (1, 1, 1), steps=1)
     _save(tmp_path, s, state, batches, step=1)
-    state, _ = s.run_train_step(state, data.to_global(next(batches), s.batch_sharding))
+    state, _ = s.step(state, next(batches))
     _save(tmp_path, s, state, batches, step=2)
     files = sorted((tmp_path / "checkpoints" / "2" / "params").rglob("ocdbt.process_0/d/*"),
                    key=lambda p: p.stat().st_size)
     files[-1].write_bytes(files[-1].read_bytes()[:100])  # a truncated write
     logs, checked = [], []
     mngr = checkpoint.manager(tmp_path, create=False)
-    state1, step = checkpoint.restore_latest(mngr, checked.append, s.abstract_state, s.state_shardings,
+    state1, step = checkpoint.restore_latest(mngr, checked.append, s.ctx.abstract_state, s.ctx.state_shardings,
                                              _batches(cfg), logs.append)
     assert step == 1 and [m["step"] for m in checked] == [2, 1]
     assert len(logs) == 1 and "checkpoint step 2 is unreadable" in logs[0] and "resuming from step 1" in logs[0]
@@ -88,11 +88,11 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept_aside(tmp_path):
     # A check that refuses the run propagates; with every checkpoint unreadable nothing is moved.
     with pytest.raises(ConfigError, match="different model"):
         checkpoint.restore_latest(mngr, lambda m: (_ for _ in ()).throw(ConfigError("different model")),
-                                  s.abstract_state, s.state_shardings, _batches(cfg), logs.append)
+                                  s.ctx.abstract_state, s.ctx.state_shardings, _batches(cfg), logs.append)
     for f in (tmp_path / "checkpoints" / "1" / "params").rglob("ocdbt.process_0/d/*"):
         f.write_bytes(b"")
     with pytest.raises(checkpoint.CheckpointError, match="step 1: "):
-        checkpoint.restore_latest(mngr, lambda m: None, s.abstract_state, s.state_shardings, _batches(cfg),
+        checkpoint.restore_latest(mngr, lambda m: None, s.ctx.abstract_state, s.ctx.state_shardings, _batches(cfg),
                                   logs.append)
     assert mngr.all_steps() == [1]
     mngr.close()
@@ -103,14 +103,14 @@ def test_eval_restores_params_alone_and_missing_checkpoints_are_clear_errors(tmp
     cfg.train.batch_size = 24
     s, state, batches = _trained_state(cfg, (2, 4, 1), steps=0)
     _save(tmp_path, s, state, batches, step=0)
-    dst = Setup(cfg, mesh_of((6, 1, 1)))  # 1152 table rows instead of 1024
-    params, step = checkpoint.restore_params(tmp_path, dst.abstract_state["params"], dst.state_shardings["params"])
+    dst = Trainer.create(cfg, mesh_of((6, 1, 1)))  # 1152 table rows instead of 1024
+    params, step = checkpoint.restore_params(tmp_path, dst.ctx.abstract_state["params"], dst.ctx.state_shardings["params"])
     assert step == 0
     for (key, a), b in zip(_flat(jax.device_get(state["params"])).items(), jax.tree.leaves(params)):
         b = np.asarray(b)
         np.testing.assert_array_equal(b[:len(a)], a, err_msg=key)
         assert not b[len(a):].any()
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 5 under"):
-        checkpoint.restore_params(tmp_path, dst.abstract_state["params"], dst.state_shardings["params"], step=5)
+        checkpoint.restore_params(tmp_path, dst.ctx.abstract_state["params"], dst.ctx.state_shardings["params"], step=5)
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
-        checkpoint.restore_params(tmp_path / "empty", dst.abstract_state["params"], dst.state_shardings["params"])
+        checkpoint.restore_params(tmp_path / "empty", dst.ctx.abstract_state["params"], dst.ctx.state_shardings["params"])

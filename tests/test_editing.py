@@ -12,7 +12,7 @@ from conftest import mesh_of, tiny_config
 from stem_jax import corpus as corpus_lib, hf
 from stem_jax.editing import EditError, Editor, entity_positions, format_comparison, inject, plan_rows
 from stem_jax.sampling import Sampler, SamplingConfig
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
 
 WORDS = "The capital of Spain is Madrid . Germany Berlin France Paris Zorvania Quelmar Tiberon Ostravel".split()
 
@@ -22,13 +22,13 @@ def editor():
     rng = np.random.default_rng(0)
     tok = corpus_lib.train_tokenizer([" ".join(rng.choice(WORDS, 20000))], 600)
     cfg = tiny_config(seq_len=32, stem_layers="1,2")
-    s = Setup(cfg, mesh_of((1, 1, 1)))
+    s = Trainer.create(cfg, mesh_of((1, 1, 1)))
     params = s.init_state()["params"]
-    return Editor(Sampler(s.graphdef, params, tok, s.mesh, cfg.model.seq_len), (1, 2)), s, params
+    return Editor(Sampler(s.ctx.graphdef, params, tok, s.ctx.mesh, cfg.model.seq_len), (1, 2)), s, params
 
 
 def _logits(s, params, ids, edit=None):
-    return np.asarray(nnx.merge(s.graphdef, params)(jnp.asarray([ids], jnp.int32), edit))[0]
+    return np.asarray(nnx.merge(s.ctx.graphdef, params)(jnp.asarray([ids], jnp.int32), edit=edit))[0]
 
 
 def _swapped(params, pairs, layers=(1, 2)):

@@ -12,7 +12,7 @@ from conftest import mesh_of, run_script, tiny_config
 from stem_jax import checkpoint, corpus as corpus_lib, data
 from stem_jax.config import to_dict
 from stem_jax.scoring import Scorer, ScoringError, _cut
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
 
 DATA = Path(__file__).parent / "data"
 WORDS = "the of and to in that he shall unto for his a lord they be is him not them it with all thou secret number what".split()
@@ -41,7 +41,7 @@ def make_workdir(root: Path, cache_dir: str, **model) -> tuple[Path, object]:
     work.mkdir()
     cfg = small_config(cache_dir, text, **model)
     corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
-    s = Setup(cfg, mesh_of((1, 1, 1)))
+    s = Trainer.create(cfg, mesh_of((1, 1, 1)))
     state = s.init_state()
     batches = iter(data.train_dataset(corpus.train, cfg.model.seq_len, cfg.train.batch_size, 0, cfg.model.vocab_size))
     mngr = checkpoint.manager(work)
@@ -60,11 +60,11 @@ def scorer_and_model():
     """A random tiny STEM model on a 2x2x2 mesh (rows over 4 batch shards, vocab and heads over 2), its
     unsharded twin, and a BPE tokenizer of 300 tokens."""
     cfg = tiny_config()
-    s = Setup(cfg, mesh_of((2, 2, 2)))
+    s = Trainer.create(cfg, mesh_of((2, 2, 2)))
     params = s.init_state()["params"]
     tok = corpus_lib.train_tokenizer([corpus_text(300)], 300)
-    scorer = Scorer.from_setup(s, params, tok, eval_batch=4)
-    model = nnx.merge(s.graphdef, jax.device_get(params))
+    scorer = Scorer(s.ctx.graphdef, params, tok, s.ctx.mesh, cfg.model.seq_len, 4, cfg.model.vocab_size)
+    model = nnx.merge(s.ctx.graphdef, jax.device_get(params))
     return scorer, model
 
 

@@ -15,7 +15,8 @@ from safetensors.numpy import load_file, save_file
 from conftest import REPO, mesh_of, script_env, tiny_config
 from stem_jax import checkpoint, data, hf
 from stem_jax.config import ConfigError, to_dict
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
+from stem_jax.workdir import restore
 
 V, D, F, L = 1000, 32, 96, 3  # tiny_config shapes
 IDS = np.random.default_rng(0).integers(0, V, (2, 16))
@@ -24,7 +25,7 @@ IDS = np.random.default_rng(0).integers(0, V, (2, 16))
 def _train_workdir(path, **model):
     """A workdir in train.py's format (config, tokenizer, full 4-item checkpoint) without training."""
     cfg = tiny_config(**model)
-    s = Setup(cfg, mesh_of((1, 1, 1)))
+    s = Trainer.create(cfg, mesh_of((1, 1, 1)))
     path.mkdir()
     (path / "config.json").write_text(json.dumps(to_dict(cfg)))
     (path / "tokenizer.json").write_text('{"fake": "tokenizer"}')
@@ -48,11 +49,9 @@ def runs(tmp_path_factory):
 
 
 def _logits(workdir):
-    cfg, _, _ = hf.read_params(workdir)
-    s = hf._setup(cfg)
-    params, _ = checkpoint.restore_params(workdir, s.abstract_state["params"], s.state_shardings["params"])
-    with jax.default_matmul_precision("highest"), jax.set_mesh(s.mesh):
-        return np.asarray(nnx.merge(s.graphdef, params)(jax.numpy.asarray(IDS)))
+    run = restore(workdir, (1, 1, 1), devices=jax.devices()[:1])
+    with jax.default_matmul_precision("highest"), jax.set_mesh(run.mesh):
+        return np.asarray(run.model()(jax.numpy.asarray(IDS)))
 
 
 def _assert_same_params(a, b):

@@ -1,15 +1,7 @@
 """The HLO collective parser of benchmarks/lookup_comm.py on a hand-written module (nothing is compiled)."""
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "lookup_comm.py"
-_SPEC = importlib.util.spec_from_file_location("lookup_comm", _PATH)  # benchmarks/ is not a package
-lookup_comm = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = lookup_comm  # dataclasses look their module up while the class is built
-_SPEC.loader.exec_module(lookup_comm)
+from benchmarks import lookup_comm
 
 HLO = """HloModule jit_f, entry_computation_layout={(f32[2,64]{1,0})->f32[16,64]{1,0}}, num_partitions=8
 

@@ -1,4 +1,7 @@
 """The decoder: attention against numpy, causality, shapes, and ties."""
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,15 +59,39 @@ def test_transformer_is_causal_and_uses_stem_layers():
     assert not np.allclose(changed[:, 6:], logits[:, 6:])
 
 
+def _projection_dtypes(fn, *args) -> list[str]:
+    """Output dtypes of the traced program's matmuls shaped [B, L, ...] (projections, FFN and logits; the
+    attention scores are [B, G, L, ...] and softmax-accumulated in fp32 by design)."""
+    B, L = args[-1].shape
+    return [dt for dt, shape in re.findall(r"(\w+)\[(\d+,\d+[\d,]*)\] = dot_general", str(jax.make_jaxpr(fn)(*args)))
+            if shape.startswith(f"{B},{L},")]
+
+
 def test_tied_embeddings_and_bf16_compute():
-    cfg = tiny_config(tie_embeddings=True, dtype="bfloat16").model
+    cfg = tiny_config(tie_embeddings=True).model
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     assert model.head is None
-    ids = jnp.zeros((1, 4), jnp.int32)
-    logits = model(ids)
-    assert logits.dtype == jnp.float32
-    assert model.embed[...].dtype == jnp.float32  # parameters stay fp32
-    assert jnp.all(jnp.isfinite(logits))
+    graphdef, params = nnx.split(model)
+    bf16_graphdef, bf16_params = nnx.split(
+        nnx.eval_shape(lambda: Transformer(dataclasses.replace(cfg, dtype="bfloat16"), rngs=nnx.Rngs(0))))
+    # Parameters stay fp32, so both forwards below run on the same arrays.
+    layout = lambda tree: [(k, a.shape, a.dtype) for k, a in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    assert layout(bf16_params) == layout(params)
+    assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    ids_BxL = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8)), jnp.int32)
+    fwd = lambda g: lambda p, ids: nnx.merge(g, p)(ids)
+    want_BxLxV = np.asarray(jax.jit(fwd(graphdef))(params, ids_BxL))
+    got_BxLxV = jax.jit(fwd(bf16_graphdef))(params, ids_BxL)
+    assert got_BxLxV.dtype == jnp.float32
+    err = np.abs(np.asarray(got_BxLxV) - want_BxLxV).max()
+    # Within 4 bf16 unit roundoffs (2^-8) of the largest logit, but not fp32's bits: the setting took effect.
+    assert 0 < err <= 4 * 2.0 ** -8 * np.abs(want_BxLxV).max(), err
+    # Every projection ran in bf16 (none in the fp32 program).
+    bf16_dots = _projection_dtypes(fwd(bf16_graphdef), params, ids_BxL)
+    fp32_dots = _projection_dtypes(fwd(graphdef), params, ids_BxL)
+    n_stem = len(model.stem_layers)  # q k v o per layer, gate up down per dense FFN, gate down per STEM FFN
+    assert len(bf16_dots) == len(fp32_dots) == 4 * cfg.n_layers + 3 * (cfg.n_layers - n_stem) + 2 * n_stem + 1
+    assert set(bf16_dots) == {"bf16"} and set(fp32_dots) == {"f32"}
 
 
 def test_cross_entropy_matches_numpy():

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import mesh_of, tiny_config
 from stem_jax import offload
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
 
 
 def test_dedup_host_buckets_and_inverts():
@@ -50,18 +50,18 @@ def test_offloaded_training_equals_on_device_sparse_training():
     batches = [rng.integers(0, 1000, (8, 17)).astype(np.int32) for _ in range(20)]
 
     mesh = mesh_of((2, 2, 2))  # vocab-sharded tables in both runs
-    s = Setup(on_device, mesh)
+    s = Trainer.create(on_device, mesh)
     state, losses = s.init_state(), []
     for b in batches:
-        state, m = s.run_train_step(state, jax.device_put(b, s.batch_sharding))
+        state, m = s.step(state, b)
         losses.append(float(m["loss"]))
 
-    s_off = Setup(off, mesh)
+    s_off = Trainer.create(off, mesh)
     st, losses_off = s_off.init_state(), []
     host = offload.host_arrays(st)
     assert {a.sharding.memory_kind for a in host} == {"pinned_host"} and len(host) == 4  # table, mu, nu, count
     for i, b in enumerate(batches):
-        st, m_off = s_off.offloader.step(st, b, batches[i + 1] if i + 1 < len(batches) else None)
+        st, m_off = s_off.step(st, b, batches[i + 1] if i + 1 < len(batches) else None)
         losses_off.append(float(m_off["loss"]))
     np.testing.assert_allclose(losses_off, losses, rtol=1e-6, atol=1e-6)
     for k in ("stem_grad_norm", "param_norm"):
@@ -71,11 +71,4 @@ def test_offloaded_training_equals_on_device_sparse_training():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # counts: exactly
     # The device holds no table: every device-memory leaf of the state is a backbone array.
     on_dev = [a for a in jax.tree.leaves(st) if a.sharding.memory_kind == "device"]
-    assert all(a.shape[0] != s_off.table_rows for a in on_dev if a.ndim)
-
-
-def test_the_plain_train_step_is_refused_when_the_tables_are_on_the_host():
-    cfg = tiny_config(n_layers=2, stem_layers="1", stem_offload=True)
-    cfg.train.stem_optimizer = "sparse"
-    with pytest.raises(ValueError, match="Setup.offloader.step"):
-        Setup(cfg, mesh_of((1, 1, 1))).run_train_step(None, None)
+    assert all(a.shape[0] != s_off.ctx.tables.rows for a in on_dev if a.ndim)

@@ -9,7 +9,7 @@ from flax import nnx
 from conftest import mesh_of, tiny_config
 from stem_jax import corpus as corpus_lib
 from stem_jax.sampling import Sampler, SamplingConfig, SamplingError, filter_logits
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
 
 PROMPTS = [[5, 17, 250, 3], [9], [44, 2, 7, 7, 130, 61, 99, 12, 400, 8, 1, 73, 27, 301, 5, 6, 77]]
 
@@ -22,9 +22,9 @@ def tokenizer():
 
 def _sampler(tokenizer, shape=(1, 1, 1), **model):
     cfg = tiny_config(seq_len=32, stem_layers="1", **model)
-    s = Setup(cfg, mesh_of(shape))
+    s = Trainer.create(cfg, mesh_of(shape))
     params = s.init_state()["params"]
-    return Sampler(s.graphdef, params, tokenizer, s.mesh, cfg.model.seq_len), s, params
+    return Sampler(s.ctx.graphdef, params, tokenizer, s.ctx.mesh, cfg.model.seq_len), s, params
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,8 @@ def stem_sampler(tokenizer):
 def _greedy_by_full_forward(s, params, prompt, n, eos):
     """Greedy decoding without a cache: the full forward over the whole sequence for every new token (one
     compiled program: right-padded to seq_len, where causal attention keeps the real positions exact)."""
-    L = s.cfg.model.seq_len
-    fwd = jax.jit(lambda p, ids, i: nnx.merge(s.graphdef, p)(ids)[0, i])
+    L = s.ctx.cfg.model.seq_len
+    fwd = jax.jit(lambda p, ids, i: nnx.merge(s.ctx.graphdef, p)(ids)[0, i])
     ids = list(prompt)
     for _ in range(n):
         padded = np.zeros((1, L), np.int32)
@@ -68,7 +68,7 @@ def test_greedy_with_kv_cache_equals_full_forward_each_step(tokenizer, stem_samp
 def test_sharded_sampler_equals_single_device(tokenizer, stem_sampler):
     single, _, params = stem_sampler
     sharded, s8, _ = _sampler(tokenizer, (2, 2, 2))
-    sharded.params = jax.device_put(jax.device_get(params), s8.state_shardings["params"])
+    sharded.params = jax.device_put(jax.device_get(params), s8.ctx.state_shardings["params"])
     cfg = SamplingConfig(max_new_tokens=6)
     np.testing.assert_array_equal(sharded.generate_ids(PROMPTS, cfg), single.generate_ids(PROMPTS, cfg))
 
@@ -119,10 +119,10 @@ def test_offloaded_tables_with_a_hot_row_cache_sample_the_same_tokens(tokenizer,
     sampler, s, params = stem_sampler
     cfg = tiny_config(seq_len=32, stem_layers="1", stem_offload=True)
     cfg.train.stem_optimizer = "sparse"
-    s_off = Setup(cfg, mesh_of((1, 1, 1)))
-    host_params = jax.device_put(params, s_off.state_shardings["params"])
+    s_off = Trainer.create(cfg, mesh_of((1, 1, 1)))
+    host_params = jax.device_put(params, s_off.ctx.state_shardings["params"])
     # 4 slots for 3 prompts: nearly every step evicts.
-    off = Sampler(s_off.graphdef, host_params, tokenizer, s_off.mesh, 32, cache_rows=4)
+    off = Sampler(s_off.ctx.graphdef, host_params, tokenizer, s_off.ctx.mesh, 32, cache_rows=4)
     assert off.host_tables[0].sharding.memory_kind == "pinned_host"
     for c in (SamplingConfig(max_new_tokens=8), SamplingConfig(max_new_tokens=8, temperature=1.0, seed=3)):
         np.testing.assert_array_equal(off.generate_ids(PROMPTS, c), sampler.generate_ids(PROMPTS, c))

@@ -4,19 +4,18 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import mesh_of, tiny_config
-from stem_jax import sharding
-from stem_jax.trainer import Setup
+from stem_jax import sharding, steps
 
 
-def test_make_mesh_fills_minus_one_and_uses_explicit_axis_types():
+def test_make_mesh_fills_minus_one_and_uses_auto_axis_types():
+    # Auto on purpose (see sharding.py): XLA propagates the backbone's shardings, the lookup is a shard_map.
     mesh = sharding.make_mesh((2, -1, 1))
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
 
 
 @pytest.mark.parametrize("shape,msg", [
@@ -82,18 +81,18 @@ def test_detector_flags_a_replicated_table_gradient():
 def test_train_step_moves_no_table_sized_data(shape):
     cfg = tiny_config()
     mesh = mesh_of(shape)
-    s = Setup(cfg, mesh)
+    ctx = steps.make_context(cfg, mesh)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len + 1), jnp.int32,
-                                 sharding=s.batch_sharding)
+                                 sharding=ctx.batch_sharding)
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                         s.abstract_state, s.state_shardings)
+                         ctx.abstract_state, ctx.state_shardings)
     with jax.set_mesh(mesh):
-        hlo = s.train_step.lower(state, batch).compile().as_text()
-    table = s.abstract_state["params"]["blocks"][1]["ffn"]["table"]
+        hlo = steps.train_step_fn(ctx).lower(state, batch).compile().as_text()
+    table = ctx.abstract_state["params"]["blocks"][1]["ffn"]["table"]
     rows, width = table.shape
     assert (rows, width) == (1024, 96)
     # The lookup's own reduce-scatter is there (activations), but nothing table-shaped crosses devices.
     assert "reduce-scatter" in hlo
     assert table_sized_collectives(hlo, _table_row_counts(rows, 8) | {cfg.model.vocab_size}, width) == []
     # The table and its Adam moments stay vocab-sharded.
-    assert s.state_shardings["params"]["blocks"][1]["ffn"]["table"].get_value().spec == P(("data", "fsdp"), "tensor")
+    assert ctx.state_shardings["params"]["blocks"][1]["ffn"]["table"].get_value().spec == P(("data", "fsdp"), "tensor")

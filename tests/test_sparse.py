@@ -12,7 +12,7 @@ from flax import nnx
 from conftest import mesh_of, tiny_config
 from stem_jax import sparse
 from stem_jax.config import ConfigError, TrainConfig, validate
-from stem_jax.trainer import Setup
+from stem_jax.trainer import Trainer
 
 T = TrainConfig(lr=0.05, b1=0.9, b2=0.95, eps=1e-8, stem_weight_decay=0.1)
 V, F = 64, 8  # rows split over 4 vocab shards on the 2x2x2 mesh
@@ -115,10 +115,10 @@ def _batches(vocab, n, B, L, rng):
 
 
 def _train(cfg, shape, batches):
-    s = Setup(cfg, mesh_of(shape))
+    s = Trainer.create(cfg, mesh_of(shape))
     state, losses = s.init_state(), []
     for b in batches:
-        state, metrics = s.run_train_step(state, jax.device_put(b, s.batch_sharding))
+        state, metrics = s.step(state, b)
         losses.append(float(metrics["loss"]))
     return jax.device_get(state["params"]), losses, jax.device_get(metrics)
 

@@ -8,7 +8,8 @@ from flax import nnx
 from conftest import mesh_of
 from stem_jax import sharding
 from stem_jax.layers import DenseFFN
-from stem_jax.stem import StemFFN, init_table, lookup, stem_layer_indices
+from stem_jax.config import stem_layer_indices
+from stem_jax.stem import StemFFN, init_table, lookup
 
 
 def silu(x):

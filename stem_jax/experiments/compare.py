@@ -18,8 +18,12 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
+from matplotlib.figure import Figure  # the object API: files only, no pyplot state or display
 
-from stem_jax import cli
+from stem_jax import accounting, cli
+from stem_jax.config import ConfigError, validate
+from stem_jax.trainer import train_and_evaluate
+from stem_jax.writer import log
 
 # name -> (model.ffn, model.stem_layers); Hash-MoE takes STEM-1/3's placement and matches its total params.
 VARIANTS = {
@@ -39,8 +43,6 @@ def count_spikes(losses: np.ndarray, window: int = 20, threshold: float = 0.5) -
 
 def plan(base, names: list[str], dense_steps: int) -> dict:
     """Config of each run, with steps chosen to match the dense run's training FLOPs."""
-    from stem_jax import accounting
-    from stem_jax.config import ConfigError, validate
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown comparison run(s) {unknown}; choose from {list(VARIANTS)}")
@@ -65,7 +67,6 @@ def _curves(workdir: Path, cfg) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def summarize(out: Path, runs: dict) -> list[dict]:
-    from stem_jax import accounting
     results = []
     for name, cfg in runs.items():
         steps, losses, final = _curves(out / name.replace("/", "_"), cfg)
@@ -99,12 +100,10 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], out: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")  # files only; no display on servers
-    import matplotlib.pyplot as plt
     for x_key, label, fname in (("flops", "training FLOPs", "loss_vs_flops.png"),
                                 ("tokens", "training tokens", "loss_vs_tokens.png")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        fig = Figure(figsize=(6.4, 4.2))
+        ax = fig.subplots()
         for r in results:
             steps, loss = np.array(r["curve_steps"]), np.array(r["curve_loss"])
             per_step = r["tokens_per_step"] * (r["train_flops_per_token"] if x_key == "flops" else 1)
@@ -117,11 +116,9 @@ def plot(results: list[dict], out: Path) -> None:
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
 
 
 def compare(base, out: str | Path, names: list[str], dense_steps: int) -> list[dict]:
-    from stem_jax.trainer import log, train_and_evaluate
     out = Path(out)
     runs = plan(base, names, dense_steps)
     for name, cfg in runs.items():

@@ -25,7 +25,11 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from configs import tiny
 from stem_jax import cli
+from stem_jax.editing import Editor, format_comparison
+from stem_jax.trainer import train_and_evaluate
+from stem_jax.writer import log
 
 TEMPLATES = ("The capital of {c} is {k}.", "{k} is the capital of {c}.", "{c} has its capital in {k}.",
              "People in {c} travel to {k}, the capital.", "The government of {c} sits in {k}.")
@@ -63,7 +67,6 @@ def write_corpus(facts: list[tuple[str, str]], path: Path, repeats: int, seed: i
 
 
 def base_config(corpus: Path, steps: int):
-    from configs import tiny
     cfg = tiny.get_config()
     # STEM in every layer but 0: the more of the FFN capacity sits in per-token rows, the more of a fact
     # an edit of those rows can move (the input embedding, which an edit leaves alone, also names the country).
@@ -83,7 +86,6 @@ def _last_logits_fn(graphdef):
 
 
 def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
-    from stem_jax.editing import Editor
     editor = Editor.from_workdir(workdir)
     sampler, tok = editor.sampler, editor.tokenizer
     last_logits = _last_logits_fn(sampler.graphdef)
@@ -131,7 +133,6 @@ def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
 
 
 def run(out: str | Path, n_facts: int, steps: int, repeats: int) -> dict:
-    from stem_jax.trainer import log, train_and_evaluate
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     facts = make_facts(n_facts)
@@ -149,7 +150,6 @@ def run(out: str | Path, n_facts: int, steps: int, repeats: int) -> dict:
           f"{r['locality']:.1%} | {r['recall_heldout_template']:.1%} | {train_s / 60:.1f} min |\n")
     (out / "results.md").write_text(md)
     log("\n" + md)
-    from stem_jax.editing import format_comparison
     log(format_comparison(r["example"]))
     return r
 

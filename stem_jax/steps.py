@@ -1,0 +1,204 @@
+"""The train and eval steps, side by side over one frozen ``StepContext``:
+
+- ``dense_step``: optax AdamW over every parameter, the STEM tables as their own group (``optim.py``);
+- ``sparse_step``: the backbone through optax, the tables by row-wise AdamW over the batch's unique rows
+  (``train.stem_optimizer=sparse``; the row optimizer is ``sparse.py``);
+- ``offload_step``: the device half of ``sparse_step`` when the tables live in host memory: the rows arrive
+  staged by ``offload.py`` and the new rows go back to it.
+
+The trainer loop (``trainer.py``) jits one of them with the context's shardings and donates the state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from stem_jax import accounting, data, sharding, sparse
+from stem_jax.config import Config
+from stem_jax.model import Transformer, cross_entropy, token_metrics
+from stem_jax.optim import group_norms, make_optimizer, schedule
+from stem_jax.stem import StemRows, lookup
+
+
+@dataclasses.dataclass(frozen=True)
+class TableLayout:
+    """The STEM tables as the steps see them."""
+    abstract: nnx.State   # shapes of every table (empty without tables)
+    rows: int             # padded rows of each table (0 without tables)
+    unique_rows: int      # static unique-id slots of one batch (the sparse optimizer's row blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+    """Everything a step needs that is fixed for a run: config, mesh, model graph, optimizer, shardings."""
+    cfg: Config
+    mesh: Mesh
+    graphdef: Any
+    tx: optax.GradientTransformation  # the backbone's alone under the sparse table optimizer
+    abstract_state: dict              # {"params", "opt_state", "step"} as ShapeDtypeStructs
+    state_shardings: dict
+    batch_sharding: NamedSharding
+    tables: TableLayout
+    stem_layers: tuple[int, ...]
+    counts: accounting.ParamCounts
+
+    @property
+    def sparse(self) -> bool:
+        return self.cfg.train.stem_optimizer == "sparse"
+
+
+def _init(cfg: Config, tx: optax.GradientTransformation) -> dict:
+    params = nnx.state(Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed)), nnx.Param)
+    if cfg.train.stem_optimizer == "sparse":
+        tables, backbone = sparse.split_tables(params)
+        opt_state = {"tx": tx.init(backbone), "rows": sparse.init_state(tables)}
+    else:
+        opt_state = tx.init(params)
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+
+
+def make_context(cfg: Config, mesh: Mesh) -> StepContext:
+    """The context of ``cfg`` on ``mesh``: shapes from ``eval_shape`` (nothing is allocated), shardings from
+    the rules in ``sharding.py``; host memory for the tables under ``model.stem_offload``."""
+    sharding.check_model_fits(cfg.model, mesh)
+    tx = make_optimizer(cfg.train, tables=cfg.train.stem_optimizer != "sparse")
+    with jax.set_mesh(mesh):  # table rows are padded to the mesh's vocab shards
+        model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+        graphdef, abstract_params = nnx.split(model, nnx.Param)
+        abstract_state = jax.eval_shape(lambda: _init(cfg, tx))
+    state_shardings = sharding.tree_shardings(mesh, abstract_state)
+    if cfg.model.stem_offload:
+        state_shardings = sharding.tables_on_host(state_shardings)
+    tables = sparse.split_tables(abstract_params)[0]
+    rows = sparse.table_list(tables)[0].shape[0] if sparse.table_list(tables) else 0  # none for hash_moe
+    layout = TableLayout(tables, rows, sparse.unique_size(cfg.train.batch_size * cfg.model.seq_len, rows))
+    return StepContext(cfg, mesh, graphdef, tx, abstract_state, state_shardings,
+                       sharding.batch_sharding(mesh, cfg.train.batch_size), layout, model.stem_layers,
+                       accounting.count_params(abstract_params, cfg.model))
+
+
+def init_state(ctx: StepContext) -> dict:
+    """A fresh train state, initialised directly into its shardings."""
+    with jax.set_mesh(ctx.mesh):
+        return jax.jit(lambda: _init(ctx.cfg, ctx.tx), out_shardings=ctx.state_shardings)()
+
+
+def loss(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None) -> jax.Array:
+    model = nnx.merge(graphdef, params)
+    return cross_entropy(model(batch_BxL1[:, :-1], rows=rows), batch_BxL1[:, 1:])
+
+
+def dense_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
+    loss_value, grads = jax.value_and_grad(loss, argnums=1)(ctx.graphdef, state["params"], batch_BxL1)
+    updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss_value, "lr": schedule(ctx.cfg.train)(state["step"]), **group_norms(grads),
+               "param_norm": optax.tree.norm(params)}  # catches an update that overflowed
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+
+
+# ---- the sparse table optimizer: gradients w.r.t. the batch's unique rows, never a [V, d_ff] array ----
+
+def rows_model(graphdef: Any, backbone: nnx.State, abstract_tables: nnx.State) -> Transformer:
+    """The model with *abstract* tables: it runs only with pre-gathered rows (``model(ids, rows=...)``), so it
+    can neither read a host-resident table nor form a [V, d_ff] gradient."""
+    return nnx.merge(graphdef, backbone, abstract_tables)
+
+
+def _row_loss_grads(ctx: StepContext, backbone: nnx.State, rows: list[jax.Array], inv_BxL: jax.Array,
+                    batch_BxL1: jax.Array):
+    """``(loss, (backbone grads, row grads))`` with the STEM rows given, never the tables."""
+    def f(backbone, rows):
+        model = rows_model(ctx.graphdef, backbone, ctx.tables.abstract)
+        return cross_entropy(model(batch_BxL1[:, :-1], rows=StemRows(tuple(rows), inv_BxL)), batch_BxL1[:, 1:])
+    return jax.value_and_grad(f, argnums=(0, 1))(backbone, list(rows))
+
+
+def _backbone_update(ctx: StepContext, step: jax.Array, backbone: nnx.State, tx_state, g_back: nnx.State,
+                     loss_value: jax.Array, stem_norm: jax.Array, rows_sq: jax.Array):
+    """optax update of the backbone and the step's metrics (``param_norm`` covers the backbone and the rows
+    updated this step: a norm over the whole tables would cost O(V) again)."""
+    updates, tx_state = ctx.tx.update(g_back, tx_state, backbone)
+    backbone = optax.apply_updates(backbone, updates)
+    metrics = {"loss": loss_value, "lr": schedule(ctx.cfg.train)(step), "backbone_grad_norm": optax.tree.norm(g_back),
+               "stem_grad_norm": stem_norm, "param_norm": jnp.sqrt(jnp.square(optax.tree.norm(backbone)) + rows_sq)}
+    return backbone, tx_state, metrics
+
+
+def sparse_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
+    t = ctx.cfg.train
+    tables, backbone = sparse.split_tables(state["params"])
+    uniq_U, inv_BxL = sparse.dedup(batch_BxL1[:, :-1], ctx.tables.unique_rows, ctx.tables.rows)
+    rows = [lookup(tb, uniq_U[None], ctx.cfg.model.stem_lookup)[0] for tb in sparse.table_list(tables)]
+    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, backbone, rows, inv_BxL, batch_BxL1)
+    g_rows, stem_norm = sparse.clip(g_rows, t.stem_clip_norm)
+    tables, rows_state, rows_sq = sparse.update(tables, state["opt_state"]["rows"], uniq_U, g_rows,
+                                                sparse.stem_lr(t, state["step"]), t)
+    backbone, tx_state, metrics = _backbone_update(ctx, state["step"], backbone, state["opt_state"]["tx"], g_back,
+                                                   loss_value, stem_norm, rows_sq)
+    return {"params": nnx.merge_state(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},
+            "step": state["step"] + 1}, metrics
+
+
+def offload_step(ctx: StepContext, dev: dict, rows: list[jax.Array], uniq_U: jax.Array, inv_BxL: jax.Array,
+                 batch_BxL1: jax.Array) -> tuple[dict, dict, list[jax.Array]]:
+    """``sparse_step`` on staged rows: ``dev`` holds ``backbone``, ``tx`` and ``step``; ``rows`` are the
+    parameters, then mu, nu and count of every table at ``uniq_U`` (``offload.host_arrays`` order). Returns
+    the new device state, the metrics and the new rows in the same order."""
+    t, n = ctx.cfg.train, len(rows) // 4
+    p, m, v, c = rows[:n], rows[n:2 * n], rows[2 * n:3 * n], rows[3 * n:]
+    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, dev["backbone"], p, inv_BxL, batch_BxL1)
+    g_rows, stem_norm = sparse.clip(g_rows, t.stem_clip_norm)
+    lr = sparse.stem_lr(t, dev["step"])
+    new = [sparse.adamw_rows(*x, g, lr, t) for x, g in zip(zip(p, m, v, c), g_rows)]
+    real_U = (uniq_U < ctx.tables.rows)[:, None]  # fill slots are not rows of the table
+    rows_sq = sum(jnp.sum(jnp.where(real_U, jnp.square(r[0]), 0.0)) for r in new)
+    backbone, tx_state, metrics = _backbone_update(ctx, dev["step"], dev["backbone"], dev["tx"], g_back,
+                                                   loss_value, stem_norm, rows_sq)
+    return ({"backbone": backbone, "tx": tx_state, "step": dev["step"] + 1}, metrics,
+            [r[i] for i in range(4) for r in new])
+
+
+def train_step_fn(ctx: StepContext) -> Callable:
+    """The jitted on-device train step ``(state, batch) -> (state, metrics)``, state donated."""
+    step = sparse_step if ctx.sparse else dense_step
+    return jax.jit(lambda state, batch: step(ctx, state, batch),
+                   in_shardings=(ctx.state_shardings, ctx.batch_sharding),
+                   out_shardings=(ctx.state_shardings, sharding.replicated(ctx.mesh)), donate_argnums=0)
+
+
+# ---- evaluation ----
+
+def eval_metrics(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None) -> dict:
+    """Mean loss and next-token top-1 accuracy (the accuracy the tiny comparison's ROI uses)."""
+    return token_metrics(nnx.merge(graphdef, params)(batch_BxL1[:, :-1], rows=rows), batch_BxL1)
+
+
+def eval_step_fn(graphdef: Any, param_shardings: Any, batch_sharding: NamedSharding) -> Callable:
+    """The jitted ``(params, batch) -> {"loss", "acc"}``, replicated outputs."""
+    return jax.jit(lambda params, batch: eval_metrics(graphdef, params, batch),
+                   in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=sharding.replicated(batch_sharding.mesh))
+
+
+def validation(metrics_of: Callable[[np.ndarray], dict], batches: Iterable[np.ndarray]) -> dict:
+    """``val_loss`` / ``val_ppl`` / ``val_acc``: means of ``metrics_of(local batch)`` over full batches (every
+    batch has the same number of tokens)."""
+    out = jax.device_get([metrics_of(local) for local in batches])
+    loss_value = float(np.mean([o["loss"] for o in out]))
+    return {"val_loss": loss_value, "val_ppl": math.exp(min(loss_value, 50.0)),
+            "val_acc": float(np.mean([o["acc"] for o in out]))}
+
+
+def validation_batches(cfg: Config, val_tokens: np.ndarray, name: str) -> Iterable[np.ndarray]:
+    """This process's rows of ``train.eval_batches`` batches of the held-out split (0 = all of it)."""
+    m, t = cfg.model, cfg.train
+    return data.eval_batches(val_tokens, m.seq_len, t.batch_size, m.vocab_size, t.eval_batches, name=name)
