@@ -93,3 +93,36 @@ def test_eval_on_a_non_workdir_is_a_clear_error(tmp_path, cache_dir):
     r = run("eval.py", f"--workdir={tmp_path}", cache_dir=cache_dir)
     assert r.returncode != 0 and "is 'config.json' a" not in r.stderr
     assert "config.json not found" in r.stderr
+
+
+# ---- the tools' command lines (cli.parse_command), in process ----
+
+def _tool_exit(main, argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_tool_help_lists_every_flag_of_the_command(capsys):
+    from stem_jax import editing, hf
+    code, out, _ = _tool_exit(hf.main, ["--help"], capsys)
+    assert code == 0 and all(c in out for c in ("export", "import", "to_stem"))
+    code, out, _ = _tool_exit(editing.main, ["inject", "--help"], capsys)
+    assert code == 0
+    for flag in ("--workdir", "--out", "--source", "--target", "--mode", "--layers"):
+        assert flag in out, out
+    assert "--prompt" not in out  # an `edit` flag
+
+
+def test_tool_command_line_errors_are_one_line(capsys):
+    from stem_jax import analysis, editing, sampling
+    for main, argv, msg in (
+            (analysis.main, ["angulr"], "expected a command first, one of angular, activated"),
+            (editing.main, ["inject", "--workdir", "w"], "--out must have a value"),
+            (sampling.main, ["--workdir", "w", "--prompt", "a", "--top_k", "many"], "--top_k"),
+            (sampling.main, ["--workdir", "w", "--prompt", "a", "stray"], "unexpected positional arguments"),
+            (editing.main, ["edit", "--workdir", "w", "--prompt", "p", "--source", "s", "--target", "t",
+                            "--mode", "sideways"], "--mode")):
+        code, _, err = _tool_exit(main, argv, capsys)
+        assert code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1, err
