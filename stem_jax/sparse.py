@@ -5,7 +5,7 @@ parameter and both moments) every step, so its cost grows with the vocabulary. H
 batch's ids (unique + inverse index), gathers only those rows, differentiates the loss w.r.t. the rows
 (``Transformer(ids, rows=...)``), and updates only those rows and their state.
 
-Semantics, and how they differ from dense AdamW (they agree exactly when every row is touched every step):
+Semantics, and how they differ from dense AdamW (they agree to rounding when every row is touched every step):
 
 - **per-row step counts** for bias correction: a row's t-th update is corrected by ``1 - b^t`` whatever the
   global step. This is our choice: lazy Adam (TF Addons ``LazyAdam``, PyTorch ``SparseAdam``) also updates only

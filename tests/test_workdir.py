@@ -18,11 +18,7 @@ def test_restore_onto_another_mesh_gives_the_saved_params(stem_workdir):
     flat_one = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(one.params))[0])
     for path, a in jax.tree_util.tree_flatten_with_path(jax.device_get(eight.params))[0]:
         np.testing.assert_array_equal(a, flat_one[path], err_msg=jax.tree_util.keystr(path))
-    ids = np.arange(16, dtype=np.int32).reshape(2, 8)
-    with jax.set_mesh(eight.mesh):
-        logits8 = np.asarray(eight.model()(ids))
-    with jax.set_mesh(one.mesh):
-        np.testing.assert_allclose(logits8, np.asarray(one.model()(ids)), rtol=1e-5, atol=1e-5)
+    # (a sharded forward equals the unsharded one: test_model.py)
 
 
 def test_no_optimizer_state_is_read_or_built(stem_workdir):
