@@ -1,12 +1,13 @@
-"""Dense vs STEM-full train-step time at the tiny shape, measured in one run.
+"""Dense vs STEM-full train-step time at the tiny shape, measured in one run as paired single steps.
 
     python benchmarks/step_time.py                   # tiny preset shape, fp32, all local devices
     python benchmarks/step_time.py --dtype bfloat16 --out benchmarks/step_time.md
 
-Rounds alternate between the two models so that machine noise hits both alike; the reported figure per
-model is the median step time over all timed steps. Prints tokens/s of each, the measured step-time ratio
-(STEM / dense) for the full train step and for forward + backward alone, and the model-FLOP ratio from
-``accounting.flops_per_token``.
+Each pair times one dense step and one STEM-full step back to back (the order alternates from pair to pair),
+so a neighbour's load that comes and goes hits both sides of a pair alike. The ratio is taken per pair and
+reported as the median with its 10th-90th percentile range, for the full train step and for forward +
+backward alone, next to the model-FLOP ratio from ``accounting.flops_per_token``; per-model medians give the
+tokens/s. Prints the markdown; writes it only to ``--out``.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from stem_jax.trainer import Trainer
 
 
 def _define(fv: flags.FlagValues, _command) -> None:
-    flags.DEFINE_integer("steps", 5, "Timed steps per round.", flag_values=fv)
-    flags.DEFINE_integer("rounds", 4, "Rounds, each timing every model.", flag_values=fv)
+    flags.DEFINE_integer("pairs", 20, "Timed pairs (one step of each model) for the train step and again for "
+                         "forward + backward.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.", flag_values=fv)
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=fv)
     flags.DEFINE_string("out", "", "Also write the markdown table to this file (default: print it only).",
@@ -57,25 +58,30 @@ def main(argv: list[str] | None = None) -> None:
         jax.block_until_ready(m)
         # Forward + backward alone (no optimizer update), to separate model cost from the dense AdamW
         # that touches every table row each step.
-        grad_fn = jax.jit(jax.grad(functools.partial(steps.loss, s.ctx.graphdef)), in_shardings=(s.ctx.state_shardings["params"], s.ctx.batch_sharding),
+        grad_fn = jax.jit(jax.grad(functools.partial(steps.loss, s.ctx.graphdef)),
+                          in_shardings=(s.ctx.state_shardings["params"], s.ctx.batch_sharding),
                           out_shardings=s.ctx.state_shardings["params"])
         with jax.set_mesh(mesh):
             jax.block_until_ready(grad_fn(state["params"], batch))
         runs[name] = {"setup": s, "state": state, "batch": batch, "times": [], "grad_times": [], "cfg": cfg,
                       "grad_fn": grad_fn}
-    for _ in range(args.rounds):
-        for r in runs.values():
-            for _ in range(args.steps):
+    def train(r):
+        with jax.set_mesh(mesh):
+            r["state"], m = r["setup"].train_step(r["state"], r["batch"])
+        jax.block_until_ready(m)
+
+    def fwd_bwd_only(r):
+        with jax.set_mesh(mesh):
+            jax.block_until_ready(r["grad_fn"](r["state"]["params"], r["batch"]))
+
+    for kind, fn in (("times", train), ("grad_times", fwd_bwd_only)):
+        for i in range(args.pairs):
+            for name in (("dense", "stem-full") if i % 2 == 0 else ("stem-full", "dense")):
                 t0 = time.perf_counter()
-                with jax.set_mesh(mesh):
-                    r["state"], m = r["setup"].train_step(r["state"], r["batch"])
-                jax.block_until_ready(m)
-                r["times"].append(time.perf_counter() - t0)
-            with jax.set_mesh(mesh):
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(r["grad_fn"](r["state"]["params"], r["batch"]))
-                    r["grad_times"].append(time.perf_counter() - t0)
+                fn(runs[name])
+                runs[name][kind].append(time.perf_counter() - t0)
+    ratio = {kind: [s_ / d_ for s_, d_ in zip(runs["stem-full"][kind], runs["dense"][kind])]
+             for kind in ("times", "grad_times")}
 
     step = {k: statistics.median(r["times"]) for k, r in runs.items()}
     fwd_bwd = {k: statistics.median(r["grad_times"]) for k, r in runs.items()}
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f"Train step at the tiny shape (d {base.model.d_model}, {base.model.n_layers} layers, d_ff {base.model.d_ff}, "
         f"vocab {args.vocab}, batch {B} x {L}, {args.dtype}) on {jax.device_count()} x {dev.device_kind} "
-        f"({dev.platform}), mesh {sharding.describe(mesh)}; median of {args.rounds * args.steps} steps.",
+        f"({dev.platform}), mesh {sharding.describe(mesh)}; {args.pairs} paired steps, medians.",
         "",
         "| model | total params | active params / token | train step (ms) | tokens/s | fwd+bwd only (ms) "
         "| train MFLOPs / token |",
@@ -94,9 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     for k in runs:
         lines.append(f"| {k} | {params[k].total / 1e6:.2f}M | {params[k].active / 1e6:.2f}M | "
                      f"{step[k] * 1e3:.1f} | {B * L / step[k]:,.0f} | {fwd_bwd[k] * 1e3:.1f} | {flops[k] / 1e6:.2f} |")
-    lines += ["", f"STEM-full / dense: train-step time ratio {step['stem-full'] / step['dense']:.3f}, "
-                  f"fwd+bwd time ratio {fwd_bwd['stem-full'] / fwd_bwd['dense']:.3f}, "
-                  f"model-FLOP ratio {flops['stem-full'] / flops['dense']:.3f}"]
+    lines += ["", "| STEM-full / dense, per pair | median | 10th-90th percentile |", "|---|---|---|"]
+    for kind, label in (("times", "train-step time"), ("grad_times", "fwd+bwd time")):
+        p10, p50, p90 = np.percentile(ratio[kind], [10, 50, 90])
+        lines.append(f"| {label} | {p50:.3f} | {p10:.3f}-{p90:.3f} |")
+    lines.append(f"| model FLOPs | {flops['stem-full'] / flops['dense']:.3f} | |")
     text = "\n".join(lines)
     print(text)
     if args.out:
