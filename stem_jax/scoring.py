@@ -3,8 +3,8 @@ and greedy generation (through ``sampling.Sampler``), with lm-evaluation-harness
 
 Every forward runs on ONE fixed shape, ``[eval_batch, seq_len]`` (rows right-padded, partial batches padded
 with empty rows), so a whole evaluation compiles a single program. Right padding is harmless: attention is
-causal, so a pad never influences an earlier position. The jitted function returns per-row sums and the
-per-position argmax, never the ``[B, L, V]`` logits, so only a few bytes per row leave the devices.
+causal, so a pad never influences an earlier position. The jitted function returns per-row log-likelihood sums
+and greedy flags, never the ``[B, L, V]`` logits, so only a few bytes per row leave the devices.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _make_forward(graphdef: Any, params: Any, mesh: Mesh, seq_len: int, eval_bat
         argmax_BxL = jnp.argmax(logits_BxLxV, axis=-1).astype(jnp.int32)
         logp_B = jnp.sum(jnp.where(mask_BxL, tok_logp_BxL, 0.0), axis=-1)
         greedy_B = jnp.all(jnp.where(mask_BxL, argmax_BxL == targets_BxL, True), axis=-1)
-        return logp_B, greedy_B, argmax_BxL
+        return logp_B, greedy_B
 
     # Batch rows go over the mesh's batch axes when they divide eval_batch; otherwise every device gets
     # every row (correct, just not data-parallel).
@@ -165,7 +165,7 @@ class Scorer:
                 ids_BxL[r, :n] = tokens[:-1]
                 targets_BxL[r, :n] = tokens[1:]
                 mask_BxL[r, n - n_cont:n] = True
-            logp_B, greedy_B, _ = self._run(ids_BxL, targets_BxL, mask_BxL)
+            logp_B, greedy_B = self._run(ids_BxL, targets_BxL, mask_BxL)
             results += [(float(logp_B[r]), bool(greedy_B[r])) for r in range(len(chunk))]
         return results
 
