@@ -215,7 +215,7 @@ def angular_spread(workdir, dense_workdir=None, top_n: int = 1000, out=None, ste
     out = Path(out) if out else workdir / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     for i in layers:
-        rows = np.asarray(model.blocks[i].ffn.table[...], np.float32)[tokens]
+        rows = np.asarray(model.blocks[i].ffn.table[...], np.float32)[model.stored_rows(tokens)]
         cos = {"STEM rows U[t]": pairwise_cosines(rows)}
         entry = {"stem": cosine_stats(cos["STEM rows U[t]"])}
         if dense:

@@ -11,8 +11,12 @@ FFN_KINDS = ("dense", "stem", "stem_additive", "stem_gate", "hash_moe")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DATA_SOURCES = ("default", "text", "tfds")
 TABLE_OPTIMIZERS = ("dense", "sparse")
-# "shard_map" (masked local gather + reduce-scatter) or "xla" (XLA-partitioned gather, the reference): stem.lookup.
-LOOKUP_MODES = ("shard_map", "xla")
+# "exchange" (ids to their row owners and rows back), "shard_map" (masked local gather of the whole batch +
+# reduce-scatter) or "xla" (XLA-partitioned gather, the reference): stem.lookup.
+LOOKUP_MODES = ("exchange", "shard_map", "xla")
+ROW_LAYOUTS = ("spread", "contiguous")
+# The value a field had before it existed: a saved config without it reads as this.
+LEGACY = {("model", "stem_row_layout"): "contiguous"}
 RATIO_STRIDE = {"1/3": 3, "1/2": 2}
 
 
@@ -74,8 +78,15 @@ class ModelConfig:
     moe_d_ff: int = 0
     # Width of the STEM rows; 0 means d_ff. Any other value is an error (the row gates d_ff features).
     stem_dim: int = 0
-    # "shard_map" (masked local gather + reduce-scatter) or "xla" (XLA-partitioned gather, the reference).
-    stem_lookup: str = "shard_map"
+    # "exchange": each device sends its unique ids to the rows' owners and gets the rows back (exchange.py);
+    # "shard_map": masked gather of the whole batch + reduce-scatter; "xla": XLA's partitioned gather.
+    stem_lookup: str = "exchange"
+    # exchange: id/row slots per round as a fraction of a device's tokens (more rounds run if needed).
+    stem_capacity: float = 0.5
+    # Where token t's row is stored: "spread" puts consecutive ids (BPE's most frequent are the smallest) on
+    # different vocab shards (sharding.stored_rows); "contiguous" stores row t at t (runs saved before spread
+    # existed read as contiguous). Fixed for the life of a run.
+    stem_row_layout: str = "spread"
     # Keep the STEM tables and their optimizer state in host memory ("pinned_host"); each step moves only
     # the batch's unique rows to the device, prefetched during the previous step (offload.py). Needs
     # train.stem_optimizer="sparse" and one process.
@@ -182,6 +193,9 @@ def validate(cfg: Config) -> Config:
     _choice("model.ffn", m.ffn, FFN_KINDS)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.stem_lookup", m.stem_lookup, LOOKUP_MODES)
+    _choice("model.stem_row_layout", m.stem_row_layout, ROW_LAYOUTS)
+    if not m.stem_capacity > 0:
+        raise ConfigError(f"model.stem_capacity={m.stem_capacity} must be positive (a fraction of a device's tokens)")
     _choice("data.source", cfg.data.source, DATA_SOURCES)
     _choice("train.stem_optimizer", t.stem_optimizer, TABLE_OPTIMIZERS)
     if m.d_model % m.n_heads:
@@ -234,7 +248,8 @@ def from_dict(d: dict) -> Config:
         unknown = set(sub) - known
         if unknown:
             raise ConfigError(f"unknown field(s) {sorted(unknown)} in config section {name!r}")
-        kwargs[name] = cls(**sub)
+        legacy = {f: v for (section, f), v in LEGACY.items() if section == name and f not in sub}
+        kwargs[name] = cls(**sub, **legacy)
     unknown = set(d) - set(kwargs)
     if unknown:
         raise ConfigError(f"unknown config section(s) {sorted(unknown)}")
@@ -250,7 +265,7 @@ def _may_change_on_resume(section: str, name: str) -> bool:
         return name not in ("batch_size", "seed", "stem_optimizer")  # the optimizer state differs
     if section == "model":
         # Same parameters and (up to rounding) the same function; offload moves the same arrays to the host.
-        return name in ("stem_lookup", "dtype", "stem_offload")
+        return name in ("stem_lookup", "stem_capacity", "dtype", "stem_offload")
     return name == "cache_dir"
 
 

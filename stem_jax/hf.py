@@ -113,9 +113,12 @@ def _check_ffn(cfg: Config, what: str) -> None:
 
 
 def read_params(workdir: str | Path, step: int | None = None) -> tuple[Config, dict[ParamPath, np.ndarray], int]:
-    """(config, {path: float32 host array}, step) of a workdir's latest (or given) checkpoint."""
+    """(config, {path: float32 host array}, step) of a workdir's latest (or given) checkpoint; STEM tables
+    by token (row t is token t's), not in their stored layout."""
     run = workdir_lib.restore(workdir, ONE_DEVICE, step, devices=jax.devices()[:1])
-    return run.cfg, {p: np.asarray(jax.device_get(a)) for p, a in _flat(nnx.to_pure_dict(run.params)).items()}, run.step
+    arrays = {p: np.asarray(jax.device_get(a)) for p, a in _flat(nnx.to_pure_dict(run.params)).items()}
+    return run.cfg, {p: sharding.table_by_token(a, run.cfg.model) if p[-1] == "table" else a
+                     for p, a in arrays.items()}, run.step
 
 
 def _check_new_workdir(workdir: Path) -> None:
@@ -149,8 +152,8 @@ def write_workdir(workdir: str | Path, cfg: Config, arrays: dict[ParamPath, np.n
     def fill(path, a: jax.ShapeDtypeStruct) -> np.ndarray:
         p = tuple(k.key for k in path)
         w = arrays.get(p)
-        if w is not None and p[-1] == "table":  # [vocab, d_ff] -> zero rows up to the padded row count
-            w = np.pad(w, ((0, a.shape[0] - w.shape[0]), (0, 0)))
+        if w is not None and p[-1] == "table":  # [vocab, d_ff] by token -> padded rows in the stored layout
+            w = sharding.table_to_stored(np.pad(w, ((0, a.shape[0] - w.shape[0]), (0, 0))), cfg.model)
         if w is None or w.shape != a.shape:
             raise ValueError(f"parameter {p}: the model needs shape {a.shape}, got {None if w is None else w.shape}")
         return w.astype(np.float32)

@@ -8,7 +8,7 @@ layer on the device and fetches misses from the host tables (``offload.gather``)
 ``rows[slot]`` through the model's ``rows=`` path (``sampling.py``)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -74,8 +74,10 @@ def _fill(cache: list[jax.Array], host: list[jax.Array], ids_M: jax.Array, slots
 class RowCache:
     """``capacity`` rows of each STEM table on the device, filled from the host tables on a miss."""
 
-    def __init__(self, host_tables: list[jax.Array], capacity: int, max_batch: int):
-        self.lfu = LFUCache(capacity)
+    def __init__(self, host_tables: list[jax.Array], capacity: int, max_batch: int,
+                 stored_rows: Callable[[np.ndarray], np.ndarray] = lambda ids: ids):
+        """``stored_rows`` maps token ids to rows of the host tables (``Transformer.stored_rows``)."""
+        self.lfu, self.stored_rows = LFUCache(capacity), stored_rows
         self.host, self.max_batch, self.fill_id = host_tables, max_batch, host_tables[0].shape[0]
         self.rows = [jnp.zeros((capacity, t.shape[1]), t.dtype) for t in host_tables]
         self._fill = jax.jit(_fill, donate_argnums=0)
@@ -88,6 +90,6 @@ class RowCache:
             B = max(self.max_batch, len(miss_ids))
             ids = np.full(B, self.fill_id, np.int32)
             at = np.full(B, self.lfu.capacity, np.int32)  # out of range: dropped
-            ids[:len(miss_ids)], at[:len(miss_ids)] = miss_ids, miss_slots
+            ids[:len(miss_ids)], at[:len(miss_ids)] = self.stored_rows(miss_ids), miss_slots
             self.rows = self._fill(self.rows, self.host, jnp.asarray(ids), jnp.asarray(at))
         return jnp.asarray(slots[:, None])

@@ -10,7 +10,7 @@ from flax import nnx
 from stem_jax import sharding
 from stem_jax.config import DTYPES, ModelConfig, moe_width, stem_indices
 from stem_jax.layers import DenseFFN, RMSNorm, matrix_std, param, project, rope
-from stem_jax.stem import RowEdit, StemFFN, StemRows
+from stem_jax.stem import RowEdit, RowLookup, StemFFN, StemRows
 from stem_jax.variants import HashMoEFFN, StemAdditiveFFN, StemGateFFN
 
 TABLE_FFNS = {"stem": StemFFN, "stem_additive": StemAdditiveFFN, "stem_gate": StemGateFFN}
@@ -84,7 +84,7 @@ class Block(nnx.Module):
                                   dtype=dtype)
         elif table_index is not None:
             self.ffn = TABLE_FFNS[cfg.ffn](cfg.d_model, cfg.d_ff, cfg.vocab_size, cfg.init_std, rngs=rngs,
-                                           table_index=table_index, dtype=dtype, lookup_mode=cfg.stem_lookup)
+                                           table_index=table_index, dtype=dtype, rows_of=RowLookup.of(cfg))
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.init_std, rngs=rngs, dtype=dtype)
 
@@ -113,6 +113,10 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
+
+    def stored_rows(self, ids):
+        """The rows of this model's stored STEM tables that hold tokens ``ids`` (``sharding.stored_rows``)."""
+        return sharding.stored_rows(ids, self.cfg.vocab_size, self.cfg.stem_row_layout)
     def __call__(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None) -> jax.Array:
         """``rows``: pre-gathered STEM rows, read instead of the tables; ``edit``: a STEM row override
         (``stem.StemRows``, ``stem.RowEdit``)."""

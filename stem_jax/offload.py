@@ -78,12 +78,13 @@ def bucket(n: int, cap: int) -> int:
     return min(max(MIN_BUCKET, 1 << max(n - 1, 0).bit_length()), cap)
 
 
-def dedup_host(ids_BxL: np.ndarray, fill: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(uniq_U, inverse_BxL)`` in numpy; unused slots of the bucket hold ``fill``."""
-    uniq, inv = np.unique(ids_BxL, return_inverse=True)
+def dedup_host(rows_BxL: np.ndarray, fill: int, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(uniq_U, inverse_BxL)`` of stored table rows (``sharding.stored_rows``) in numpy; unused slots of
+    the bucket hold ``fill``."""
+    uniq, inv = np.unique(rows_BxL, return_inverse=True)
     uniq_U = np.full(bucket(len(uniq), cap), fill, np.int32)
     uniq_U[:len(uniq)] = uniq
-    return uniq_U, inv.reshape(ids_BxL.shape).astype(np.int32)
+    return uniq_U, inv.reshape(rows_BxL.shape).astype(np.int32)
 
 
 def patch(uniq_U: jax.Array, rows: list[jax.Array], new_uniq: jax.Array, new_rows: list[jax.Array]):
@@ -122,7 +123,9 @@ class Offloader:
 
     def stage(self, host: list[jax.Array], local_BxL1: np.ndarray) -> tuple:
         """Dedup on the host and start the row transfer; returns device ``(uniq, inverse, rows)``."""
-        uniq, inv = dedup_host(local_BxL1[:, :-1], self.fill, self.ctx.tables.unique_rows)
+        m = self.ctx.cfg.model
+        rows_BxL = sharding.stored_rows(local_BxL1[:, :-1], m.vocab_size, m.stem_row_layout)
+        uniq, inv = dedup_host(rows_BxL, self.fill, self.ctx.tables.unique_rows)
         uniq = jnp.asarray(uniq)
         return uniq, jnp.asarray(inv), self._gather(host, uniq)
 

@@ -142,7 +142,8 @@ class Sampler:
             if not self.host_tables or any(t.sharding.memory_kind != sharding.HOST for t in self.host_tables):
                 raise SamplingError("cache_rows needs STEM tables in host memory (pinned_host); load with "
                                     "Sampler.from_workdir(workdir, cache_rows=N)")
-            self.row_cache = hotrows.RowCache(self.host_tables, cache_rows, max_batch=8)
+            self.stored_rows = self._rows_model(self.backbone).stored_rows
+            self.row_cache = hotrows.RowCache(self.host_tables, cache_rows, max_batch=8, stored_rows=self.stored_rows)
             self._gather = jax.jit(offload.gather)
             self._sample = jax.jit(next_tokens, static_argnums=2)
             self._prefill_rows = jax.jit(self._prefill_rows_fn, static_argnums=5)
@@ -225,7 +226,7 @@ class Sampler:
         """``_generate`` with host tables: the prompts' unique rows are fetched for the prefill, then each
         new token's row comes from the hot-row cache (a host round trip per token plans its misses)."""
         (B, P), N = ids_BxP.shape, cfg.max_new_tokens
-        uniq, inv = offload.dedup_host(ids_BxP, self.host_tables[0].shape[0], ids_BxP.size)
+        uniq, inv = offload.dedup_host(self.stored_rows(ids_BxP), self.host_tables[0].shape[0], ids_BxP.size)
         out_BxN, done_B = np.full((B, N), self.eos, np.int32), np.zeros(B, bool)
         key, sample_cfg = jax.random.key(cfg.seed), dataclasses.replace(cfg, seed=0)
         with jax.set_mesh(self.mesh):
@@ -280,7 +281,7 @@ class Sampler:
             if self.row_cache is not None:
                 if edit is not None:
                     raise SamplingError("row edits need the tables on device; load the sampler without a row cache")
-                uniq, inv = offload.dedup_host(ids_1xL, self.host_tables[0].shape[0], ids_1xL.size)
+                uniq, inv = offload.dedup_host(self.stored_rows(ids_1xL), self.host_tables[0].shape[0], ids_1xL.size)
                 rows = self._gather(self.host_tables, jnp.asarray(uniq))
                 return np.asarray(self._forward_rows(self.backbone, rows, jnp.asarray(inv), jnp.asarray(ids_1xL),
                                                      len(ids)))

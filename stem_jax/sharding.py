@@ -11,6 +11,8 @@ import math
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -122,6 +124,39 @@ def padded_rows(rows: int, logical: str = "stem_vocab", mesh=None) -> int:
     """``rows`` rounded up so every device holds an equal slice; padding rows are never addressed."""
     k = math.lcm(ROW_PAD_MULTIPLE, axis_size(logical, mesh))
     return -(-rows // k) * k
+
+
+# Stored row of token t ("spread" layout), with V' = vocab rounded up to ROW_PAD_MULTIPLE = 2^7:
+#   bitreverse7(t mod 128) * V'/128 + t // 128       for t < V';  t itself beyond (mesh padding).
+# Vocab shards hold contiguous blocks of stored rows, so with a power-of-two count N <= 128 of equal shards
+# token t lands on shard bitreverse(t mod N): consecutive ids sit on different shards and the frequent
+# small BPE ids spread evenly, which the exchange lookup's fixed per-owner slots need. The map depends on
+# the vocab only, so a mesh that pads more rows only appends zero rows and checkpoints move unchanged.
+_BITREV = np.array([int(f"{i:07b}"[::-1], 2) for i in range(ROW_PAD_MULTIPLE)], np.int32)
+
+
+def stored_rows(ids, vocab_size: int, layout: str = "spread"):
+    """Rows of the stored STEM tables that hold tokens ``ids`` (numpy or jax arrays, any shape), for
+    ``model.stem_row_layout`` = ``layout``."""
+    if layout == "contiguous":
+        return ids
+    xp = np if isinstance(ids, (np.ndarray, np.generic, int, list)) else jnp
+    ids = xp.asarray(ids)
+    base = -(-vocab_size // ROW_PAD_MULTIPLE) * ROW_PAD_MULTIPLE
+    spread = xp.asarray(_BITREV)[ids % ROW_PAD_MULTIPLE] * (base // ROW_PAD_MULTIPLE) + ids // ROW_PAD_MULTIPLE
+    return xp.where(ids < base, spread, ids).astype(ids.dtype)
+
+
+def table_by_token(stored_VxF: np.ndarray, m: ModelConfig) -> np.ndarray:
+    """A stored table (numpy) reordered so that row t belongs to token t."""
+    return stored_VxF[stored_rows(np.arange(stored_VxF.shape[0]), m.vocab_size, m.stem_row_layout)]
+
+
+def table_to_stored(by_token_VxF: np.ndarray, m: ModelConfig) -> np.ndarray:
+    """Inverse of ``table_by_token``."""
+    out = np.empty_like(by_token_VxF)
+    out[stored_rows(np.arange(by_token_VxF.shape[0]), m.vocab_size, m.stem_row_layout)] = by_token_VxF
+    return out
 
 
 def fitted_axes(logical: str | None, size: int, mesh) -> tuple[str, ...]:

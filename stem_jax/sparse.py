@@ -17,9 +17,14 @@ Semantics, and how they differ from dense AdamW (they agree to rounding when eve
 - the learning-rate schedule and the table group's global-norm clipping use the global step and the norm of
   the rows' gradients, which equals the dense table gradient's norm (untouched rows have zero gradient).
 
-Tables stay vocab-sharded: every device updates the touched rows it owns, in place. The train step is
-``steps.sparse_step``. The [U, d_ff] row blocks are replicated over the batch axes, and U grows with the global
-batch (up to the vocabulary): at large batches they approach table size (the pod-scale exchange is open work).
+Tables stay vocab-sharded and every row is updated in place by the device that owns it. The train step
+(``steps.sparse_step``) runs on the row-owner exchange (``exchange.py``): ``fetch_rows`` deduplicates each
+device's own ids and fetches their rows from the owners; after the backward, ``exchange_update`` returns each
+device's row gradients to the owners, which sum them per row (a row read by several devices gets one
+gradient, as in the dense step), clip with the global norm and apply ``adamw_rows``. No [U, d_ff] array is
+replicated over the batch axes: the collectives hold ``N x C`` rows (``exchange.slots``) whatever the batch,
+and an owner's row blocks have ``min(its rows, N x local tokens)`` slots. ``update`` (rows given on every
+device) serves host offload, which deduplicates the global batch on the host.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from stem_jax import sharding
+from stem_jax import exchange, sharding
 from stem_jax.config import TrainConfig
 from stem_jax.optim import schedule
 
@@ -135,6 +140,72 @@ def update(tables: nnx.State, state: dict, uniq_U: jax.Array, g_rows: list[jax.A
     new_tables = with_tables(tables, [o[0] for o in out])
     new_state = {k: with_tables(state[k], [o[i] for o in out]) for i, k in enumerate(("mu", "nu", "count"), 1)}
     return new_tables, new_state, sum(o[4] for o in out)
+
+
+def _exchange_axes() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(axes that split the table rows and the batch, axes that split the table columns)."""
+    vocab_axes = sharding.mesh_axes("stem_vocab")
+    if vocab_axes != sharding.mesh_axes("batch"):
+        raise ValueError(f"the sparse table optimizer exchanges rows over the batch axes {sharding.mesh_axes('batch')}, "
+                         f"which must be the table's row axes {vocab_axes} (sharding.RULES)")
+    return vocab_axes, sharding.mesh_axes("stem_dff")
+
+
+def fetch_rows(tables: nnx.State, rows_BxL: jax.Array, capacity: float):
+    """``(rows, inverse_BxL, route)``: every table's unique rows of each device's own tokens (float32, [N*T,
+    d_ff] split over the batch axes, T = local tokens), each device's inverse into its block, and the
+    per-device ``exchange.Route`` (split likewise) that ``exchange_update`` sends the gradients back along."""
+    axes, _ = _exchange_axes()
+    tab, batch = sharding.spec(("stem_vocab", "stem_dff")), sharding.spec(("batch", "length"))
+    rows_spec, flat = sharding.spec(("batch", "stem_dff")), sharding.spec(("batch",))
+
+    def local(tables_, rows_bxl):
+        rt = exchange.route(rows_bxl.reshape(-1), tables_[0].shape[0], axes, capacity)
+        fetched, _ = exchange.fetch(tables_, rt, tables_[0].shape[0], axes, capacity, jnp.float32)
+        return fetched, rt.inv_T.reshape(rows_bxl.shape), rt
+
+    arrays = table_list(tables)
+    route_spec = exchange.Route(flat, flat, flat, flat, P())
+    return jax.shard_map(local, in_specs=([tab] * len(arrays), batch),
+                         out_specs=([rows_spec] * len(arrays), batch, route_spec))(arrays, rows_BxL)
+
+
+def exchange_update(tables: nnx.State, state: dict, route: exchange.Route, g_rows: list[jax.Array], lr: jax.Array,
+                    t: TrainConfig, capacity: float) -> tuple[nnx.State, dict, jax.Array, jax.Array]:
+    """``update`` for rows fetched by ``fetch_rows``: gradients go back to their owners, which sum them per
+    row, clip by the global norm of the summed gradients and update their rows in place.
+
+    Returns (tables, state, sum of squares of the updated rows, gradient norm before clipping)."""
+    axes, col_axes = _exchange_axes()
+    tab, col = sharding.spec(("stem_vocab", "stem_dff")), sharding.spec(("stem_vocab",))
+    rows_spec, flat = sharding.spec(("batch", "stem_dff")), sharding.spec(("batch",))
+    n = len(g_rows)
+
+    def local(p, m, v, c, g, rt, lr):
+        v_rows, size = p[0].shape[0], min(p[0].shape[0], jax.lax.axis_size(axes) * rt.uniq_T.shape[0])
+        _, asked_v = exchange.fetch([], rt, v_rows, axes, capacity, jnp.float32)  # ids alone: the rows to update
+        slot_v = jnp.where(asked_v, jnp.cumsum(asked_v) - 1, size)
+        rows_S = jnp.nonzero(asked_v, size=size, fill_value=v_rows)[0].astype(jnp.int32)
+        accs = exchange.send_back(g, rt, axes, capacity, v_rows, slot_v, size, jnp.float32)
+        norm = jnp.sqrt(jax.lax.psum(sum(jnp.sum(jnp.square(a)) for a in accs), axes + col_axes))
+        if t.stem_clip_norm > 0:
+            accs = [jax.lax.select(norm < t.stem_clip_norm, a, (a / norm) * t.stem_clip_norm) for a in accs]
+        out, sq = [], 0.0
+        for arrays, acc in zip(zip(p, m, v, c), accs):
+            new = adamw_rows(*gather_rows(arrays, rows_S), acc, lr, t)
+            sq = sq + jnp.sum(jnp.where((rows_S < v_rows)[:, None], jnp.square(new[0]), 0.0))
+            out.append(scatter_rows(arrays, rows_S, new))
+        return [[o[i] for o in out] for i in range(4)], jax.lax.psum(sq, axes + col_axes), norm
+
+    route_spec = exchange.Route(flat, flat, flat, flat, P())
+    (p, m, v, c), sq, norm = jax.shard_map(
+        local, in_specs=([tab] * n, [tab] * n, [tab] * n, [col] * n, [rows_spec] * n, route_spec, P()),
+        out_specs=([[tab] * n, [tab] * n, [tab] * n, [col] * n], P(), P()))(
+        table_list(tables), table_list(state["mu"]), table_list(state["nu"]), table_list(state["count"]),
+        list(g_rows), route, lr)
+    new_state = {"mu": with_tables(state["mu"], m), "nu": with_tables(state["nu"], v),
+                 "count": with_tables(state["count"], c)}
+    return with_tables(tables, p), new_state, sq, norm
 
 
 def stem_lr(t: TrainConfig, step: jax.Array) -> jax.Array:

@@ -7,13 +7,18 @@ No router, no auxiliary loss, no normalisation of the row. The row is a gather, 
 matmuls instead of three, while its capacity grows with vocab x d_ff.
 
 Tables are sharded by vocabulary rows over the batch-parallel mesh axes (rules in ``sharding.py``). The
-default lookup is a masked local gather inside ``jax.shard_map``: every device gathers the ids of the whole
-batch it shares the table with, reads only the rows of its own vocabulary slice (zeros elsewhere), and a
-reduce-scatter hands each device the rows of its batch slice. Each position has exactly one owner, so the
-sum is exact in any dtype. Autodiff turns this into an all-gather of the row cotangents and a *local*
-scatter-add into the table slice: a [V, d_ff] gradient never crosses devices.
+default lookup (``exchange``, in ``exchange.py``) sends each device's unique ids to the devices that own
+their rows and gets the rows back, so a device moves rows for its own tokens only. The reference mode
+``shard_map`` is a masked local gather: every device gathers the ids of the whole batch it shares the table
+with, reads only the rows of its own vocabulary slice (zeros elsewhere), and a reduce-scatter hands each
+device the rows of its batch slice (exact in any dtype: each position has one owner), which costs
+O(global batch) per device. In both, the table gradient is a *local* scatter-add into the table slice: a
+[V, d_ff] gradient never crosses devices.
 """
 from __future__ import annotations
+
+import dataclasses
+import math
 
 import chex
 import flax
@@ -23,6 +28,7 @@ from flax import nnx
 
 from stem_jax import sharding
 from stem_jax.config import LOOKUP_MODES
+from stem_jax.exchange import exchange_rows
 from stem_jax.layers import matrix_std, param, project
 
 
@@ -30,9 +36,13 @@ from stem_jax.layers import matrix_std, param, project
 class StemRows:
     """Rows gathered before the forward, read instead of the tables: ``per_layer[k]`` is ``U_k[uniq]`` [U, d_ff]
     for the k-th table layer and ``inverse_BxL`` indexes it (``uniq[inverse] == ids``). The sparse optimizer
-    differentiates w.r.t. them, offload brings them from host memory, the decode cache holds them."""
+    differentiates w.r.t. them, offload brings them from host memory, the decode cache holds them.
+
+    ``per_device``: the rows are split over the batch axes like the batch, and each device's inverse indexes
+    its own block (the sparse optimizer's exchange, ``exchange.fetch``); otherwise every device holds all U."""
     per_layer: tuple
     inverse_BxL: jax.Array
+    per_device: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 @flax.struct.dataclass
@@ -44,8 +54,14 @@ class RowEdit:
     on_S: jax.Array
 
 
-def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "shard_map", dtype=jnp.float32) -> jax.Array:
-    """Rows ``table[ids]`` as [B, L, F] in ``dtype``, batch-sharded like the ids."""
+def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "exchange", dtype=jnp.float32,
+           capacity: float = 0.5) -> jax.Array:
+    """Rows ``table[ids]`` as [B, L, F] in ``dtype``, batch-sharded like the ids.
+
+    ``exchange`` sends each device's unique ids to their owners and gets the rows back (``exchange.py``;
+    ``capacity``: slots per round as a fraction of the local tokens); ``shard_map`` is the masked gather of
+    the whole batch described above; ``xla`` is XLA's partitioned gather. Exchange falls back to the masked
+    gather when the ids are not split over the table's row shards (e.g. one prompt)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return jnp.take(table_VxF, ids_BxL, axis=0).astype(dtype)
@@ -59,8 +75,14 @@ def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "shard_map", dt
             lambda t, i: t.at[i].get(out_sharding=out_spec), axes=tuple(mesh.axis_names),
             in_sharding=(table_spec, ids_spec))
         return gather(table_VxF, ids_BxL).astype(dtype)
-    if mode != "shard_map":
+    if mode not in LOOKUP_MODES:
         raise ValueError(f"unknown STEM lookup mode {mode!r}; choose from {LOOKUP_MODES}")
+    if mode == "exchange" and batch_axes and batch_axes == vocab_axes:
+        owners = math.prod(mesh.shape[a] for a in vocab_axes)
+        if owners == 1:
+            return jnp.take(table_VxF, ids_BxL, axis=0).astype(dtype)
+        return jax.shard_map(lambda t, i: exchange_rows(t, i, vocab_axes, capacity, dtype),
+                             in_specs=(table_spec, ids_spec), out_specs=out_spec)(table_VxF, ids_BxL)
 
     def local(table_vxf, ids_bxl):
         ids_all = jax.lax.all_gather(ids_bxl, batch_axes, axis=0, tiled=True) if batch_axes else ids_bxl
@@ -78,14 +100,47 @@ def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "shard_map", dt
     return jax.shard_map(local, in_specs=(table_spec, ids_spec), out_specs=out_spec)(table_VxF, ids_BxL)
 
 
-def init_table(key: jax.Array, vocab_size: int, d_ff: int, rows: int) -> jax.Array:
-    """Xavier-normal [vocab, d_ff] (std sqrt(2/(V+F)), the official code's init), zero-padded to ``rows``.
+@dataclasses.dataclass(frozen=True)
+class RowLookup:
+    """How a table layer reads rows: ``mode`` and ``capacity`` of ``lookup``, ``layout`` of the stored rows
+    (``model.stem_row_layout``, see ``sharding.stored_rows``)."""
+    mode: str = "exchange"
+    capacity: float = 0.5
+    layout: str = "spread"
+
+    @classmethod
+    def of(cls, m) -> "RowLookup":
+        return cls(m.stem_lookup, m.stem_capacity, m.stem_row_layout)
+
+    def __call__(self, table_VxF: jax.Array, ids_BxL: jax.Array, vocab_size: int, dtype) -> jax.Array:
+        """Token rows ``U[ids]`` [B, L, F] in ``dtype``."""
+        rows_BxL = sharding.stored_rows(ids_BxL, vocab_size, self.layout)
+        return lookup(table_VxF, rows_BxL, self.mode, dtype, self.capacity)
+
+
+def take_per_device(rows_UxF: jax.Array, inverse_BxL: jax.Array) -> jax.Array:
+    """``rows[inverse]`` where both are split over the batch axes and each device's inverse indexes its own
+    block of rows: a local gather (its gradient a local scatter-add)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return jnp.take(rows_UxF, inverse_BxL, axis=0)
+    return jax.shard_map(lambda r, i: jnp.take(r, i, axis=0),
+                         in_specs=(sharding.spec(("batch", "stem_dff")), sharding.spec(("batch", "length"))),
+                         out_specs=sharding.spec(("batch", "length", "stem_dff")))(rows_UxF, inverse_BxL)
+
+
+def init_table(key: jax.Array, vocab_size: int, d_ff: int, rows: int, layout: str = "spread") -> jax.Array:
+    """Xavier-normal [vocab, d_ff] (std sqrt(2/(V+F)), the official code's init), zero-padded to ``rows``
+    and stored in ``layout`` (token t's row at ``sharding.stored_rows(t)``).
 
     Padding rows exist only so each device holds an equal slice; validated ids never address them.
     """
     std = (2.0 / (vocab_size + d_ff)) ** 0.5
     table_VxF = std * jax.random.normal(key, (vocab_size, d_ff), jnp.float32)
-    return jnp.pad(table_VxF, ((0, rows - vocab_size), (0, 0)))
+    padded = jnp.pad(table_VxF, ((0, rows - vocab_size), (0, 0)))
+    if layout == "contiguous":
+        return padded
+    return jnp.zeros_like(padded).at[sharding.stored_rows(jnp.arange(rows), vocab_size, layout)].set(padded)
 
 
 class TableFFN(nnx.Module):
@@ -93,10 +148,10 @@ class TableFFN(nnx.Module):
     ``table_index`` is the layer's position among the model's table layers (its entry in ``StemRows`` and
     ``RowEdit``)."""
 
-    def __init__(self, rngs: nnx.Rngs, vocab_size: int, d_ff: int, table_index: int, dtype, lookup_mode: str):
-        self.table = nnx.Param(init_table(rngs.params(), vocab_size, d_ff, sharding.padded_rows(vocab_size)),
-                               logical_axes=("stem_vocab", "stem_dff"))
-        self.vocab_size, self.table_index, self.dtype, self.lookup_mode = vocab_size, table_index, dtype, lookup_mode
+    def __init__(self, rngs: nnx.Rngs, vocab_size: int, d_ff: int, table_index: int, dtype, rows_of: RowLookup):
+        self.table = nnx.Param(init_table(rngs.params(), vocab_size, d_ff, sharding.padded_rows(vocab_size),
+                                          rows_of.layout), logical_axes=("stem_vocab", "stem_dff"))
+        self.vocab_size, self.table_index, self.dtype, self.rows_of = vocab_size, table_index, dtype, rows_of
 
     def token_rows(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None) -> jax.Array:
         """``U[ids]`` as [B, L, d_ff] in the compute dtype: from the table, or from pre-gathered ``rows``;
@@ -107,13 +162,15 @@ class TableFFN(nnx.Module):
                 raise ValueError("a STEM row edit needs the table, not pre-gathered rows")
             rows_UxF = rows.per_layer[self.table_index]
             chex.assert_shape(rows_UxF, (None, self.table.shape[1]))
+            if rows.per_device:
+                return take_per_device(rows_UxF.astype(self.dtype), rows.inverse_BxL)
             rows_UxF = sharding.constrain(rows_UxF.astype(self.dtype), (None, "stem_dff"))
             return sharding.constrain(jnp.take(rows_UxF, rows.inverse_BxL, axis=0), act)
-        u_BxLxF = sharding.constrain(lookup(self.table[...], ids_BxL, self.lookup_mode, self.dtype), act)
+        u_BxLxF = sharding.constrain(self.rows_of(self.table[...], ids_BxL, self.vocab_size, self.dtype), act)
         if edit is None:
             return u_BxLxF
         B, L, M = edit.ids_BxLxM.shape
-        rows_BxLMxF = lookup(self.table[...], edit.ids_BxLxM.reshape(B, L * M), self.lookup_mode, self.dtype)
+        rows_BxLMxF = self.rows_of(self.table[...], edit.ids_BxLxM.reshape(B, L * M), self.vocab_size, self.dtype)
         edited_BxLxF = jnp.einsum("blm,blmf->blf", edit.weights_BxLxM.astype(self.dtype),
                                   rows_BxLMxF.reshape(B, L, M, -1))
         return jnp.where(edit.on_S[self.table_index], edited_BxLxF, u_BxLxF)
@@ -123,10 +180,10 @@ class StemFFN(TableFFN):
     """``y = W_down(SiLU(W_gate x) * U[t])``."""
 
     def __init__(self, d_model: int, d_ff: int, vocab_size: int, init_std: float, *, rngs: nnx.Rngs,
-                 table_index: int = 0, dtype=jnp.float32, lookup_mode: str = "shard_map"):
+                 table_index: int = 0, dtype=jnp.float32, rows_of: RowLookup = RowLookup()):
         self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
-        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, lookup_mode)
+        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, rows_of)
 
     def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
                  edit: RowEdit | None = None) -> jax.Array:

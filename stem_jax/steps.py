@@ -25,7 +25,7 @@ from stem_jax import accounting, data, sharding, sparse
 from stem_jax.config import Config
 from stem_jax.model import Transformer, cross_entropy, token_metrics
 from stem_jax.optim import group_norms, make_optimizer, schedule
-from stem_jax.stem import StemRows, lookup
+from stem_jax.stem import StemRows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,11 +114,12 @@ def rows_model(graphdef: Any, backbone: nnx.State, abstract_tables: nnx.State) -
 
 
 def _row_loss_grads(ctx: StepContext, backbone: nnx.State, rows: list[jax.Array], inv_BxL: jax.Array,
-                    batch_BxL1: jax.Array):
+                    batch_BxL1: jax.Array, per_device: bool = False):
     """``(loss, (backbone grads, row grads))`` with the STEM rows given, never the tables."""
     def f(backbone, rows):
         model = rows_model(ctx.graphdef, backbone, ctx.tables.abstract)
-        return cross_entropy(model(batch_BxL1[:, :-1], rows=StemRows(tuple(rows), inv_BxL)), batch_BxL1[:, 1:])
+        stem_rows = StemRows(tuple(rows), inv_BxL, per_device)
+        return cross_entropy(model(batch_BxL1[:, :-1], rows=stem_rows), batch_BxL1[:, 1:])
     return jax.value_and_grad(f, argnums=(0, 1))(backbone, list(rows))
 
 
@@ -134,14 +135,15 @@ def _backbone_update(ctx: StepContext, step: jax.Array, backbone: nnx.State, tx_
 
 
 def sparse_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
-    t = ctx.cfg.train
+    """Each device fetches its own tokens' unique rows from their owners, the loss is differentiated w.r.t.
+    them, and the owners sum the returned gradients and update their rows (``sparse.py``)."""
+    t, m = ctx.cfg.train, ctx.cfg.model
     tables, backbone = sparse.split_tables(state["params"])
-    uniq_U, inv_BxL = sparse.dedup(batch_BxL1[:, :-1], ctx.tables.unique_rows, ctx.tables.rows)
-    rows = [lookup(tb, uniq_U[None], ctx.cfg.model.stem_lookup)[0] for tb in sparse.table_list(tables)]
-    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, backbone, rows, inv_BxL, batch_BxL1)
-    g_rows, stem_norm = sparse.clip(g_rows, t.stem_clip_norm)
-    tables, rows_state, rows_sq = sparse.update(tables, state["opt_state"]["rows"], uniq_U, g_rows,
-                                                sparse.stem_lr(t, state["step"]), t)
+    rows_BxL = sharding.stored_rows(batch_BxL1[:, :-1], m.vocab_size, m.stem_row_layout)
+    rows, inv_BxL, route = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
+    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, backbone, rows, inv_BxL, batch_BxL1, per_device=True)
+    tables, rows_state, rows_sq, stem_norm = sparse.exchange_update(
+        tables, state["opt_state"]["rows"], route, g_rows, sparse.stem_lr(t, state["step"]), t, m.stem_capacity)
     backbone, tx_state, metrics = _backbone_update(ctx, state["step"], backbone, state["opt_state"]["tx"], g_back,
                                                    loss_value, stem_norm, rows_sq)
     return {"params": nnx.merge_state(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from stem_jax import sharding
 from stem_jax.layers import matrix_std, param, project
-from stem_jax.stem import RowEdit, StemRows, TableFFN
+from stem_jax.stem import RowEdit, RowLookup, StemRows, TableFFN
 
 # Knuth's multiplicative constant (2^32 / golden ratio): consecutive ids land on well-spread experts.
 _HASH_MULT = 2654435761
@@ -35,11 +35,11 @@ class StemAdditiveFFN(TableFFN):
     """STEM†: the up-projection is kept and the token row is added to it (more params and FLOPs than STEM)."""
 
     def __init__(self, d_model: int, d_ff: int, vocab_size: int, init_std: float, *, rngs: nnx.Rngs,
-                 table_index: int = 0, dtype=jnp.float32, lookup_mode: str = "shard_map"):
+                 table_index: int = 0, dtype=jnp.float32, rows_of: RowLookup = RowLookup()):
         self.w_gate = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
-        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, lookup_mode)
+        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, rows_of)
 
     def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
                  edit: RowEdit | None = None) -> jax.Array:
@@ -54,10 +54,10 @@ class StemGateFFN(TableFFN):
     """Gate replacement: SiLU of the token row gates ``W_up x``, so the gate no longer sees the context."""
 
     def __init__(self, d_model: int, d_ff: int, vocab_size: int, init_std: float, *, rngs: nnx.Rngs,
-                 table_index: int = 0, dtype=jnp.float32, lookup_mode: str = "shard_map"):
+                 table_index: int = 0, dtype=jnp.float32, rows_of: RowLookup = RowLookup()):
         self.w_up = param(rngs, (d_model, d_ff), ("embed", "mlp"), matrix_std(init_std, d_model))
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
-        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, lookup_mode)
+        super().__init__(rngs, vocab_size, d_ff, table_index, dtype, rows_of)
 
     def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
                  edit: RowEdit | None = None) -> jax.Array:

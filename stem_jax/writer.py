@@ -32,7 +32,8 @@ def describe_run(cfg: Config, mesh: Mesh, counts: ParamCounts, corpus=None) -> N
     else:
         kind = "STEM" if m.ffn == "stem" else m.ffn
         log(f"{kind} layers ({m.stem_layers!r} of {m.n_layers}): {list(layers)}"
-            + ("" if m.ffn == "hash_moe" else f"; lookup={m.stem_lookup}"))
+            + ("" if m.ffn == "hash_moe" else f"; lookup={m.stem_lookup}"
+               + (f" (capacity {m.stem_capacity})" if m.stem_lookup == "exchange" else "")))
         rows = sharding.padded_rows(m.vocab_size, mesh=mesh)
         if rows != m.vocab_size and m.ffn != "hash_moe":
             log(f"STEM tables padded from {m.vocab_size} to {rows} rows (multiple of "

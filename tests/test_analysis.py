@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, mesh_of, script_env, tiny_config
-from stem_jax import analysis, checkpoint, corpus as corpus_lib
+from stem_jax import analysis, checkpoint, corpus as corpus_lib, sharding
 from stem_jax.config import to_dict
 from stem_jax.trainer import Trainer
 from stem_jax.workdir import load_run_config
@@ -119,7 +119,8 @@ def test_angular_spread_matches_the_tables_and_dense_up_outputs(workdirs, models
     freq = np.bincount(np.asarray(corpus.train, np.int64), minlength=cfg.model.vocab_size)
     ids = np.asarray(corpus.val[:W * 32], np.int64).reshape(W, 32)
     tokens = np.array([t for t in np.argsort(-freq, kind="stable")[:40] if t in set(ids.reshape(-1).tolist())])
-    want = analysis.cosine_stats(analysis.pairwise_cosines(np.asarray(model.blocks[1].ffn.table[...])[tokens]))
+    table = sharding.table_by_token(np.asarray(model.blocks[1].ffn.table[...]), cfg.model)
+    want = analysis.cosine_stats(analysis.pairwise_cosines(table[tokens]))
     assert s["layers"]["1"]["stem"] == pytest.approx(want)
     assert s["layers"]["1"]["stem"]["pairs"] == n * (n - 1) // 2
     # Dense side: W_up of the FFN input at each token's first occurrence (or averaged over its occurrences).

@@ -42,9 +42,9 @@ def test_compiles_and_reports(tmp_path, topology, mesh, devices):
     mem = fit["memory_per_device"]
     assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"] > 0
     assert mem["alias"] > 0  # the state is donated
-    # The STEM lookup's reduce-scatter (the batch axes shard the table rows) is in the compiled step.
+    # The STEM lookup's id and row exchange (the batch axes shard the table rows) is in the compiled step.
     coll = fit["collectives"]
-    assert coll["reduce-scatter"]["count"] >= 1 and coll["all-reduce"]["count"] >= 1
+    assert coll["all-to-all"]["count"] >= 1 and coll["all-reduce"]["count"] >= 1
     # No all-reduce as large as a STEM table's [1024, 256] fp32 gradient (the lookup's backward avoids it).
     assert coll["all-reduce"]["largest_bytes"] < 1024 * 256 * 4
     assert fit["hbm_per_device"] == (16 if topology.startswith("v5e") else 95) * 2**30

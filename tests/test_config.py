@@ -70,6 +70,17 @@ def test_resume_allows_and_lists_training_knobs_mesh_and_lookup():
     cfg.train.steps, cfg.train.lr, cfg.train.log_every = 1200, 1e-3, 5
     cfg.mesh.data, cfg.mesh.fsdp, cfg.model.stem_lookup = 2, 4, "xla"
     assert resume_changes(saved, cfg) == [
-        "model.stem_lookup: 'shard_map' -> 'xla'", "train.steps: 600 -> 1200", "train.lr: 0.003 -> 0.001",
+        "model.stem_lookup: 'exchange' -> 'xla'", "train.steps: 600 -> 1200", "train.lr: 0.003 -> 0.001",
         "train.log_every: 20 -> 5", "mesh.data: -1 -> 2", "mesh.fsdp: 1 -> 4"]
     assert resume_changes(saved, Config()) == []
+
+
+def test_configs_saved_before_the_row_layout_read_as_contiguous():
+    saved = to_dict(Config())
+    del saved["model"]["stem_row_layout"]  # a run saved before the field existed stored row t at t
+    assert from_dict(saved).model.stem_row_layout == "contiguous"
+    assert Config().model.stem_row_layout == "spread"  # new runs spread rows over the vocab shards
+    cfg = from_dict(saved)
+    cfg.model.stem_row_layout = "spread"
+    with pytest.raises(ConfigError, match="stem_row_layout"):  # the stored tables would be misread
+        resume_changes(to_dict(from_dict(saved)), cfg)

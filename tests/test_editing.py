@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import mesh_of, tiny_config
-from stem_jax import corpus as corpus_lib, hf
+from stem_jax import corpus as corpus_lib, hf, sharding
 from stem_jax.editing import EditError, Editor, entity_positions, format_comparison, inject, plan_rows
 from stem_jax.sampling import Sampler, SamplingConfig
 from stem_jax.trainer import Trainer
@@ -31,14 +31,15 @@ def _logits(s, params, ids, edit=None):
     return np.asarray(nnx.merge(s.ctx.graphdef, params)(jnp.asarray([ids], jnp.int32), edit=edit))[0]
 
 
-def _swapped(params, pairs, layers=(1, 2)):
-    """A copy of params where, at each layer, row s := row t for (s, rows-of-t) pairs."""
+def _swapped(params, pairs, layers=(1, 2), vocab=1000):
+    """A copy of params where, at each layer, token s's row := token t's for (s, tokens t) pairs."""
     p = jax.tree.map(lambda x: np.array(x), jax.device_get(params))
+    row = lambda t: sharding.stored_rows(np.asarray(t), vocab)  # the tables' stored layout
     for layer in layers:
         table = p["blocks"][layer]["ffn"]["table"].get_value()
         src = table.copy()
         for s, ts in pairs:
-            table[s] = np.mean([src[t] for t in ts], axis=0)
+            table[row(s)] = np.mean([src[row(t)] for t in ts], axis=0)
     return p
 
 

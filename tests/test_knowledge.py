@@ -7,6 +7,7 @@ import re
 import jax
 import numpy as np
 
+from stem_jax import sharding, workdir as workdir_lib
 from stem_jax.experiments import knowledge
 from stem_jax.experiments.knowledge import HELDOUT_PROMPT, PROMPT, TEMPLATES, make_facts, measure, write_corpus
 
@@ -49,6 +50,7 @@ def test_corpus_holds_every_fact_in_every_template_exactly_repeats_times(tmp_pat
 def test_measure_recounts_on_a_tiny_stem_workdir(stem_workdir, monkeypatch):
     from stem_jax.sampling import Sampler
     work = stem_workdir
+    cfg = workdir_lib.load_run_config(work)
     # Words the tiny tokenizer knows; " thouwhat" is two tokens, so the edits to and from it average rows and
     # its prompt is one token longer (the batched top-1 pads the others).
     facts = [("lord", "secret"), ("shall", "number"), ("unto", "thou"), ("thouwhat", "what")]
@@ -94,8 +96,9 @@ def test_measure_recounts_on_a_tiny_stem_workdir(stem_workdir, monkeypatch):
         want, src, tgt = jax.tree.map(np.array, base), countries[i], countries[j]
         tables = [a for path, a in flat(want)[0] if any(getattr(k, "key", None) == "table" for k in path)]
         assert len(tables) == 1  # the workdir's one STEM layer
+        rows = lambda t: sharding.stored_rows(np.asarray(t), cfg.model.vocab_size, cfg.model.stem_row_layout)
         for table_VxF in tables:
-            table_VxF[src] = table_VxF[tgt] if len(src) == len(tgt) else table_VxF[tgt].mean(axis=0)
+            table_VxF[rows(src)] = table_VxF[rows(tgt)] if len(src) == len(tgt) else table_VxF[rows(tgt)].mean(axis=0)
         for a, b in zip(leaves(got), leaves(want)):
             np.testing.assert_array_equal(a, b)
         # Each country occurs once in its prompt, so the edit there equals this injection.

@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("config",),
-    ("sharding",),
+    ("sharding", "exchange"),
     ("layers", "stem", "variants", "model", "accounting", "corpus", "data"),
     ("optim", "sparse", "steps", "offload", "checkpoint", "preemption", "writer"),
     ("trainer", "cli"),

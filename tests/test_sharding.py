@@ -91,8 +91,8 @@ def test_train_step_moves_no_table_sized_data(shape):
     table = ctx.abstract_state["params"]["blocks"][1]["ffn"]["table"]
     rows, width = table.shape
     assert (rows, width) == (1024, 96)
-    # The lookup's own reduce-scatter is there (activations), but nothing table-shaped crosses devices.
-    assert "reduce-scatter" in hlo
+    # The lookup's own exchange is there (ids and rows), but nothing table-shaped crosses devices.
+    assert "all-to-all" in hlo
     assert table_sized_collectives(hlo, _table_row_counts(rows, 8) | {cfg.model.vocab_size}, width) == []
     # The table and its Adam moments stay vocab-sharded.
     assert ctx.state_shardings["params"]["blocks"][1]["ffn"]["table"].get_value().spec == P(("data", "fsdp"), "tensor")

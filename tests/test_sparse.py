@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import mesh_of, tiny_config
-from stem_jax import sparse
+from stem_jax import sharding, sparse
 from stem_jax.config import ConfigError, TrainConfig, validate
 from stem_jax.trainer import Trainer
 
@@ -136,6 +136,40 @@ def test_sparse_step_on_2x2x2_mesh_equals_dense_adamw_on_one_device_when_every_r
     flat_s = dict(jax.tree_util.tree_flatten_with_path(p_s)[0])
     for path, a in flat_d:
         np.testing.assert_allclose(flat_s[path], a, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def _adversarial_batches(cfg, rng):
+    """Inputs that stress the exchange: one id everywhere; ids all stored on one of 8 row shards; all
+    distinct; the first and last ids and shard edges."""
+    V, B, L = cfg.model.vocab_size, cfg.train.batch_size, cfg.model.seq_len + 1
+    stored = sharding.stored_rows(np.arange(V), V)
+    last_shard = np.flatnonzero(stored >= 1024 - 128)
+    edges = np.flatnonzero(np.isin(stored % 128, (0, 127)))[:40]
+    inputs = [np.full(B * L, 7), rng.choice(last_shard, B * L), rng.permutation(V)[:B * L],
+              np.resize(np.concatenate([[0, V - 1], edges]), B * L)]
+    return [x.reshape(B, L).astype(np.int32) for x in inputs]
+
+
+@pytest.fixture(scope="module")
+def adversarial_run():
+    """(config, batches, the sparse run on one device) shared by the mesh cases."""
+    cfg = tiny_config(n_layers=2, stem_layers="1", stem_capacity=0.1)  # 0.1: several exchange rounds per step
+    cfg.train.stem_optimizer = "sparse"
+    batches = _adversarial_batches(cfg, np.random.default_rng(0))
+    return cfg, batches, _train(cfg, (1, 1, 1), batches)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (4, 2, 1)])
+def test_sparse_steps_on_a_mesh_equal_one_device_on_adversarial_batches(adversarial_run, shape):
+    cfg, batches, (p_1, l_1, m_1) = adversarial_run
+    p_n, l_n, m_n = _train(cfg, shape, batches)
+    np.testing.assert_allclose(l_n, l_1, rtol=1e-5)
+    for k in ("stem_grad_norm", "backbone_grad_norm", "param_norm"):
+        np.testing.assert_allclose(m_n[k], m_1[k], rtol=1e-4, err_msg=k)
+    flat_1 = jax.tree_util.tree_flatten_with_path(p_1)[0]
+    flat_n = dict(jax.tree_util.tree_flatten_with_path(p_n)[0])
+    for path, a in flat_1:
+        np.testing.assert_allclose(flat_n[path], a, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.mark.parametrize("change,msg", [

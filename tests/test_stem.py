@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import mesh_of
+from conftest import mesh_of, tiny_config
 from stem_jax import sharding
 from stem_jax.layers import DenseFFN
 from stem_jax.config import stem_layer_indices
@@ -24,7 +24,7 @@ def test_stem_ffn_matches_numpy():
     ids = rng.integers(0, V, size=(2, 5))
     got = np.asarray(ffn(jnp.asarray(x), jnp.asarray(ids)))
     wg, wd, table = (np.asarray(p[...]) for p in (ffn.w_gate, ffn.w_down, ffn.table))
-    want = (silu(x @ wg) * table[ids]) @ wd
+    want = (silu(x @ wg) * table[sharding.stored_rows(ids, V)]) @ wd  # the default "spread" row layout
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     # The output must depend on the looked-up row: a different token changes it.
     ids2 = ids.copy()
@@ -43,10 +43,26 @@ def test_dense_ffn_matches_numpy():
 
 def test_table_init_is_xavier_normal_and_padding_is_zero():
     V, F = 1000, 512
-    t = np.asarray(init_table(jax.random.key(0), V, F, 1024))
-    assert t.shape == (1024, F)
-    np.testing.assert_allclose(t[:V].std(), np.sqrt(2.0 / (V + F)), rtol=0.02)
-    assert np.all(t[V:] == 0)
+    contiguous = np.asarray(init_table(jax.random.key(0), V, F, 1152, "contiguous"))
+    assert contiguous.shape == (1152, F)
+    np.testing.assert_allclose(contiguous[:V].std(), np.sqrt(2.0 / (V + F)), rtol=0.02)
+    assert np.all(contiguous[V:] == 0)
+    # The spread layout stores the same rows, token t's at sharding.stored_rows(t).
+    spread = np.asarray(init_table(jax.random.key(0), V, F, 1152))
+    np.testing.assert_array_equal(spread[sharding.stored_rows(np.arange(1152), V)], contiguous)
+
+
+def test_spread_layout_puts_consecutive_ids_on_different_shards():
+    m = tiny_config(vocab_size=1000).model
+    rows = sharding.stored_rows(np.arange(1152), 1000)
+    assert sorted(rows) == list(range(1152))  # a permutation; rows past 1024 (mesh padding) stay put
+    np.testing.assert_array_equal(rows[1024:], np.arange(1024, 1152))
+    for n in (2, 8, 64, 128):  # equal shards of the 1024 rows: ids t and t + 1 differ, t mod n decides
+        shard = rows[:1024] // (1024 // n)
+        assert len(set(shard[:n])) == n and np.all(shard[:1024 - n] == shard[n:])
+    np.testing.assert_array_equal(sharding.table_by_token(sharding.table_to_stored(np.eye(1152), m), m),
+                                  np.eye(1152))
+    np.testing.assert_array_equal(np.asarray(sharding.stored_rows(jnp.arange(1152), 1000)), rows)  # jax = numpy
 
 
 @pytest.mark.parametrize("spec,n,want", [

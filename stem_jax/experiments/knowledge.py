@@ -108,6 +108,7 @@ def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
     n = len(facts)
     edit_hits, local_kept, local_total, single = 0, 0, 0, 0
     params_host = jax.device_get(sampler.params)
+    row = nnx.merge(sampler.graphdef, params_host).stored_rows  # token ids -> rows of the stored tables
     for i, (c, _) in enumerate(facts):
         j = (i + 1) % n
         e = editor.prepare(prompts[i], c, facts[j][0])
@@ -117,8 +118,8 @@ def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
         injected = jax.tree.map(lambda x: np.array(x), params_host)
         for layer in editor.stem_layers:
             table = injected["blocks"][layer]["ffn"]["table"].get_value()
-            tgt = e.target_ids
-            table[e.source_ids] = np.mean(table[tgt], axis=0) if len(tgt) != len(e.source_ids) else table[tgt]
+            src, tgt = row(np.asarray(e.source_ids)), row(np.asarray(e.target_ids))
+            table[src] = np.mean(table[tgt], axis=0) if len(tgt) != len(src) else table[tgt]
         after = top1(injected, prompts)
         others = np.arange(n) != i
         local_kept += int(np.sum(after[others] == base[others]))

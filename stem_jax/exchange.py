@@ -1,0 +1,155 @@
+"""The row-owner exchange behind ``model.stem_lookup="exchange"``: each device pays for its own tokens only.
+
+Tables are sharded by vocabulary rows over the batch-parallel mesh axes, so the N devices that split the
+batch also split the rows: device d owns stored rows ``[d*v, (d+1)*v)`` (``sharding.stored_rows`` spreads
+frequent tokens over the owners). For its local rows a device
+
+1. deduplicates them (``jnp.unique`` with a static size of ``T`` local tokens);
+2. buckets the unique rows by owner (they come sorted, so each owner's are one contiguous run);
+3. sends each owner its rows through an ``all_to_all`` of ``[N, C]`` slots, ``C = ceil(capacity * T / N)``;
+   the owner gathers them and a second ``all_to_all`` returns them as ``[N, C, d_ff]``;
+4. expands the unique rows back to ``[b, l, d_ff]`` with the inverse index.
+
+A device whose unique rows for some owner exceed ``C`` sends the rest in further rounds; every device runs
+``max over devices of ceil(count / C)`` rounds (one scalar ``pmax``), so nothing is dropped, whatever the
+batch. The backward pass (a ``custom_vjp``) sums each unique row's cotangents locally, sends them to the
+owners by the same routing, and each owner scatter-adds into its own table slice: the table gradient stays
+local and no collective is larger than ``N x C`` rows. Per device, one round moves ``N x C ~ capacity x T``
+rows each way, independent of N. ``fetch`` and ``send_back`` are the same two halves for the sparse table
+optimizer, which exchanges the ids once for all table layers.
+
+Everything has static shapes (``ragged_all_to_all`` does not run on XLA:CPU), so the CPU test suite runs the
+code that runs on a pod.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def slots(local_tokens: int, owners: int, capacity: float) -> int:
+    """Slots per owner and round: ``ceil(capacity * local_tokens / owners)``, at least 1."""
+    return max(1, math.ceil(capacity * local_tokens / owners))
+
+
+class Route(NamedTuple):
+    """Where one device's rows go: its unique rows (sorted, fill ``v * N`` past the table), the inverse
+    index of its tokens, each owner's (start, count) run in the unique rows, and the rounds every device runs."""
+    uniq_T: jax.Array
+    inv_T: jax.Array
+    start_N: jax.Array
+    count_N: jax.Array
+    rounds: jax.Array
+
+
+def route(rows_T: jax.Array, v: int, axes: tuple[str, ...], capacity: float) -> Route:
+    """The route of ``rows_T`` (stored table rows) to owners of ``v`` rows each over mesh ``axes``."""
+    t, n = rows_T.shape[0], jax.lax.axis_size(axes)
+    uniq_T, inv_T = jnp.unique(rows_T, size=t, fill_value=v * n, return_inverse=True)
+    owner_T = uniq_T // v  # fill slots get owner n: no bucket
+    count_N = jnp.zeros(n, jnp.int32).at[owner_T].add(1, mode="drop")
+    start_N = jnp.cumsum(count_N) - count_N
+    rounds = jax.lax.pmax(jnp.max(-(-count_N // slots(t, n, capacity))), axes)
+    return Route(uniq_T.astype(jnp.int32), inv_T.reshape(-1).astype(jnp.int32), start_N, count_N, rounds)
+
+
+def _round_slots(rt: Route, r, c: int):
+    """Positions in the unique rows of round ``r``'s [N, C] send slots, and which slots are in use."""
+    j_NxC = r * c + jnp.arange(c)[None, :]
+    return rt.start_N[:, None] + j_NxC, j_NxC < rt.count_N[:, None]
+
+
+def _requests(rt: Route, pos_NxC, used_NxC, v: int, axes):
+    """Each owner receives, per source, the owner-local rows it must serve (-1 = empty slot)."""
+    n = pos_NxC.shape[0]
+    local = rt.uniq_T[jnp.clip(pos_NxC, 0, rt.uniq_T.shape[0] - 1)] - v * jnp.arange(n, dtype=jnp.int32)[:, None]
+    return jax.lax.all_to_all(jnp.where(used_NxC, local, -1), axes, 0, 0, tiled=True)
+
+
+def _varying(x: jax.Array, axes) -> jax.Array:
+    """``x`` typed as varying over mesh ``axes``, like the loop results it starts (a loop carry keeps one
+    ``shard_map`` type)."""
+    return jax.lax.pcast(x, tuple(axes), to="varying") if axes else x
+
+
+def fetch(tables: list[jax.Array], rt: Route, v: int, axes, capacity: float,
+          dtype) -> tuple[list[jax.Array], jax.Array]:
+    """``([T, F] unique rows of every [v, F] table block in dtype, [v] which of my rows anyone asked for)``.
+    The id exchange of each round serves every table (with no table: only the ids move)."""
+    t, n = rt.uniq_T.shape[0], jax.lax.axis_size(axes)
+    c = slots(t, n, capacity)
+    mesh_axes = jax.sharding.get_abstract_mesh().axis_names
+
+    def one_round(r, carry):
+        rows, asked_v = carry
+        pos_NxC, used_NxC = _round_slots(rt, r, c)
+        want_NxC = _requests(rt, pos_NxC, used_NxC, v, axes)
+        asked_v = asked_v.at[jnp.where(want_NxC >= 0, want_NxC, v)].set(True, mode="drop")
+        out = []
+        for table_vxf, rows_TxF in zip(tables, rows):
+            served = jnp.take(table_vxf, jnp.clip(want_NxC, 0, v - 1), axis=0)
+            served = jnp.where((want_NxC >= 0)[..., None], served, 0).astype(dtype)
+            got_NxCxF = jax.lax.all_to_all(served, axes, 0, 0, tiled=True)
+            out.append(rows_TxF.at[jnp.where(used_NxC, pos_NxC, t)].set(got_NxCxF, mode="drop"))
+        return out, asked_v
+
+    init = ([_varying(jnp.zeros((t, tb.shape[1]), dtype), mesh_axes) for tb in tables],
+            _varying(jnp.zeros(v, bool), axes))
+    return jax.lax.fori_loop(0, rt.rounds, one_round, init)
+
+
+def send_back(grads: list[jax.Array], rt: Route, axes, capacity: float, v: int, slot_v: jax.Array, size: int,
+              dtype) -> list[jax.Array]:
+    """Each table's [T, F] unique-row gradients summed on their owners into ``[size, F]`` accumulators in
+    ``dtype``; owner-local row i lands in slot ``slot_v[i]`` (out of range: dropped)."""
+    t, n = rt.uniq_T.shape[0], jax.lax.axis_size(axes)
+    c = slots(t, n, capacity)
+    mesh_axes = jax.sharding.get_abstract_mesh().axis_names
+
+    def one_round(r, accs):
+        pos_NxC, used_NxC = _round_slots(rt, r, c)
+        want_NxC = _requests(rt, pos_NxC, used_NxC, v, axes)
+        at_NxC = jnp.where(want_NxC >= 0, slot_v[jnp.clip(want_NxC, 0, v - 1)], size)
+        out = []
+        for g_TxF, acc in zip(grads, accs):
+            send = jnp.where(used_NxC[..., None], g_TxF[jnp.clip(pos_NxC, 0, t - 1)], 0)
+            got_NxCxF = jax.lax.all_to_all(send, axes, 0, 0, tiled=True)
+            out.append(acc.at[at_NxC].add(got_NxCxF.astype(dtype), mode="drop"))
+        return out
+
+    init = [_varying(jnp.zeros((size, g.shape[1]), dtype), mesh_axes) for g in grads]
+    return jax.lax.fori_loop(0, rt.rounds, one_round, init)
+
+
+def _forward(table_vxf, rows_bxl, axes, capacity, dtype):
+    rt = route(rows_bxl.reshape(-1), table_vxf.shape[0], axes, capacity)
+    (rows_TxF,), _ = fetch([table_vxf], rt, table_vxf.shape[0], axes, capacity, dtype)
+    return jnp.take(rows_TxF, rt.inv_T, axis=0).reshape(*rows_bxl.shape, -1), rt
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def exchange_rows(table_vxf: jax.Array, rows_bxl: jax.Array, axes: tuple[str, ...], capacity: float,
+                  dtype) -> jax.Array:
+    """Rows ``table[rows]`` for this device's stored rows, inside a ``shard_map`` whose ``axes`` split both
+    the table rows and the batch. Returns [b, l, d_ff] in ``dtype``."""
+    return _forward(table_vxf, rows_bxl, axes, capacity, dtype)[0]
+
+
+def _fwd(table_vxf, rows_bxl, axes, capacity, dtype):
+    out, rt = _forward(table_vxf, rows_bxl, axes, capacity, dtype)
+    return out, (rt, jnp.zeros((table_vxf.shape[0], 0), table_vxf.dtype))  # the table's rows and dtype
+
+
+def _bwd(axes, capacity, dtype, saved, g_bxlxf):
+    rt, like_vx0 = saved
+    v, t = like_vx0.shape[0], rt.inv_T.shape[0]
+    g_TxF = jax.ops.segment_sum(g_bxlxf.reshape(t, -1), rt.inv_T, num_segments=t)  # duplicates summed locally
+    (grad_vxf,) = send_back([g_TxF], rt, axes, capacity, v, jnp.arange(v), v, like_vx0.dtype)
+    return grad_vxf, None
+
+
+exchange_rows.defvjp(_fwd, _bwd)
