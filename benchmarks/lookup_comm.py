@@ -125,10 +125,10 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
 
 
 def lookup_program(mesh: jax.sharding.Mesh, mode: str, batch: int = B, length: int = L, vocab: int = V,
-                   d_ff: int = F, dtype=jnp.float32):
+                   d_ff: int = F, dtype=jnp.float32, capacity: float = config.EXCHANGE_CAPACITY):
     """The compiled lookup forward and its VJP (the table gradient), sharded by the rules; rows in ``dtype``."""
     def fwd_bwd(table, ids, cot):
-        rows, pull = jax.vjp(lambda t: stem.lookup(t, ids, mode, dtype), table)
+        rows, pull = jax.vjp(lambda t: stem.lookup(t, ids, mode, dtype, capacity), table)
         return rows, pull(cot)[0]  # rows are returned so XLA cannot drop the forward
 
     table = sharding.named(mesh, ("stem_vocab", "stem_dff"))
@@ -156,7 +156,8 @@ def largest_collective(n_devices: int, mode: str, local_batch: int = 2, length: 
     return max(c.result_bytes for c in collectives(hlo)), 2 * local_batch * length * d_ff * 4
 
 
-def sparse_table_program(mesh: jax.sharding.Mesh, path: str, batch: int, length: int, vocab: int, d_ff: int):
+def sparse_table_program(mesh: jax.sharding.Mesh, path: str, batch: int, length: int, vocab: int, d_ff: int,
+                         capacity: float = config.EXCHANGE_CAPACITY):
     """The compiled table half of a sparse-optimizer step: fetch the batch's rows and apply gradients to
     them (a stand-in gradient, ``rows / 2``, so no backbone runs). ``path``: "exchange" (``steps.sparse_step``:
     per-device dedup, rows fetched from and gradients returned to their owners) or "replicated" (the step
@@ -171,8 +172,8 @@ def sparse_table_program(mesh: jax.sharding.Mesh, path: str, batch: int, length:
     def step(tables, state, rows_BxL):
         lr = jnp.float32(1e-3)
         if path == "exchange":
-            rows, _, route = sparse.fetch_rows(tables, rows_BxL, 0.5)
-            return sparse.exchange_update(tables, state, route, [r / 2 for r in rows], lr, t, 0.5)[:2]
+            rows, _, route = sparse.fetch_rows(tables, rows_BxL, capacity)
+            return sparse.exchange_update(tables, state, route, [r / 2 for r in rows], lr, t, capacity)[:2]
         n_rows = sparse.table_list(tables)[0].shape[0]
         uniq_U, _ = sparse.dedup(rows_BxL, sparse.unique_size(rows_BxL.size, n_rows), n_rows)
         rows = [stem.lookup(tb, uniq_U[None], "shard_map")[0] for tb in sparse.table_list(tables)]
@@ -193,17 +194,23 @@ LOCAL_B, LOCAL_L = 2, 128  # per-device batch
 SCALE_SHAPES = ((8192, 512, "float32"), (8192, 8192, "bfloat16"))  # (vocab, d_ff, row dtype)
 
 
+SCALE_CAPACITY = 0.5  # capacity * local tokens / N is a whole number of slots at every N here
+
+
 def scaling_row(n: int) -> list[dict]:
     """Per-device figures of every program at ``n`` devices (mesh (n, 1, 1), batch 2 x 128 per device)."""
     mesh = sharding.make_mesh((n, 1, 1), jax.devices()[:n])
     out = []
     for vocab, d_ff, dtype in SCALE_SHAPES:
-        for mode in ("exchange", "shard_map"):
-            c = lookup_program(mesh, mode, LOCAL_B * n, LOCAL_L, vocab, d_ff, jnp.dtype(dtype))
-            out.append(_figures(c, n, "lookup", mode, vocab, d_ff, dtype))
+        for mode, cap in (("exchange", SCALE_CAPACITY), ("exchange", config.EXCHANGE_CAPACITY), ("shard_map", 0)):
+            if cap == config.EXCHANGE_CAPACITY and dtype != "float32":
+                continue
+            c = lookup_program(mesh, mode, LOCAL_B * n, LOCAL_L, vocab, d_ff, jnp.dtype(dtype), cap or 1.0)
+            out.append(_figures(c, n, "lookup", f"exchange, capacity {cap}" if cap else mode, vocab, d_ff, dtype))
     for path in ("exchange", "replicated"):
-        c = sparse_table_program(mesh, path, LOCAL_B * n, LOCAL_L, 8192, 512)
-        out.append(_figures(c, n, "sparse table step", path, 8192, 512, "float32"))
+        c = sparse_table_program(mesh, path, LOCAL_B * n, LOCAL_L, 8192, 512, SCALE_CAPACITY)
+        name = f"exchange, capacity {SCALE_CAPACITY}" if path == "exchange" else path
+        out.append(_figures(c, n, "sparse table step", name, 8192, 512, "float32"))
     return out
 
 
@@ -343,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         "the full d_ff. It is the ring cost of one reduce-scatter (or all-gather) of the [tokens, d_ff] rows, "
         "i.e. moving every row once; forward + backward move rows one way and their cotangents back, so 2.00 "
         "means both directions are at that figure. The masked gather (`shard_map`) moves the whole batch's rows "
-        "(most of them zeros); `exchange` moves its slots, `capacity` (0.5) x the local tokens' rows each way, "
+        "(most of them zeros); `exchange` moves its slots, `capacity` x the local tokens' rows each way, "
         "whatever the batch held (compiled shapes; real batches may need more rounds, see below). XLA:CPU "
         "upcasts bfloat16 collectives to float32 (convert fusions around the all-to-all), so bfloat16 rows "
         "below count 4 bytes each here.",
@@ -354,12 +361,13 @@ def main(argv: list[str] | None = None) -> None:
         "", "## Scaling in N at a fixed per-device batch",
         "",
         f"Each device holds {LOCAL_B} x {LOCAL_L} = {LOCAL_B * LOCAL_L} tokens; meshes (N, 1, 1) of fake CPU devices, "
-        "each N compiled in its own process. *lookup*: `stem.lookup` forward + VJP, default capacity 0.5. "
+        "each N compiled in its own process. *lookup*: `stem.lookup` forward + VJP. "
         "*sparse table step*: the table half of the sparse-optimizer step (`sparse_table_program`: fetch the "
         "rows, apply a stand-in gradient), table 8192 x 512 float32. *minimum*: `2 x local tokens x d_ff x "
         "bytes x (N-1)/N`, every local token's row moved once each way. *local rows*: `local tokens x d_ff x "
         "bytes`. Compiled, not run: the wire bytes are one round of the exchange; real batches need the "
-        "rounds of the next table.",
+        "rounds of the next table. Slots per owner round up (`ceil(capacity x 256 / N)`): at capacity 0.3 "
+        "that is 10, 5, 3 and 2 slots for N = 8 ... 64, so its bytes grow where 0.3 x 256 / N is not whole.",
         "", *scaling_table(_scaling_rows()),
         "", "## Real batches: rounds of the exchange", "",
         f"The routing rule of `exchange.route` applied in numpy to 20 random global batches of the embedded "

@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                   # tiny preset shape, fp32, all local devices
     python benchmarks/step_time.py --dtype bfloat16 --out benchmarks/step_time.md
+    python benchmarks/step_time.py --against shard_map   # STEM-full, default lookup vs the masked gather
 
 Each pair times one dense step and one STEM-full step back to back (the order alternates from pair to pair),
 so a neighbour's load that comes and goes hits both sides of a pair alike. The ratio is taken per pair and
@@ -32,6 +33,8 @@ def _define(fv: flags.FlagValues, _command) -> None:
                          "forward + backward.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.", flag_values=fv)
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=fv)
+    flags.DEFINE_enum("against", "dense", ["dense", "shard_map", "xla"], "The other side of each pair: the dense "
+                      "twin, or STEM-full with that lookup mode instead of the default.", flag_values=fv)
     flags.DEFINE_string("out", "", "Also write the markdown table to this file (default: print it only).",
                         flag_values=fv)
 
@@ -41,8 +44,11 @@ def main(argv: list[str] | None = None) -> None:
 
     base = tiny.get_config()
     base.model = dataclasses.replace(base.model, dtype=args.dtype, vocab_size=args.vocab)
-    variants = {"dense": dataclasses.replace(base.model, ffn="dense"),
-                "stem-full": dataclasses.replace(base.model, ffn="stem", stem_layers="full")}
+    stem_full = dataclasses.replace(base.model, ffn="stem", stem_layers="full")
+    other = (dataclasses.replace(base.model, ffn="dense") if args.against == "dense"
+             else dataclasses.replace(stem_full, stem_lookup=args.against))
+    other_name = "dense" if args.against == "dense" else f"stem-full, lookup={args.against}"
+    variants = {other_name: other, "stem-full": stem_full}
     mesh = sharding.make_mesh(base.mesh.shape)
     rng = np.random.default_rng(0)
     B, L = base.train.batch_size, base.model.seq_len
@@ -76,11 +82,11 @@ def main(argv: list[str] | None = None) -> None:
 
     for kind, fn in (("times", train), ("grad_times", fwd_bwd_only)):
         for i in range(args.pairs):
-            for name in (("dense", "stem-full") if i % 2 == 0 else ("stem-full", "dense")):
+            for name in ((other_name, "stem-full") if i % 2 == 0 else ("stem-full", other_name)):
                 t0 = time.perf_counter()
                 fn(runs[name])
                 runs[name][kind].append(time.perf_counter() - t0)
-    ratio = {kind: [s_ / d_ for s_, d_ in zip(runs["stem-full"][kind], runs["dense"][kind])]
+    ratio = {kind: [s_ / d_ for s_, d_ in zip(runs["stem-full"][kind], runs[other_name][kind])]
              for kind in ("times", "grad_times")}
 
     step = {k: statistics.median(r["times"]) for k, r in runs.items()}
@@ -100,11 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     for k in runs:
         lines.append(f"| {k} | {params[k].total / 1e6:.2f}M | {params[k].active / 1e6:.2f}M | "
                      f"{step[k] * 1e3:.1f} | {B * L / step[k]:,.0f} | {fwd_bwd[k] * 1e3:.1f} | {flops[k] / 1e6:.2f} |")
-    lines += ["", "| STEM-full / dense, per pair | median | 10th-90th percentile |", "|---|---|---|"]
+    lines += ["", f"| STEM-full / {other_name}, per pair | median | 10th-90th percentile |", "|---|---|---|"]
     for kind, label in (("times", "train-step time"), ("grad_times", "fwd+bwd time")):
         p10, p50, p90 = np.percentile(ratio[kind], [10, 50, 90])
         lines.append(f"| {label} | {p50:.3f} | {p10:.3f}-{p90:.3f} |")
-    lines.append(f"| model FLOPs | {flops['stem-full'] / flops['dense']:.3f} | |")
+    lines.append(f"| model FLOPs | {flops['stem-full'] / flops[other_name]:.3f} | |")
     text = "\n".join(lines)
     print(text)
     if args.out:

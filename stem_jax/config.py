@@ -15,6 +15,9 @@ TABLE_OPTIMIZERS = ("dense", "sparse")
 # reduce-scatter) or "xla" (XLA-partitioned gather, the reference): stem.lookup.
 LOOKUP_MODES = ("exchange", "shard_map", "xla")
 ROW_LAYOUTS = ("spread", "contiguous")
+# Default exchange slots per round, as a fraction of a device's tokens: one round for batches whose distinct
+# ids are at most ~30 % of their tokens (2 x 4096 tokens of the embedded corpus hold 20 %: docs/sharding.md).
+EXCHANGE_CAPACITY = 0.3
 # The value a field had before it existed: a saved config without it reads as this.
 LEGACY = {("model", "stem_row_layout"): "contiguous"}
 RATIO_STRIDE = {"1/3": 3, "1/2": 2}
@@ -82,7 +85,7 @@ class ModelConfig:
     # "shard_map": masked gather of the whole batch + reduce-scatter; "xla": XLA's partitioned gather.
     stem_lookup: str = "exchange"
     # exchange: id/row slots per round as a fraction of a device's tokens (more rounds run if needed).
-    stem_capacity: float = 0.5
+    stem_capacity: float = EXCHANGE_CAPACITY
     # Where token t's row is stored: "spread" puts consecutive ids (BPE's most frequent are the smallest) on
     # different vocab shards (sharding.stored_rows); "contiguous" stores row t at t (runs saved before spread
     # existed read as contiguous). Fixed for the life of a run.

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from stem_jax import sharding
-from stem_jax.config import LOOKUP_MODES
+from stem_jax.config import EXCHANGE_CAPACITY, LOOKUP_MODES
 from stem_jax.exchange import exchange_rows
 from stem_jax.layers import matrix_std, param, project
 
@@ -55,7 +55,7 @@ class RowEdit:
 
 
 def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "exchange", dtype=jnp.float32,
-           capacity: float = 0.5) -> jax.Array:
+           capacity: float = EXCHANGE_CAPACITY) -> jax.Array:
     """Rows ``table[ids]`` as [B, L, F] in ``dtype``, batch-sharded like the ids.
 
     ``exchange`` sends each device's unique ids to their owners and gets the rows back (``exchange.py``;
@@ -105,7 +105,7 @@ class RowLookup:
     """How a table layer reads rows: ``mode`` and ``capacity`` of ``lookup``, ``layout`` of the stored rows
     (``model.stem_row_layout``, see ``sharding.stored_rows``)."""
     mode: str = "exchange"
-    capacity: float = 0.5
+    capacity: float = EXCHANGE_CAPACITY
     layout: str = "spread"
 
     @classmethod
