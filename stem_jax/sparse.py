@@ -23,8 +23,9 @@ device's own ids and fetches their rows from the owners; after the backward, ``e
 device's row gradients to the owners, which sum them per row (a row read by several devices gets one
 gradient, as in the dense step), clip with the global norm and apply ``adamw_rows``. No [U, d_ff] array is
 replicated over the batch axes: the collectives hold ``N x C`` rows (``exchange.slots``) whatever the batch,
-and an owner's row blocks have ``min(its rows, N x local tokens)`` slots. ``update`` (rows given on every
-device) serves host offload, which deduplicates the global batch on the host.
+and an owner's row blocks have ``min(its rows, N x local tokens)`` slots. Host offload runs the same exchange
+on staged per-owner blocks (``offload.py``). ``update`` applies the rule to rows that every device holds
+(the unit the tests check against numpy and optax; the benchmark's control for the replicated layout).
 """
 from __future__ import annotations
 

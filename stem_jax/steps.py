@@ -3,8 +3,8 @@
 - ``dense_step``: optax AdamW over every parameter, the STEM tables as their own group (``optim.py``);
 - ``sparse_step``: the backbone through optax, the tables by row-wise AdamW over the batch's unique rows
   (``train.stem_optimizer=sparse``; the row optimizer is ``sparse.py``);
-- ``offload_step``: the device half of ``sparse_step`` when the tables live in host memory: the rows arrive
-  staged by ``offload.py`` and the new rows go back to it.
+- ``offload_step``: ``sparse_step`` when the tables live in host memory: the batch's rows arrive staged by
+  ``offload.py`` in per-owner blocks, the exchange runs on them, and the new blocks go back to it.
 
 The trainer loop (``trainer.py``) jits one of them with the context's shardings and donates the state.
 """
@@ -33,7 +33,6 @@ class TableLayout:
     """The STEM tables as the steps see them."""
     abstract: nnx.State   # shapes of every table (empty without tables)
     rows: int             # padded rows of each table (0 without tables)
-    unique_rows: int      # static unique-id slots of one batch (the sparse optimizer's row blocks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +78,7 @@ def make_context(cfg: Config, mesh: Mesh) -> StepContext:
         state_shardings = sharding.tables_on_host(state_shardings)
     tables = sparse.split_tables(abstract_params)[0]
     rows = sparse.table_list(tables)[0].shape[0] if sparse.table_list(tables) else 0  # none for hash_moe
-    layout = TableLayout(tables, rows, sparse.unique_size(cfg.train.batch_size * cfg.model.seq_len, rows))
+    layout = TableLayout(tables, rows)
     return StepContext(cfg, mesh, graphdef, tx, abstract_state, state_shardings,
                        sharding.batch_sharding(mesh, cfg.train.batch_size), layout, model.stem_layers,
                        accounting.count_params(abstract_params, cfg.model))
@@ -150,23 +149,25 @@ def sparse_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[d
             "step": state["step"] + 1}, metrics
 
 
-def offload_step(ctx: StepContext, dev: dict, rows: list[jax.Array], uniq_U: jax.Array, inv_BxL: jax.Array,
+def offload_step(ctx: StepContext, dev: dict, blocks: list[jax.Array], rows_BxL: jax.Array,
                  batch_BxL1: jax.Array) -> tuple[dict, dict, list[jax.Array]]:
-    """``sparse_step`` on staged rows: ``dev`` holds ``backbone``, ``tx`` and ``step``; ``rows`` are the
-    parameters, then mu, nu and count of every table at ``uniq_U`` (``offload.host_arrays`` order). Returns
-    the new device state, the metrics and the new rows in the same order."""
-    t, n = ctx.cfg.train, len(rows) // 4
-    p, m, v, c = rows[:n], rows[n:2 * n], rows[2 * n:3 * n], rows[3 * n:]
-    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, dev["backbone"], p, inv_BxL, batch_BxL1)
-    g_rows, stem_norm = sparse.clip(g_rows, t.stem_clip_norm)
-    lr = sparse.stem_lr(t, dev["step"])
-    new = [sparse.adamw_rows(*x, g, lr, t) for x, g in zip(zip(p, m, v, c), g_rows)]
-    real_U = (uniq_U < ctx.tables.rows)[:, None]  # fill slots are not rows of the table
-    rows_sq = sum(jnp.sum(jnp.where(real_U, jnp.square(r[0]), 0.0)) for r in new)
+    """``sparse_step`` on rows staged from host memory: ``dev`` holds ``backbone``, ``tx`` and ``step``;
+    ``blocks`` are the staged parameters, then mu, nu and count of every table (``offload.host_arrays``
+    order), laid out like the tables but holding only the batch's rows: owner d's block holds the rows d
+    would own. ``rows_BxL`` indexes them. The exchange runs on these blocks as it runs on the tables. Returns
+    the new device state, the metrics and the new blocks in the same order."""
+    t, m, n = ctx.cfg.train, ctx.cfg.model, len(blocks) // 4
+    tables = sparse.with_tables(ctx.tables.abstract, blocks[:n])
+    state = {k: sparse.with_tables(ctx.abstract_state["opt_state"]["rows"][k], blocks[(i + 1) * n:(i + 2) * n])
+             for i, k in enumerate(("mu", "nu", "count"))}
+    rows, inv_BxL, route = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
+    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, dev["backbone"], rows, inv_BxL, batch_BxL1, per_device=True)
+    tables, state, rows_sq, stem_norm = sparse.exchange_update(tables, state, route, g_rows,
+                                                               sparse.stem_lr(t, dev["step"]), t, m.stem_capacity)
     backbone, tx_state, metrics = _backbone_update(ctx, dev["step"], dev["backbone"], dev["tx"], g_back,
                                                    loss_value, stem_norm, rows_sq)
-    return ({"backbone": backbone, "tx": tx_state, "step": dev["step"] + 1}, metrics,
-            [r[i] for i in range(4) for r in new])
+    new = sparse.table_list(tables) + [a for k in ("mu", "nu", "count") for a in sparse.table_list(state[k])]
+    return {"backbone": backbone, "tx": tx_state, "step": dev["step"] + 1}, metrics, new
 
 
 def train_step_fn(ctx: StepContext) -> Callable:

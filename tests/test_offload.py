@@ -31,6 +31,29 @@ def test_patch_replaces_exactly_the_shared_ids():
     np.testing.assert_array_equal(out[1], [0, 11, 0, 12])
 
 
+def test_owner_blocks_group_each_row_with_its_owner_and_patch_within_blocks():
+    rows = np.array([[900, 3, 7, 3], [130, 7, 1023, 256]], np.int32)  # 4 owners of 256 rows in a 1024-row table
+    uniq, at = offload.owner_blocks(rows, 1024, 4, cap=256)
+    blocks = uniq.reshape(4, -1)
+    assert blocks.shape == (4, 64)  # the largest owner holds 3 rows: MIN_BUCKET slots each
+    np.testing.assert_array_equal(uniq[at], rows)
+    for d, block in enumerate(blocks):
+        real = block[block < 1024]
+        np.testing.assert_array_equal(real, np.unique(rows[rows // 256 == d]))  # sorted, owner d's rows only
+        assert np.all(block[len(real):] == 1024)
+    # Patching blockwise equals patching the whole list where the other list holds the same rows per owner.
+    new_uniq, _ = offload.owner_blocks(np.array([[3, 1023, 512]], np.int32), 1024, 4, cap=256)
+    vals = np.arange(len(uniq), dtype=np.float32)
+    new_vals = 1000 + np.arange(len(new_uniq), dtype=np.float32)
+    (got,) = offload.patch_blocks(4, jnp.asarray(uniq), [jnp.asarray(vals)], jnp.asarray(new_uniq),
+                                  [jnp.asarray(new_vals)])
+    want = vals.copy()
+    for row in (3, 1023):  # shared by both lists; 512 is only in the new one
+        want[np.flatnonzero(uniq == row)] = new_vals[np.flatnonzero(new_uniq == row)]
+    real = uniq < 1024  # fill slots match each other and are never read
+    np.testing.assert_array_equal(np.asarray(got)[real], want[real])
+
+
 def test_offload_needs_host_memory_and_one_process():
     class NoHost:
         platform = "fakeaccel"
