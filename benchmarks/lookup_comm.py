@@ -195,6 +195,7 @@ SCALE_SHAPES = ((8192, 512, "float32"), (8192, 8192, "bfloat16"))  # (vocab, d_f
 
 
 SCALE_CAPACITY = 0.5  # capacity * local tokens / N is a whole number of slots at every N here
+LONG_B, LONG_L = 2, 4096
 
 
 def scaling_row(n: int) -> list[dict]:
@@ -211,12 +212,17 @@ def scaling_row(n: int) -> list[dict]:
         c = sparse_table_program(mesh, path, LOCAL_B * n, LOCAL_L, 8192, 512, SCALE_CAPACITY)
         name = f"exchange, capacity {SCALE_CAPACITY}" if path == "exchange" else path
         out.append(_figures(c, n, "sparse table step", name, 8192, 512, "float32"))
+    # The paper's per-device batch (512 x 4096 over 256 chips) at the default capacity.
+    c = lookup_program(mesh, "exchange", LONG_B * n, LONG_L, 8192, 512, jnp.float32, config.EXCHANGE_CAPACITY)
+    out.append(_figures(c, n, f"lookup, {LONG_B} x {LONG_L} per device", f"exchange, capacity "
+                        f"{config.EXCHANGE_CAPACITY}", 8192, 512, "float32", LONG_B * LONG_L))
     return out
 
 
-def _figures(compiled, n: int, program: str, mode: str, vocab: int, d_ff: int, dtype: str) -> dict:
+def _figures(compiled, n: int, program: str, mode: str, vocab: int, d_ff: int, dtype: str,
+             tokens: int = LOCAL_B * LOCAL_L) -> dict:
     cs = collectives(compiled.as_text())
-    tokens, width = LOCAL_B * LOCAL_L, jnp.dtype(dtype).itemsize
+    width = jnp.dtype(dtype).itemsize
     return {"n": n, "program": program, "mode": mode, "vocab": vocab, "d_ff": d_ff, "dtype": dtype,
             "wire": sum(c.wire_bytes for c in cs), "largest": max((c.result_bytes for c in cs), default=0),
             "temp": compiled.memory_analysis().temp_size_in_bytes,
