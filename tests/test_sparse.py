@@ -127,15 +127,18 @@ def test_sparse_step_on_2x2x2_mesh_equals_dense_adamw_on_one_device_when_every_r
     dense = tiny_config(vocab_size=128, n_layers=2, stem_layers="1")  # 128 ids <= 8 x 16 input positions, no padding rows
     sparse_cfg = dataclasses.replace(dense, train=dataclasses.replace(dense.train, stem_optimizer="sparse"))
     batches = _batches(128, 2, dense.train.batch_size, dense.model.seq_len, np.random.default_rng(0))
-    p_d, l_d, m_d = _train(dense, (1, 1, 1), batches)
-    p_s, l_s, m_s = _train(sparse_cfg, (2, 2, 2), batches)
-    np.testing.assert_allclose(l_s, l_d, rtol=1e-6)
+    _assert_same_training(_train(sparse_cfg, (2, 2, 2), batches), _train(dense, (1, 1, 1), batches), 1e-6, 1e-5)
+
+
+def _assert_same_training(got, want, loss_rtol: float, norm_rtol: float) -> None:
+    """Two ``_train`` results agree: losses, the last step's norms, and every parameter."""
+    (p_got, l_got, m_got), (p_want, l_want, m_want) = got, want
+    np.testing.assert_allclose(l_got, l_want, rtol=loss_rtol)
     for k in ("stem_grad_norm", "backbone_grad_norm", "param_norm"):
-        np.testing.assert_allclose(m_s[k], m_d[k], rtol=1e-5, err_msg=k)
-    flat_d = jax.tree_util.tree_flatten_with_path(p_d)[0]
-    flat_s = dict(jax.tree_util.tree_flatten_with_path(p_s)[0])
-    for path, a in flat_d:
-        np.testing.assert_allclose(flat_s[path], a, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(m_got[k], m_want[k], rtol=norm_rtol, err_msg=k)
+    flat_got = dict(jax.tree_util.tree_flatten_with_path(p_got)[0])
+    for path, a in jax.tree_util.tree_flatten_with_path(p_want)[0]:
+        np.testing.assert_allclose(flat_got[path], a, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def _adversarial_batches(cfg, rng):
@@ -161,15 +164,8 @@ def adversarial_run():
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (4, 2, 1)])
 def test_sparse_steps_on_a_mesh_equal_one_device_on_adversarial_batches(adversarial_run, shape):
-    cfg, batches, (p_1, l_1, m_1) = adversarial_run
-    p_n, l_n, m_n = _train(cfg, shape, batches)
-    np.testing.assert_allclose(l_n, l_1, rtol=1e-5)
-    for k in ("stem_grad_norm", "backbone_grad_norm", "param_norm"):
-        np.testing.assert_allclose(m_n[k], m_1[k], rtol=1e-4, err_msg=k)
-    flat_1 = jax.tree_util.tree_flatten_with_path(p_1)[0]
-    flat_n = dict(jax.tree_util.tree_flatten_with_path(p_n)[0])
-    for path, a in flat_1:
-        np.testing.assert_allclose(flat_n[path], a, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+    cfg, batches, one_device = adversarial_run
+    _assert_same_training(_train(cfg, shape, batches), one_device, 1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("change,msg", [
