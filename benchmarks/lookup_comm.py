@@ -165,15 +165,16 @@ def sparse_table_program(mesh: jax.sharding.Mesh, path: str, batch: int, length:
     t = TrainConfig()
 
     def make():
-        table = nnx.Param(jnp.zeros((sharding.padded_rows(vocab, mesh=mesh), d_ff)), logical_axes=("stem_vocab", "stem_dff"))
+        table = nnx.Param(jnp.zeros((sharding.padded_rows(vocab, mesh=mesh), d_ff)),
+                          logical_axes=("stem_vocab", "stem_dff"))
         tables = nnx.State({"ffn": {"table": table}})
         return tables, sparse.init_state(tables)
 
     def step(tables, state, rows_BxL):
         lr = jnp.float32(1e-3)
         if path == "exchange":
-            rows, _, route = sparse.fetch_rows(tables, rows_BxL, capacity)
-            return sparse.exchange_update(tables, state, route, [r / 2 for r in rows], lr, t, capacity)[:2]
+            rows, _, route, asked_V = sparse.fetch_rows(tables, rows_BxL, capacity)
+            return sparse.exchange_update(tables, state, route, asked_V, [r / 2 for r in rows], lr, t, capacity)[:2]
         n_rows = sparse.table_list(tables)[0].shape[0]
         uniq_U, _ = sparse.dedup(rows_BxL, sparse.unique_size(rows_BxL.size, n_rows), n_rows)
         rows = [stem.lookup(tb, uniq_U[None], "shard_map")[0] for tb in sparse.table_list(tables)]

@@ -75,7 +75,7 @@ class RowCache:
     """``capacity`` rows of each STEM table on the device, filled from the host tables on a miss."""
 
     def __init__(self, host_tables: list[jax.Array], capacity: int, max_batch: int,
-                 stored_rows: Callable[[np.ndarray], np.ndarray] = lambda ids: ids):
+                 stored_rows: Callable[[np.ndarray], np.ndarray]):
         """``stored_rows`` maps token ids to rows of the host tables (``Transformer.stored_rows``)."""
         self.lfu, self.stored_rows = LFUCache(capacity), stored_rows
         self.host, self.max_batch, self.fill_id = host_tables, max_batch, host_tables[0].shape[0]

@@ -113,10 +113,10 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(D, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
-
     def stored_rows(self, ids):
         """The rows of this model's stored STEM tables that hold tokens ``ids`` (``sharding.stored_rows``)."""
         return sharding.stored_rows(ids, self.cfg.vocab_size, self.cfg.stem_row_layout)
+
     def __call__(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None) -> jax.Array:
         """``rows``: pre-gathered STEM rows, read instead of the tables; ``edit``: a STEM row override
         (``stem.StemRows``, ``stem.RowEdit``)."""

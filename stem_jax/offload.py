@@ -204,7 +204,7 @@ class Offloader:
 
     def _eval_step(self, backbone, blocks: list[jax.Array], at_BxL: jax.Array, batch_BxL1: jax.Array) -> dict:
         staged = sparse.with_tables(self.ctx.tables.abstract, blocks)
-        rows, inv_BxL, _ = sparse.fetch_rows(staged, at_BxL, self.ctx.cfg.model.stem_capacity)
+        rows, inv_BxL, _, _ = sparse.fetch_rows(staged, at_BxL, self.ctx.cfg.model.stem_capacity)
         params = nnx.merge_state(backbone, self.ctx.tables.abstract)  # abstract tables: rows only
         return steps.eval_metrics(self.ctx.graphdef, params, batch_BxL1, rows=StemRows(tuple(rows), inv_BxL, True))
 

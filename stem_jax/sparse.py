@@ -147,32 +147,35 @@ def _exchange_axes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(axes that split the table rows and the batch, axes that split the table columns)."""
     vocab_axes = sharding.mesh_axes("stem_vocab")
     if vocab_axes != sharding.mesh_axes("batch"):
-        raise ValueError(f"the sparse table optimizer exchanges rows over the batch axes {sharding.mesh_axes('batch')}, "
-                         f"which must be the table's row axes {vocab_axes} (sharding.RULES)")
+        raise ValueError(f"the sparse table optimizer exchanges rows over the batch axes "
+                         f"{sharding.mesh_axes('batch')}, which must be the table's row axes {vocab_axes} "
+                         "(sharding.RULES)")
     return vocab_axes, sharding.mesh_axes("stem_dff")
 
 
 def fetch_rows(tables: nnx.State, rows_BxL: jax.Array, capacity: float):
-    """``(rows, inverse_BxL, route)``: every table's unique rows of each device's own tokens (float32, [N*T,
-    d_ff] split over the batch axes, T = local tokens), each device's inverse into its block, and the
-    per-device ``exchange.Route`` (split likewise) that ``exchange_update`` sends the gradients back along."""
+    """``(rows, inverse_BxL, route, asked_V)``: every table's unique rows of each device's own tokens
+    (float32, [N*T, d_ff] split over the batch axes, T = local tokens), each device's inverse into its block,
+    the per-device ``exchange.Route`` (split likewise) that ``exchange_update`` sends the gradients back
+    along, and which table rows anyone asked for (split like the table rows): the rows to update."""
     axes, _ = _exchange_axes()
     tab, batch = sharding.spec(("stem_vocab", "stem_dff")), sharding.spec(("batch", "length"))
     rows_spec, flat = sharding.spec(("batch", "stem_dff")), sharding.spec(("batch",))
 
     def local(tables_, rows_bxl):
         rt = exchange.route(rows_bxl.reshape(-1), tables_[0].shape[0], axes, capacity)
-        fetched, _ = exchange.fetch(tables_, rt, tables_[0].shape[0], axes, capacity, jnp.float32)
-        return fetched, rt.inv_T.reshape(rows_bxl.shape), rt
+        fetched, asked_v = exchange.fetch(tables_, rt, tables_[0].shape[0], axes, capacity, jnp.float32)
+        return fetched, rt.inv_T.reshape(rows_bxl.shape), rt, asked_v
 
     arrays = table_list(tables)
     route_spec = exchange.Route(flat, flat, flat, flat, P())
     return jax.shard_map(local, in_specs=([tab] * len(arrays), batch),
-                         out_specs=([rows_spec] * len(arrays), batch, route_spec))(arrays, rows_BxL)
+                         out_specs=([rows_spec] * len(arrays), batch, route_spec, sharding.spec(("stem_vocab",))))(
+        arrays, rows_BxL)
 
 
-def exchange_update(tables: nnx.State, state: dict, route: exchange.Route, g_rows: list[jax.Array], lr: jax.Array,
-                    t: TrainConfig, capacity: float) -> tuple[nnx.State, dict, jax.Array, jax.Array]:
+def exchange_update(tables: nnx.State, state: dict, route: exchange.Route, asked_V: jax.Array, g_rows: list[jax.Array],
+                    lr: jax.Array, t: TrainConfig, capacity: float) -> tuple[nnx.State, dict, jax.Array, jax.Array]:
     """``update`` for rows fetched by ``fetch_rows``: gradients go back to their owners, which sum them per
     row, clip by the global norm of the summed gradients and update their rows in place.
 
@@ -182,9 +185,8 @@ def exchange_update(tables: nnx.State, state: dict, route: exchange.Route, g_row
     rows_spec, flat = sharding.spec(("batch", "stem_dff")), sharding.spec(("batch",))
     n = len(g_rows)
 
-    def local(p, m, v, c, g, rt, lr):
+    def local(p, m, v, c, g, rt, asked_v, lr):
         v_rows, size = p[0].shape[0], min(p[0].shape[0], jax.lax.axis_size(axes) * rt.uniq_T.shape[0])
-        _, asked_v = exchange.fetch([], rt, v_rows, axes, capacity, jnp.float32)  # ids alone: the rows to update
         slot_v = jnp.where(asked_v, jnp.cumsum(asked_v) - 1, size)
         rows_S = jnp.nonzero(asked_v, size=size, fill_value=v_rows)[0].astype(jnp.int32)
         accs = exchange.send_back(g, rt, axes, capacity, v_rows, slot_v, size, jnp.float32)
@@ -200,10 +202,10 @@ def exchange_update(tables: nnx.State, state: dict, route: exchange.Route, g_row
 
     route_spec = exchange.Route(flat, flat, flat, flat, P())
     (p, m, v, c), sq, norm = jax.shard_map(
-        local, in_specs=([tab] * n, [tab] * n, [tab] * n, [col] * n, [rows_spec] * n, route_spec, P()),
+        local, in_specs=([tab] * n, [tab] * n, [tab] * n, [col] * n, [rows_spec] * n, route_spec, col, P()),
         out_specs=([[tab] * n, [tab] * n, [tab] * n, [col] * n], P(), P()))(
         table_list(tables), table_list(state["mu"]), table_list(state["nu"]), table_list(state["count"]),
-        list(g_rows), route, lr)
+        list(g_rows), route, asked_V, lr)
     new_state = {"mu": with_tables(state["mu"], m), "nu": with_tables(state["nu"], v),
                  "count": with_tables(state["count"], c)}
     return with_tables(tables, p), new_state, sq, norm

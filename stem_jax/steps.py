@@ -139,10 +139,11 @@ def sparse_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[d
     t, m = ctx.cfg.train, ctx.cfg.model
     tables, backbone = sparse.split_tables(state["params"])
     rows_BxL = sharding.stored_rows(batch_BxL1[:, :-1], m.vocab_size, m.stem_row_layout)
-    rows, inv_BxL, route = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
+    rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
     loss_value, (g_back, g_rows) = _row_loss_grads(ctx, backbone, rows, inv_BxL, batch_BxL1, per_device=True)
     tables, rows_state, rows_sq, stem_norm = sparse.exchange_update(
-        tables, state["opt_state"]["rows"], route, g_rows, sparse.stem_lr(t, state["step"]), t, m.stem_capacity)
+        tables, state["opt_state"]["rows"], route, asked_V, g_rows, sparse.stem_lr(t, state["step"]), t,
+        m.stem_capacity)
     backbone, tx_state, metrics = _backbone_update(ctx, state["step"], backbone, state["opt_state"]["tx"], g_back,
                                                    loss_value, stem_norm, rows_sq)
     return {"params": nnx.merge_state(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},
@@ -160,9 +161,9 @@ def offload_step(ctx: StepContext, dev: dict, blocks: list[jax.Array], rows_BxL:
     tables = sparse.with_tables(ctx.tables.abstract, blocks[:n])
     state = {k: sparse.with_tables(ctx.abstract_state["opt_state"]["rows"][k], blocks[(i + 1) * n:(i + 2) * n])
              for i, k in enumerate(("mu", "nu", "count"))}
-    rows, inv_BxL, route = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
+    rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
     loss_value, (g_back, g_rows) = _row_loss_grads(ctx, dev["backbone"], rows, inv_BxL, batch_BxL1, per_device=True)
-    tables, state, rows_sq, stem_norm = sparse.exchange_update(tables, state, route, g_rows,
+    tables, state, rows_sq, stem_norm = sparse.exchange_update(tables, state, route, asked_V, g_rows,
                                                                sparse.stem_lr(t, dev["step"]), t, m.stem_capacity)
     backbone, tx_state, metrics = _backbone_update(ctx, dev["step"], dev["backbone"], dev["tx"], g_back,
                                                    loss_value, stem_norm, rows_sq)

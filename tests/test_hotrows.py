@@ -38,7 +38,8 @@ def test_capacity_errors():
 def test_row_cache_serves_the_host_rows():
     host_sh = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind="pinned_host")
     tables = [np.random.default_rng(i).normal(size=(40, 6)).astype(np.float32) for i in range(2)]
-    cache = hotrows.RowCache([jax.device_put(t, host_sh) for t in tables], capacity=4, max_batch=2)
+    cache = hotrows.RowCache([jax.device_put(t, host_sh) for t in tables], capacity=4, max_batch=2,
+                             stored_rows=lambda ids: ids)  # these tables store row t at t
     rng = np.random.default_rng(0)
     for _ in range(12):
         toks = rng.choice([0, 1, 2, 3, 5, 8, 13, 21, 34], size=2, replace=False)
