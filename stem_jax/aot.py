@@ -40,7 +40,7 @@ from absl import app, flags  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from stem_jax import checkpoint, cli, sharding, steps  # noqa: E402
+from stem_jax import attention, checkpoint, cli, sharding, steps  # noqa: E402
 
 flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5p:2x2x2 (type:shape).", required=True)
 flags.DEFINE_integer("batch_size", None, "Global batch in sequences (default: train.batch_size of the config).",
@@ -123,9 +123,19 @@ def check(cfg, topology: str) -> dict:
     mem = {k: getattr(m, f"{k}_size_in_bytes") for k in ("argument", "output", "temp", "alias", "generated_code")}
     mem["total"] = mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
     hbm = hbm_per_device(kind, topology, len(devices))
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    hlo = compiled.as_text()
     return {"topology": topology, "device_kind": kind, "devices": len(devices), "mesh": dict(mesh.shape),
             "batch_size": cfg.train.batch_size, "seq_len": cfg.model.seq_len, "memory_per_device": mem,
-            "hbm_per_device": hbm, "collectives": collectives(compiled.as_text()),
+            "hbm_per_device": hbm, "collectives": collectives(hlo),
+            "attention": attention.resolve(cfg.model.attention, devices[0].platform, cfg.model.seq_len,
+                                           cfg.model.dtype),
+            "remat": cfg.model.remat, "microbatches": cfg.train.microbatches,
+            # XLA's per-device estimate; loop bodies (the microbatch scan) count once, custom kernels not at all.
+            "cost_per_device": {"flops": float(cost.get("flops", -1)), "bytes": float(cost.get("bytes accessed", -1))},
+            "kernel_calls": hlo.count("custom_call_target=\"tpu_custom_call\""),
+            "host_memory_arrays": len(re.findall(r"\{[^{}]*S\(5\)\}", hlo)),
             "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2)}
 
 
@@ -139,6 +149,10 @@ def report(r: dict) -> None:
     print("collectives in optimized HLO (largest array): " + ", ".join(
         f"{k} {v['count']}" + (f" ({v['largest_bytes'] / 2**20:,.1f} MiB)" if v["count"] else "")
         for k, v in r["collectives"].items()))
+    c = r["cost_per_device"]
+    print(f"attention {r['attention']} ({r['kernel_calls']} kernel calls), remat {r['remat']}, microbatches "
+          f"{r['microbatches']}, host-memory arrays {r['host_memory_arrays']}; XLA cost estimate per device: "
+          f"{c['flops'] / 1e12:,.2f} TFLOP, {c['bytes'] / GiB:,.1f} GiB accessed")
     print(f"lower {r['lower_s']:.1f} s, compile {r['compile_s']:.1f} s: compiles for {r['topology']}")
 
 

@@ -15,6 +15,10 @@ TABLE_OPTIMIZERS = ("dense", "sparse")
 # reduce-scatter) or "xla" (XLA-partitioned gather, the reference): stem.lookup.
 LOOKUP_MODES = ("exchange", "shard_map", "xla")
 ROW_LAYOUTS = ("spread", "contiguous")
+# Per-block rematerialization (model.remat): what a block keeps for the backward pass; model.REMAT_POLICIES.
+REMAT = ("none", "full", "dots", "offload")
+# Attention kernel (model.attention); "auto" picks by the mesh's platform: splash on TPU, cudnn on GPU, xla else.
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 # Default exchange slots per round, as a fraction of a device's tokens: one round for batches whose distinct
 # ids are at most ~30 % of their tokens (2 x 4096 tokens of the embedded corpus hold 20 %: docs/sharding.md).
 EXCHANGE_CAPACITY = 0.3
@@ -99,6 +103,12 @@ class ModelConfig:
     init_std: float = 0.02
     # Compute dtype; parameters stay float32.
     dtype: str = "float32"
+    # What each block saves for the backward pass: "none" (everything), "dots" (matmul outputs without batch
+    # dims: recompute norms, activations and attention), "full" (only the block input; recompute the block),
+    # "offload" (like full, with block inputs in host memory).
+    remat: str = "none"
+    # "auto" | "xla" (materialises [B, H, L, L]) | "cudnn" (GPU flash attention) | "splash" (TPU Pallas kernel).
+    attention: str = "auto"
 
 
 @dataclasses.dataclass
@@ -133,6 +143,10 @@ class TrainConfig:
     # "dense": optax AdamW over whole tables. "sparse": row-wise AdamW over the batch's unique rows only,
     # with per-row step counts (semantics in sparse.py); needs model.ffn="stem".
     stem_optimizer: str = "dense"
+    # Gradient accumulation: the batch runs as this many forward/backward passes (a scan inside the jitted
+    # step, fp32 sums) before one update. Must divide the per-device batch; data, update and checkpoints
+    # do not depend on it.
+    microbatches: int = 1
     seed: int = 0
     log_every: int = 20
     eval_batches: int = 16          # validation batches at the end of training (0 = whole split)
@@ -197,6 +211,12 @@ def validate(cfg: Config) -> Config:
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.stem_lookup", m.stem_lookup, LOOKUP_MODES)
     _choice("model.stem_row_layout", m.stem_row_layout, ROW_LAYOUTS)
+    _choice("model.remat", m.remat, REMAT)
+    _choice("model.attention", m.attention, ATTENTION)
+    if m.attention == "splash" and m.seq_len % 128:
+        raise ConfigError(f"model.attention='splash' needs model.seq_len a multiple of 128, got {m.seq_len}")
+    if m.attention == "cudnn" and m.dtype != "bfloat16":
+        raise ConfigError(f"model.attention='cudnn' needs model.dtype='bfloat16', got {m.dtype!r}")
     if not m.stem_capacity > 0:
         raise ConfigError(f"model.stem_capacity={m.stem_capacity} must be positive (a fraction of a device's tokens)")
     _choice("data.source", cfg.data.source, DATA_SOURCES)
@@ -224,9 +244,11 @@ def validate(cfg: Config) -> Config:
     if m.stem_offload and t.stem_optimizer != "sparse":
         raise ConfigError("model.stem_offload=True needs train.stem_optimizer='sparse': the host applies the "
                           "row updates, and dense AdamW would touch every row of the table every step")
-    for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+    for name in ("steps", "batch_size", "log_every", "keep_checkpoints", "microbatches"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}")
     if t.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = last step only)")
     if t.warmup_steps < 0:
@@ -268,7 +290,7 @@ def _may_change_on_resume(section: str, name: str) -> bool:
         return name not in ("batch_size", "seed", "stem_optimizer")  # the optimizer state differs
     if section == "model":
         # Same parameters and (up to rounding) the same function; offload moves the same arrays to the host.
-        return name in ("stem_lookup", "stem_capacity", "dtype", "stem_offload")
+        return name in ("stem_lookup", "stem_capacity", "dtype", "stem_offload", "remat", "attention")
     return name == "cache_dir"
 
 

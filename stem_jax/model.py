@@ -6,20 +6,31 @@ import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from stem_jax import sharding
+from stem_jax import attention, sharding
 from stem_jax.config import DTYPES, ModelConfig, moe_width, stem_indices
 from stem_jax.layers import DenseFFN, RMSNorm, matrix_std, param, project, rope
 from stem_jax.stem import RowEdit, RowLookup, StemFFN, StemRows
 from stem_jax.variants import HashMoEFFN, StemAdditiveFFN, StemGateFFN
 
 TABLE_FFNS = {"stem": StemFFN, "stem_additive": StemAdditiveFFN, "stem_gate": StemGateFFN}
+_cp = jax.checkpoint_policies
+# model.remat -> what a block's checkpoint keeps for the backward pass ("none" runs no checkpoint). "dots"
+# keeps the projections' outputs (no batch dims), not attention's batched score matmuls.
+REMAT_POLICIES = {
+    "full": _cp.nothing_saveable,
+    "dots": _cp.dots_with_no_batch_dims_saveable,
+    "offload": _cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
+                                                     names_which_can_be_offloaded=["block_input"],
+                                                     offload_src="device", offload_dst="pinned_host"),
+}
 
 
 class Attention(nnx.Module):
     """Causal grouped-query attention with rotary embeddings."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, platform: str | None = None):
         D, H, KV = cfg.d_model, cfg.n_heads, cfg.n_kv_heads
         K = D // H
         std = matrix_std(cfg.init_std, D)
@@ -28,6 +39,7 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (D, KV, K), ("embed", "kv_heads", "head_dim"), std)
         self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), std)
         self.theta, self.dtype = cfg.rope_theta, DTYPES[cfg.dtype]
+        self.impl = attention.resolve(cfg.attention, platform or jax.default_backend(), cfg.seq_len, cfg.dtype)
 
     def __call__(self, x_BxLxD: jax.Array, cache: "KVCache | None" = None, layer: int = 0):
         """Causal self-attention over ``x``; with ``cache``, over the cached keys too: the new keys/values are
@@ -38,7 +50,7 @@ class Attention(nnx.Module):
         k_BxLxGxK = rope(project(x_BxLxD, self.wk, "bld,dhk->blhk", self.dtype, heads), self.theta, pos)
         v_BxLxGxK = project(x_BxLxD, self.wv, "bld,dhk->blhk", self.dtype, heads)
         if cache is None:
-            out_BxLxHxK = jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+            out_BxLxHxK = attention.causal(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, self.impl)
             return project(out_BxLxHxK, self.wo, "blhk,hkd->bld", self.dtype, ("batch", "length", "act_embed"))
         at = (0, cache.start, 0, 0)
         k_BxSxGxK = jax.lax.dynamic_update_slice(cache.k[layer], k_BxLxGxK.astype(cache.k[layer].dtype), at)
@@ -72,12 +84,12 @@ class KVCache:
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x), ids)."""
 
-    def __init__(self, cfg: ModelConfig, table_index: int | None, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, table_index: int | None, *, rngs: nnx.Rngs, platform: str | None = None):
         """``table_index``: this layer's position among the layers whose FFN is ``cfg.ffn`` (STEM or a variant),
-        or None for SwiGLU."""
+        or None for SwiGLU; ``platform``: the devices' platform, for ``model.attention=auto``."""
         dtype = DTYPES[cfg.dtype]
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs, platform=platform)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if table_index is not None and cfg.ffn == "hash_moe":
             self.ffn = HashMoEFFN(cfg.d_model, moe_width(cfg), cfg.moe_experts, cfg.init_std, rngs=rngs,
@@ -90,6 +102,7 @@ class Block(nnx.Module):
 
     def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
                  edit: RowEdit | None = None) -> jax.Array:
+        x_BxLxD = checkpoint_name(x_BxLxD, "block_input")  # what remat="offload" moves to host memory
         x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
         return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL, rows, edit)
 
@@ -103,13 +116,16 @@ class Block(nnx.Module):
 class Transformer(nnx.Module):
     """``ids [B, L] -> logits [B, L, V]`` (float32)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, platform: str | None = None):
+        """``platform``: of the devices the model runs on ('cpu', 'gpu', 'tpu'; default: JAX's default
+        backend); it decides ``model.attention=auto``."""
         self.cfg = cfg
         self.stem_layers = stem_indices(cfg)
         D, V = cfg.d_model, cfg.vocab_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), D ** -0.5)
         table_index = {layer: k for k, layer in enumerate(self.stem_layers)}
-        self.blocks = nnx.List([Block(cfg, table_index.get(i), rngs=rngs) for i in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, table_index.get(i), rngs=rngs, platform=platform)
+                                for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(D, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
@@ -121,8 +137,11 @@ class Transformer(nnx.Module):
         """``rows``: pre-gathered STEM rows, read instead of the tables; ``edit``: a STEM row override
         (``stem.StemRows``, ``stem.RowEdit``)."""
         x_BxLxD = self._embed(ids_BxL)
+        run = Block.__call__
+        if self.cfg.remat != "none":  # per-block checkpoint: the backward pass recomputes what it does not keep
+            run = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.cfg.remat])
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit)
+            x_BxLxD = run(block, x_BxLxD, ids_BxL, rows, edit)
         return self._logits(x_BxLxD)
 
     def decode(self, ids_BxT: jax.Array, cache: KVCache, rows: StemRows | None = None,

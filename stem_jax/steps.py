@@ -6,6 +6,9 @@
 - ``offload_step``: ``sparse_step`` when the tables live in host memory: the batch's rows arrive staged by
   ``offload.py`` in per-owner blocks, the exchange runs on them, and the new blocks go back to it.
 
+Each runs the forward/backward pass over ``train.microbatches`` slices of the batch (``accumulate``) and
+applies one update.
+
 The trainer loop (``trainer.py``) jits one of them with the context's shardings and donates the state.
 """
 from __future__ import annotations
@@ -22,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from stem_jax import accounting, data, sharding, sparse
-from stem_jax.config import Config
+from stem_jax.config import Config, ConfigError
 from stem_jax.model import Transformer, cross_entropy, token_metrics
 from stem_jax.optim import group_norms, make_optimizer, schedule
 from stem_jax.stem import StemRows
@@ -68,9 +71,15 @@ def make_context(cfg: Config, mesh: Mesh) -> StepContext:
     """The context of ``cfg`` on ``mesh``: shapes from ``eval_shape`` (nothing is allocated), shardings from
     the rules in ``sharding.py``; host memory for the tables under ``model.stem_offload``."""
     sharding.check_model_fits(cfg.model, mesh)
+    per_device = cfg.train.batch_size // sharding.axis_size("batch", mesh)
+    if per_device % cfg.train.microbatches:
+        raise ConfigError(f"train.microbatches={cfg.train.microbatches} does not divide the per-device batch "
+                          f"{per_device} (train.batch_size={cfg.train.batch_size} over "
+                          f"{sharding.axis_size('batch', mesh)} batch shards)")
+    platform = mesh.devices.flat[0].platform  # decides model.attention=auto (a TPU topology compiled on a CPU)
     tx = make_optimizer(cfg.train, tables=cfg.train.stem_optimizer != "sparse")
     with jax.set_mesh(mesh):  # table rows are padded to the mesh's vocab shards
-        model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), platform=platform))
         graphdef, abstract_params = nnx.split(model, nnx.Param)
         abstract_state = jax.eval_shape(lambda: _init(cfg, tx))
     state_shardings = sharding.tree_shardings(mesh, abstract_state)
@@ -95,8 +104,36 @@ def loss(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows
     return cross_entropy(model(batch_BxL1[:, :-1], rows=rows), batch_BxL1[:, 1:])
 
 
+def microbatches(x_Bx: jax.Array, k: int) -> jax.Array:
+    """``[B, ...] -> [k, B/k, ...]``: microbatch j holds rows j, j+k, j+2k, ... of the batch, so each device's
+    rows stay on it (its block of B/N rows splits into k slices of B/(N k)) and no data moves."""
+    x = x_Bx.reshape(x_Bx.shape[0] // k, k, *x_Bx.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch", *(None,) * (x.ndim - 2)))
+
+
+def accumulate(loss_and_grads: Callable, k: int, shardings: Any, *batch_major: jax.Array):
+    """``loss_and_grads(*batch_major)`` as the mean over ``k`` microbatches (``microbatches``): a ``lax.scan``
+    that sums in float32, its carry pinned to ``shardings`` (a tree like the output; None = let XLA choose).
+    Every microbatch has the same number of tokens, so the mean of their mean losses is the batch's."""
+    if k == 1:
+        return loss_and_grads(*batch_major)
+    parts = [microbatches(x, k) for x in batch_major]
+    shapes = jax.eval_shape(loss_and_grads, *(p[0] for p in parts))
+    pin = lambda tree: jax.tree.map(lambda a, s: a if s is None else jax.lax.with_sharding_constraint(a, s),
+                                    tree, shardings, is_leaf=lambda s: s is None)
+
+    def body(acc, part):
+        return pin(jax.tree.map(lambda a, o: a + o.astype(jnp.float32), acc, loss_and_grads(*part))), None
+
+    zero = pin(jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes))
+    total, _ = jax.lax.scan(body, zero, parts)
+    return jax.tree.map(lambda a, s: (a / k).astype(s.dtype), total, shapes)
+
+
 def dense_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
-    loss_value, grads = jax.value_and_grad(loss, argnums=1)(ctx.graphdef, state["params"], batch_BxL1)
+    loss_and_grads = lambda b: jax.value_and_grad(loss, argnums=1)(ctx.graphdef, state["params"], b)
+    loss_value, grads = accumulate(loss_and_grads, ctx.cfg.train.microbatches,
+                                   (None, _plain(ctx.state_shardings["params"])), batch_BxL1)
     updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss_value, "lr": schedule(ctx.cfg.train)(state["step"]), **group_norms(grads),
@@ -112,14 +149,26 @@ def rows_model(graphdef: Any, backbone: nnx.State, abstract_tables: nnx.State) -
     return nnx.merge(graphdef, backbone, abstract_tables)
 
 
+def _plain(shardings: Any) -> Any:
+    """Shardings as device-memory NamedShardings (an accumulator lives on the device even when its
+    parameter lives in host memory)."""
+    return jax.tree.map(lambda s: s.with_memory_kind("device") if isinstance(s, NamedSharding) else s, shardings)
+
+
 def _row_loss_grads(ctx: StepContext, backbone: nnx.State, rows: list[jax.Array], inv_BxL: jax.Array,
-                    batch_BxL1: jax.Array, per_device: bool = False):
-    """``(loss, (backbone grads, row grads))`` with the STEM rows given, never the tables."""
-    def f(backbone, rows):
-        model = rows_model(ctx.graphdef, backbone, ctx.tables.abstract)
-        stem_rows = StemRows(tuple(rows), inv_BxL, per_device)
-        return cross_entropy(model(batch_BxL1[:, :-1], rows=stem_rows), batch_BxL1[:, 1:])
-    return jax.value_and_grad(f, argnums=(0, 1))(backbone, list(rows))
+                    batch_BxL1: jax.Array):
+    """``(loss, (backbone grads, row grads))`` with each device's unique STEM rows given (``fetch_rows``),
+    never the tables; over ``train.microbatches`` slices of the batch, every slice reading the same rows."""
+    def f(inv_BxL, batch_BxL1):
+        def of(backbone, rows):
+            model = rows_model(ctx.graphdef, backbone, ctx.tables.abstract)
+            stem_rows = StemRows(tuple(rows), inv_BxL, per_device=True)
+            return cross_entropy(model(batch_BxL1[:, :-1], rows=stem_rows), batch_BxL1[:, 1:])
+        return jax.value_and_grad(of, argnums=(0, 1))(backbone, list(rows))
+
+    back = sparse.split_tables(_plain(ctx.state_shardings["params"]))[1]
+    row = NamedSharding(ctx.mesh, sharding.spec(("batch", "stem_dff")))
+    return accumulate(f, ctx.cfg.train.microbatches, (None, (back, [row] * len(rows))), inv_BxL, batch_BxL1)
 
 
 def _backbone_update(ctx: StepContext, step: jax.Array, backbone: nnx.State, tx_state, g_back: nnx.State,
@@ -140,7 +189,7 @@ def sparse_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[d
     tables, backbone = sparse.split_tables(state["params"])
     rows_BxL = sharding.stored_rows(batch_BxL1[:, :-1], m.vocab_size, m.stem_row_layout)
     rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
-    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, backbone, rows, inv_BxL, batch_BxL1, per_device=True)
+    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, backbone, rows, inv_BxL, batch_BxL1)
     tables, rows_state, rows_sq, stem_norm = sparse.exchange_update(
         tables, state["opt_state"]["rows"], route, asked_V, g_rows, sparse.stem_lr(t, state["step"]), t,
         m.stem_capacity)
@@ -162,7 +211,7 @@ def offload_step(ctx: StepContext, dev: dict, blocks: list[jax.Array], rows_BxL:
     state = {k: sparse.with_tables(ctx.abstract_state["opt_state"]["rows"][k], blocks[(i + 1) * n:(i + 2) * n])
              for i, k in enumerate(("mu", "nu", "count"))}
     rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
-    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, dev["backbone"], rows, inv_BxL, batch_BxL1, per_device=True)
+    loss_value, (g_back, g_rows) = _row_loss_grads(ctx, dev["backbone"], rows, inv_BxL, batch_BxL1)
     tables, state, rows_sq, stem_norm = sparse.exchange_update(tables, state, route, asked_V, g_rows,
                                                                sparse.stem_lr(t, dev["step"]), t, m.stem_capacity)
     backbone, tx_state, metrics = _backbone_update(ctx, dev["step"], dev["backbone"], dev["tx"], g_back,

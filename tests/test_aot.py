@@ -26,9 +26,15 @@ def run_aot(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
+# v5p: the memory settings of the paper's recipe: the splash kernel (auto on TPU; seq 128), block inputs
+# offloaded to host memory, two microbatches.
+RECIPE = ["--config.model.seq_len=128", "--config.model.remat=offload", "--config.train.microbatches=2"]
+
+
 @pytest.mark.parametrize("topology,mesh,devices", [
     ("v5e:2x2", [], "4 x TPU v5 lite; mesh data=4, fsdp=1, tensor=1"),
-    ("v5p:2x2x1", ["--config.mesh.data=1", "--config.mesh.fsdp=-1"], "4 x TPU v5; mesh data=1, fsdp=4, tensor=1"),
+    ("v5p:2x2x1", ["--config.mesh.data=1", "--config.mesh.fsdp=-1", *RECIPE],
+     "4 x TPU v5; mesh data=1, fsdp=4, tensor=1"),
 ])
 def test_compiles_and_reports(tmp_path, topology, mesh, devices):
     r = run_aot("--topology", topology, *TINY, *mesh, "--json", str(tmp_path / "fit.json"))
@@ -48,6 +54,12 @@ def test_compiles_and_reports(tmp_path, topology, mesh, devices):
     # No all-reduce as large as a STEM table's [1024, 256] fp32 gradient (the lookup's backward avoids it).
     assert coll["all-reduce"]["largest_bytes"] < 1024 * 256 * 4
     assert fit["hbm_per_device"] == (16 if topology.startswith("v5e") else 95) * 2**30
+    recipe = topology.startswith("v5p")
+    assert fit["attention"] == ("splash" if recipe else "xla")  # auto; seq 64 is no multiple of 128
+    # 3 layers: forward, the forward recomputed under remat, and the two backward kernels (dq, dkv).
+    assert fit["kernel_calls"] == (12 if recipe else 0)
+    assert (fit["host_memory_arrays"] > 0) == recipe
+    assert (fit["remat"], fit["microbatches"]) == (("offload", 2) if recipe else ("none", 1))
 
 
 def test_out_of_memory_fails_with_one_line():

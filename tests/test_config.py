@@ -21,6 +21,12 @@ from stem_jax.config import Config, ConfigError, from_dict, resume_changes, sugg
     ("model", "stem_layers", "none", "selects no layer"),
     ("train", "batch_size", 0, "train.batch_size must be positive"),
     ("data", "source", "web", "data.source"),
+    ("model", "remat", "dot", r"model.remat='dot' is not one of \('none', 'full', 'dots', 'offload'\)"),
+    ("model", "attention", "flash", r"model.attention='flash' is not one of \('auto', 'xla', 'cudnn', 'splash'\)"),
+    ("model", "attention", "splash", "needs model.seq_len a multiple of 128, got 16"),
+    ("model", "attention", "cudnn", "model.attention='cudnn' needs model.dtype='bfloat16'"),
+    ("train", "microbatches", 3, "train.microbatches=3 does not divide train.batch_size=8"),
+    ("train", "microbatches", 0, "train.microbatches must be positive"),
 ])
 def test_bad_values_are_named(section, field, value, msg):
     cfg = tiny_config()
@@ -69,9 +75,11 @@ def test_resume_allows_and_lists_training_knobs_mesh_and_lookup():
     cfg = Config()
     cfg.train.steps, cfg.train.lr, cfg.train.log_every = 1200, 1e-3, 5
     cfg.mesh.data, cfg.mesh.fsdp, cfg.model.stem_lookup = 2, 4, "xla"
+    cfg.model.remat, cfg.train.microbatches = "full", 2  # memory knobs: same update
     assert resume_changes(saved, cfg) == [
-        "model.stem_lookup: 'exchange' -> 'xla'", "train.steps: 600 -> 1200", "train.lr: 0.003 -> 0.001",
-        "train.log_every: 20 -> 5", "mesh.data: -1 -> 2", "mesh.fsdp: 1 -> 4"]
+        "model.stem_lookup: 'exchange' -> 'xla'", "model.remat: 'none' -> 'full'", "train.steps: 600 -> 1200",
+        "train.lr: 0.003 -> 0.001", "train.microbatches: 1 -> 2", "train.log_every: 20 -> 5", "mesh.data: -1 -> 2",
+        "mesh.fsdp: 1 -> 4"]
     assert resume_changes(saved, Config()) == []
 
 

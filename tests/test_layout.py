@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("config",),
     ("sharding", "exchange"),
-    ("layers", "stem", "variants", "model", "accounting", "corpus", "data"),
+    ("attention", "layers", "stem", "variants", "model", "accounting", "corpus", "data"),
     ("optim", "sparse", "steps", "offload", "checkpoint", "preemption", "writer"),
     ("trainer", "cli"),
     ("workdir", "scoring", "sampling", "hotrows", "editing", "tasks", "evaluate", "lm_eval_model", "hf",

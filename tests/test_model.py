@@ -1,4 +1,4 @@
-"""The decoder: attention against numpy, causality, shapes, and ties."""
+"""The decoder: attention against numpy, causality, shapes, ties, and rematerialization."""
 import dataclasses
 import re
 
@@ -128,3 +128,24 @@ def test_sharded_forward_equals_unsharded_for_full_and_single_row_batches():
         p = jax.device_put(params, sharding.tree_shardings(mesh, params))
         np.testing.assert_allclose(np.asarray(fwd(p, ids)), want, rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(np.asarray(fwd(p, ids[:1])), want[:1], rtol=2e-5, atol=2e-5)
+
+
+def test_every_remat_policy_gives_the_gradients_of_none_on_a_mesh():
+    from conftest import mesh_of
+    from stem_jax import sharding
+    cfg = tiny_config(n_layers=2, stem_layers="1").model
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 13)))
+    mesh, grads = mesh_of((2, 2, 2)), {}
+    for remat in ("none", "full", "dots", "offload"):
+        graphdef, params = nnx.split(Transformer(dataclasses.replace(cfg, remat=remat), rngs=nnx.Rngs(0)))
+        loss = lambda p, b: cross_entropy(nnx.merge(graphdef, p)(b[:, :-1]), b[:, 1:])
+        with jax.set_mesh(mesh):
+            p = jax.device_put(params, sharding.tree_shardings(mesh, params))
+            grads[remat] = jax.device_get(jax.jit(jax.grad(loss))(p, ids))
+            jaxpr = str(jax.make_jaxpr(jax.grad(loss))(p, ids))
+        # Only "offload" moves arrays to host memory: the block inputs (XLA:CPU then ignores the placement).
+        assert ("<host>[" in jaxpr) == (remat == "offload"), remat
+        assert jaxpr.count("remat2[") == (0 if remat == "none" else cfg.n_layers), remat  # one per block
+    for remat in ("full", "dots", "offload"):
+        for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["none"])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=remat)

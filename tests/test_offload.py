@@ -68,7 +68,9 @@ def test_offload_needs_host_memory_and_one_process():
 def test_offloaded_training_equals_on_device_sparse_training():
     base = tiny_config(n_layers=2, stem_layers="1")
     on_device = dataclasses.replace(base, train=dataclasses.replace(base.train, stem_optimizer="sparse"))
-    off = dataclasses.replace(on_device, model=dataclasses.replace(base.model, stem_offload=True))
+    # The offloaded run also accumulates over 2 microbatches: the update and the loss must not change.
+    off = dataclasses.replace(on_device, model=dataclasses.replace(base.model, stem_offload=True),
+                              train=dataclasses.replace(on_device.train, microbatches=2))
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, 1000, (8, 17)).astype(np.int32) for _ in range(20)]
 

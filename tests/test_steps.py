@@ -1,12 +1,15 @@
-"""steps.py: the frozen StepContext the train steps share (the steps themselves are checked sharded against
-unsharded in test_trainer.py, test_sparse.py and test_offload.py)."""
+"""steps.py: the frozen StepContext the train steps share, and gradient accumulation over microbatches (the
+steps themselves are checked sharded against unsharded in test_trainer.py, test_sparse.py and test_offload.py)."""
 import dataclasses
 
 import jax
+import numpy as np
 import pytest
 
 from conftest import mesh_of, tiny_config
 from stem_jax import sharding, steps
+from stem_jax.config import ConfigError
+from stem_jax.trainer import Trainer
 
 
 def test_context_is_frozen_and_describes_the_tables():
@@ -37,3 +40,40 @@ def test_offload_puts_every_table_leaf_and_only_those_in_host_memory():
 def test_a_mesh_that_does_not_divide_the_model_is_refused():
     with pytest.raises(sharding.MeshError, match="d_ff=96 is not divisible by the 5 shards"):
         steps.make_context(tiny_config(), mesh_of((1, 1, 5)))
+
+
+@pytest.mark.parametrize("optimizer", ["dense", "sparse"])
+def test_microbatches_give_the_update_and_loss_of_the_whole_batch(optimizer):
+    cfg = tiny_config(n_layers=2, stem_layers="1")
+    cfg.train.stem_optimizer, cfg.train.batch_size = optimizer, 32  # 4 sequences per batch shard
+    batch = np.random.default_rng(0).integers(0, 1000, (32, 17)).astype(np.int32)
+    mesh = mesh_of((2, 4, 1))
+    out = {}
+    for k in (1, 4):
+        tr = Trainer.create(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=k)), mesh)
+        state, metrics = tr.step(tr.init_state(), batch)
+        out[k] = jax.device_get((state["params"], metrics))
+    for k in (4,):
+        for name, value in out[1][1].items():
+            np.testing.assert_allclose(out[k][1][name], value, rtol=2e-5, err_msg=f"{name}, microbatches={k}")
+        for a, b in zip(jax.tree.leaves(out[k][0]), jax.tree.leaves(out[1][0])):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_microbatches_must_divide_the_per_device_batch():
+    cfg = tiny_config()
+    cfg.train.microbatches = 2  # batch 8 over 8 batch shards: one sequence per device
+    with pytest.raises(ConfigError, match=r"train.microbatches=2 does not divide the per-device batch 1 "):
+        steps.make_context(cfg, mesh_of((8, 1, 1)))
+
+
+def test_microbatches_keep_every_device_on_its_own_rows():
+    mesh = mesh_of((2, 4, 1))
+    split = jax.jit(lambda b: steps.microbatches(b, 4), in_shardings=sharding.batch_sharding(mesh, 32))
+    batch = np.arange(32 * 3, dtype=np.int32).reshape(32, 3)
+    with jax.set_mesh(mesh):
+        got = split(batch)
+        hlo = split.lower(batch).compile().as_text()
+    np.testing.assert_array_equal(got, batch.reshape(8, 4, 3).swapaxes(0, 1))  # microbatch j: rows j, j+4, ...
+    assert got.sharding.spec[1] == ("data", "fsdp")
+    assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute", "all-reduce"))

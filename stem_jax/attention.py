@@ -1,0 +1,84 @@
+"""Causal self-attention kernels behind ``model.attention``, all on the [B, L, H, K] layout.
+
+- ``xla``: ``jax.nn.dot_product_attention``'s XLA implementation; it materialises [B, H, L, L] scores.
+- ``cudnn``: the same call with cuDNN's fused flash attention (GPU, bf16).
+- ``splash``: the Pallas TPU splash kernel (``jax.experimental.pallas.ops.tpu.splash_attention``), one
+  causal mask per local head, vmapped over each device's batch inside a ``shard_map``. Scores never leave
+  VMEM. On CPU it runs only in Pallas' interpret mode (the tests' reference check).
+
+``auto`` picks by the platform of the mesh's devices (``resolve``), so an ahead-of-time compile for a TPU
+topology on a CPU host gets the TPU kernel. Decoding with a KV cache always uses ``xla`` (its mask is
+per-row padding, not a plain causal one).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from stem_jax import sharding
+from stem_jax.config import ATTENTION, ConfigError
+
+AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
+NEEDS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda")}
+SPLASH_BLOCK = 512  # q and kv tile length; shorter sequences use one tile
+
+
+def resolve(name: str, platform: str, seq_len: int | None = None, dtype: str = "bfloat16") -> str:
+    """The kernel ``model.attention=name`` means on ``platform`` ('cpu', 'gpu', 'tpu'). ``auto`` takes the
+    platform's fused kernel when it applies (splash: ``seq_len`` a multiple of 128; cudnn: bf16), else xla."""
+    if name not in ATTENTION:
+        raise ConfigError(f"model.attention={name!r} is not one of {ATTENTION}")
+    if name == "auto":
+        best = AUTO.get(platform, "xla")
+        if best == "splash" and seq_len is not None and seq_len % 128:
+            return "xla"
+        return "xla" if best == "cudnn" and dtype != "bfloat16" else best
+    if name in NEEDS and platform not in NEEDS[name]:
+        raise ConfigError(f"model.attention={name!r} needs a {NEEDS[name][0].upper()} backend, but the mesh's "
+                          f"devices are {platform!r}; use one of {ATTENTION} ('auto' picks by platform)")
+    return name
+
+
+def causal(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, impl: str = "xla") -> jax.Array:
+    """Causal grouped-query attention (H query heads share G kv heads), softmax scale K**-0.5."""
+    L = q_BxLxHxK.shape[1]
+    if impl == "splash" and L % 128 == 0:
+        return splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
+                                        implementation="cudnn" if impl == "cudnn" else None)
+
+
+def _splash_kernel(heads: int, length: int, interpret: bool):
+    """Built inside each trace: the kernel holds its mask tables as arrays, which must not outlive a trace."""
+    mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length)) for _ in range(heads)])
+    b = min(SPLASH_BLOCK, length)
+    blocks = splash_kernel.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                                      block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    return splash_kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,
+                                         interpret=interpret)
+
+
+def splash(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, interpret: bool = False) -> jax.Array:
+    """Causal attention through the splash kernel, per device (batch and heads split as the activations)."""
+    H, G, K = q_BxLxHxK.shape[2], k_BxLxGxK.shape[2], q_BxLxHxK.shape[3]
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec = k_spec = None
+    if not mesh.empty:
+        q_spec = sharding.fitted_spec(("batch", "length", "act_heads", None), q_BxLxHxK.shape, mesh)
+        k_spec = sharding.fitted_spec(("batch", "length", "act_heads", None), k_BxLxGxK.shape, mesh)
+        if q_spec[2] != k_spec[2]:  # kv heads not split like the query heads: give every query head its own
+            k_BxLxGxK, v_BxLxGxK = (jnp.repeat(a, H // G, axis=2) for a in (k_BxLxGxK, v_BxLxGxK))
+            k_spec = q_spec
+
+    def local(q, k, v):
+        kernel = _splash_kernel(q.shape[2], q.shape[1], interpret)
+        heads_first = lambda a: a.transpose(0, 2, 1, 3)
+        out = jax.vmap(kernel)(heads_first(q * jnp.asarray(K ** -0.5, q.dtype)), heads_first(k), heads_first(v))
+        return heads_first(out).astype(q.dtype)
+
+    if mesh.empty:
+        return local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+    return jax.shard_map(local, in_specs=(q_spec, k_spec, k_spec), out_specs=q_spec,
+                         check_vma=False)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
