@@ -121,9 +121,11 @@ def _config(preset: str) -> Config:
 
 
 def recompute_per_token(m: ModelConfig, remat: str) -> float:
-    """Forward FLOPs per token that the backward pass repeats under ``remat``: the blocks' forward for full
-    recompute (the LM head sits outside the blocks), attention's batched matmuls for ``dots``."""
-    blocks = accounting.flops_per_token(m, training=False) - 2 * m.d_model * m.vocab_size
+    """Forward FLOPs per token that the backward pass repeats under ``remat``: for full recompute the blocks'
+    forward except each block's last matmul, W_down, whose output the backward never needs (the LM head sits
+    outside the blocks); attention's batched matmuls for ``dots``."""
+    blocks = (accounting.flops_per_token(m, training=False) - 2 * m.d_model * m.vocab_size
+              - 2 * m.n_layers * m.d_model * m.d_ff)
     return {"none": 0.0, "dots": 2 * 2 * m.n_layers * m.seq_len * m.d_model, "full": blocks, "offload": blocks}[remat]
 
 

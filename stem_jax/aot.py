@@ -1,6 +1,6 @@
 """Ahead-of-time TPU compile check, run on any machine (no TPU needed; needs libtpu: pip install -e ".[tpu]").
 
-    python -m stem_jax.aot --config configs/stem_1b.py --topology v5p:2x2x2 [--config.mesh.fsdp=-1] [--batch_size N]
+    python -m stem_jax.aot --config configs/stem_1b.py --topology v5p:4x4x2 [--config.mesh.fsdp=-1] [--batch_size N]
 
 Compiles the real train step (``steps.train_step_fn``) for a TPU topology on abstract inputs (nothing is allocated) and prints
 per-device memory, the collectives of the optimized HLO and the compile time; out of HBM exits 1 with `error:`.

@@ -12,6 +12,8 @@ per-row padding, not a plain causal one).
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
@@ -22,7 +24,7 @@ from stem_jax.config import ATTENTION, ConfigError
 
 AUTO = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}
 NEEDS = {"splash": ("tpu",), "cudnn": ("gpu", "cuda")}
-SPLASH_BLOCK = 512  # q and kv tile length; shorter sequences use one tile
+SPLASH_BLOCK = 512  # q and kv tile length at most
 
 
 def resolve(name: str, platform: str, seq_len: int | None = None, dtype: str = "bfloat16") -> str:
@@ -36,8 +38,8 @@ def resolve(name: str, platform: str, seq_len: int | None = None, dtype: str = "
             return "xla"
         return "xla" if best == "cudnn" and dtype != "bfloat16" else best
     if name in NEEDS and platform not in NEEDS[name]:
-        raise ConfigError(f"model.attention={name!r} needs a {NEEDS[name][0].upper()} backend, but the mesh's "
-                          f"devices are {platform!r}; use one of {ATTENTION} ('auto' picks by platform)")
+        raise ConfigError(f"model.attention={name!r} needs {NEEDS[name][0].upper()} devices, but the devices are "
+                          f"{platform!r}; use 'auto' (picks by platform) or 'xla'")
     return name
 
 
@@ -53,7 +55,7 @@ def causal(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, imp
 def _splash_kernel(heads: int, length: int, interpret: bool):
     """Built inside each trace: the kernel holds its mask tables as arrays, which must not outlive a trace."""
     mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length)) for _ in range(heads)])
-    b = min(SPLASH_BLOCK, length)
+    b = math.gcd(SPLASH_BLOCK, length)  # a tile divides the length; lengths are multiples of 128
     blocks = splash_kernel.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                                       block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     return splash_kernel.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks,

@@ -39,7 +39,8 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (D, KV, K), ("embed", "kv_heads", "head_dim"), std)
         self.wo = param(rngs, (H, K, D), ("heads", "head_dim", "embed"), std)
         self.theta, self.dtype = cfg.rope_theta, DTYPES[cfg.dtype]
-        self.impl = attention.resolve(cfg.attention, platform or jax.default_backend(), cfg.seq_len, cfg.dtype)
+        # Resolved when called: a model built only for its parameters (init, counting) never needs the kernel.
+        self.kernel, self.platform = cfg.attention, platform
 
     def __call__(self, x_BxLxD: jax.Array, cache: "KVCache | None" = None, layer: int = 0):
         """Causal self-attention over ``x``; with ``cache``, over the cached keys too: the new keys/values are
@@ -50,7 +51,9 @@ class Attention(nnx.Module):
         k_BxLxGxK = rope(project(x_BxLxD, self.wk, "bld,dhk->blhk", self.dtype, heads), self.theta, pos)
         v_BxLxGxK = project(x_BxLxD, self.wv, "bld,dhk->blhk", self.dtype, heads)
         if cache is None:
-            out_BxLxHxK = attention.causal(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, self.impl)
+            impl = attention.resolve(self.kernel, self.platform or jax.default_backend(), x_BxLxD.shape[1],
+                                     jnp.dtype(self.dtype).name)
+            out_BxLxHxK = attention.causal(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, impl)
             return project(out_BxLxHxK, self.wo, "blhk,hkd->bld", self.dtype, ("batch", "length", "act_embed"))
         at = (0, cache.start, 0, 0)
         k_BxSxGxK = jax.lax.dynamic_update_slice(cache.k[layer], k_BxLxGxK.astype(cache.k[layer].dtype), at)
@@ -113,6 +116,15 @@ class Block(nnx.Module):
         return x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD), ids_BxT, rows, edit), k, v
 
 
+def _checkpointed(block: Block, policy, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None,
+                  edit: RowEdit | None) -> jax.Array:
+    """``block(x, ...)`` under ``jax.checkpoint(policy)``, as a pure function of the block's arrays. Variables
+    that hold no array (the abstract tables of the sparse steps' rows-only model) stay outside the checkpoint."""
+    graphdef, arrays, rest = nnx.split(block, lambda _, v: isinstance(v.get_value(), jax.Array), ...)
+    run = jax.checkpoint(lambda a, *args: nnx.merge(graphdef, a, rest)(*args), policy=policy)
+    return run(arrays, x_BxLxD, ids_BxL, rows, edit)
+
+
 class Transformer(nnx.Module):
     """``ids [B, L] -> logits [B, L, V]`` (float32)."""
 
@@ -137,11 +149,9 @@ class Transformer(nnx.Module):
         """``rows``: pre-gathered STEM rows, read instead of the tables; ``edit``: a STEM row override
         (``stem.StemRows``, ``stem.RowEdit``)."""
         x_BxLxD = self._embed(ids_BxL)
-        run = Block.__call__
-        if self.cfg.remat != "none":  # per-block checkpoint: the backward pass recomputes what it does not keep
-            run = nnx.remat(Block.__call__, policy=REMAT_POLICIES[self.cfg.remat])
         for block in self.blocks:
-            x_BxLxD = run(block, x_BxLxD, ids_BxL, rows, edit)
+            x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit) if self.cfg.remat == "none" else \
+                _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit)
         return self._logits(x_BxLxD)
 
     def decode(self, ids_BxT: jax.Array, cache: KVCache, rows: StemRows | None = None,

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from stem_jax import accounting, data, sharding, sparse
+from stem_jax import accounting, attention, data, sharding, sparse
 from stem_jax.config import Config, ConfigError
 from stem_jax.model import Transformer, cross_entropy, token_metrics
 from stem_jax.optim import group_norms, make_optimizer, schedule
@@ -71,12 +71,14 @@ def make_context(cfg: Config, mesh: Mesh) -> StepContext:
     """The context of ``cfg`` on ``mesh``: shapes from ``eval_shape`` (nothing is allocated), shardings from
     the rules in ``sharding.py``; host memory for the tables under ``model.stem_offload``."""
     sharding.check_model_fits(cfg.model, mesh)
+    batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)  # the batch divides the batch shards
     per_device = cfg.train.batch_size // sharding.axis_size("batch", mesh)
     if per_device % cfg.train.microbatches:
         raise ConfigError(f"train.microbatches={cfg.train.microbatches} does not divide the per-device batch "
                           f"{per_device} (train.batch_size={cfg.train.batch_size} over "
                           f"{sharding.axis_size('batch', mesh)} batch shards)")
     platform = mesh.devices.flat[0].platform  # decides model.attention=auto (a TPU topology compiled on a CPU)
+    attention.resolve(cfg.model.attention, platform, cfg.model.seq_len, cfg.model.dtype)  # errors before any step
     tx = make_optimizer(cfg.train, tables=cfg.train.stem_optimizer != "sparse")
     with jax.set_mesh(mesh):  # table rows are padded to the mesh's vocab shards
         model = nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(0), platform=platform))
@@ -89,7 +91,7 @@ def make_context(cfg: Config, mesh: Mesh) -> StepContext:
     rows = sparse.table_list(tables)[0].shape[0] if sparse.table_list(tables) else 0  # none for hash_moe
     layout = TableLayout(tables, rows)
     return StepContext(cfg, mesh, graphdef, tx, abstract_state, state_shardings,
-                       sharding.batch_sharding(mesh, cfg.train.batch_size), layout, model.stem_layers,
+                       batch_sharding, layout, model.stem_layers,
                        accounting.count_params(abstract_params, cfg.model))
 
 

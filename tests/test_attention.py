@@ -24,13 +24,18 @@ def test_resolve_picks_by_platform(name, platform, seq_len, dtype, want):
 
 
 @pytest.mark.parametrize("name,platform,msg", [
-    ("splash", "cpu", "model.attention='splash' needs a TPU backend, but the mesh's devices are 'cpu'"),
-    ("cudnn", "tpu", "model.attention='cudnn' needs a GPU backend, but the mesh's devices are 'tpu'"),
+    ("splash", "cpu", "model.attention='splash' needs TPU devices, but the devices are 'cpu'; use 'auto'"),
+    ("cudnn", "tpu", "model.attention='cudnn' needs GPU devices, but the devices are 'tpu'; use 'auto'"),
     ("flash", "gpu", "model.attention='flash' is not one of"),
 ])
 def test_kernels_off_their_platform_are_named_errors(name, platform, msg):
     with pytest.raises(ConfigError, match=msg):
         attention.resolve(name, platform)
+
+
+@pytest.mark.parametrize("length", [128, 640, 4096])
+def test_splash_tiles_divide_every_length_that_is_a_multiple_of_128(length):
+    attention._splash_kernel(2, length, interpret=True)  # raises if a tile does not divide the length
 
 
 @pytest.mark.parametrize("kv_heads,mesh_shape", [(2, (2, 1, 2)), (1, (2, 1, 2)), (2, (1, 1, 1))])

@@ -42,15 +42,18 @@ def test_a_mesh_that_does_not_divide_the_model_is_refused():
         steps.make_context(tiny_config(), mesh_of((1, 1, 5)))
 
 
-@pytest.mark.parametrize("optimizer", ["dense", "sparse"])
-def test_microbatches_give_the_update_and_loss_of_the_whole_batch(optimizer):
+@pytest.mark.parametrize("optimizer,remat", [("dense", "dots"), ("sparse", "offload")])
+def test_microbatches_give_the_update_and_loss_of_the_whole_batch(optimizer, remat):
+    """4 microbatches under a remat policy against the whole batch at once without remat: the same step."""
     cfg = tiny_config(n_layers=2, stem_layers="1")
     cfg.train.stem_optimizer, cfg.train.batch_size = optimizer, 32  # 4 sequences per batch shard
     batch = np.random.default_rng(0).integers(0, 1000, (32, 17)).astype(np.int32)
     mesh = mesh_of((2, 4, 1))
     out = {}
     for k in (1, 4):
-        tr = Trainer.create(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=k)), mesh)
+        tr = Trainer.create(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=k),
+                                                model=dataclasses.replace(cfg.model, remat="none" if k == 1 else remat)),
+                            mesh)
         state, metrics = tr.step(tr.init_state(), batch)
         out[k] = jax.device_get((state["params"], metrics))
     for k in (4,):
