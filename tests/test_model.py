@@ -130,7 +130,9 @@ def test_sharded_forward_equals_unsharded_for_full_and_single_row_batches():
         np.testing.assert_allclose(np.asarray(fwd(p, ids[:1])), want[:1], rtol=2e-5, atol=2e-5)
 
 
-def test_every_remat_policy_gives_the_gradients_of_none_on_a_mesh():
+def test_remat_policies_checkpoint_every_block_and_keep_the_gradients():
+    """Full recompute against none here; dots and offload against none through a whole train step in
+    test_steps.py (with microbatches)."""
     from conftest import mesh_of
     from stem_jax import sharding
     cfg = tiny_config(n_layers=2, stem_layers="1").model
@@ -141,11 +143,11 @@ def test_every_remat_policy_gives_the_gradients_of_none_on_a_mesh():
         loss = lambda p, b: cross_entropy(nnx.merge(graphdef, p)(b[:, :-1]), b[:, 1:])
         with jax.set_mesh(mesh):
             p = jax.device_put(params, sharding.tree_shardings(mesh, params))
-            grads[remat] = jax.device_get(jax.jit(jax.grad(loss))(p, ids))
+            if remat in ("none", "full"):
+                grads[remat] = jax.device_get(jax.jit(jax.grad(loss))(p, ids))
             jaxpr = str(jax.make_jaxpr(jax.grad(loss))(p, ids))
         # Only "offload" moves arrays to host memory: the block inputs (XLA:CPU then ignores the placement).
         assert ("<host>[" in jaxpr) == (remat == "offload"), remat
         assert jaxpr.count("remat2[") == (0 if remat == "none" else cfg.n_layers), remat  # one per block
-    for remat in ("full", "dots", "offload"):
-        for a, b in zip(jax.tree.leaves(grads[remat]), jax.tree.leaves(grads["none"])):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=remat)
+    for a, b in zip(jax.tree.leaves(grads["full"]), jax.tree.leaves(grads["none"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
