@@ -122,7 +122,7 @@ def accumulate(loss_and_grads: Callable, k: int, shardings: Any, *batch_major: j
     parts = [microbatches(x, k) for x in batch_major]
     shapes = jax.eval_shape(loss_and_grads, *(p[0] for p in parts))
     pin = lambda tree: jax.tree.map(lambda a, s: a if s is None else jax.lax.with_sharding_constraint(a, s),
-                                    tree, shardings, is_leaf=lambda s: s is None)
+                                    tree, shardings)  # ``shardings`` is flattened up to ``tree``'s leaves
 
     def body(acc, part):
         return pin(jax.tree.map(lambda a, o: a + o.astype(jnp.float32), acc, loss_and_grads(*part))), None
