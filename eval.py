@@ -6,12 +6,13 @@
 """
 from absl import app, flags
 
-from stem_jax import cli, evaluate, workdir
+from stem_jax import cli, evaluate, sharding, workdir
 
 flags.DEFINE_string("workdir", "runs/tiny", "A workdir written by train.py.")
 flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the latest).")
 flags.DEFINE_integer("eval_batches", None, "Validation batches (0 = the whole split; default: as trained).")
-flags.DEFINE_list("mesh", ["-1", "1", "1"], "data,fsdp,tensor sizes of the evaluation mesh.")
+flags.DEFINE_string("mesh", "auto", "data,fsdp,tensor sizes of the evaluation mesh, or auto: the most devices "
+                    "whose count divides the batch.")
 flags.DEFINE_string("text_file", None, "Report val_loss/val_ppl on this UTF-8 text file instead of the "
                     "held-out split.")
 flags.DEFINE_list("mc_jsonl", [], "Multiple-choice JSONL files (question, choices, label per line); the task "
@@ -43,7 +44,6 @@ def main(argv):
     cli.check_no_args(argv)
     cli.enable_compilation_cache()
     f = flags.FLAGS
-    mesh = tuple(int(x) for x in f.mesh)
     seq_len = lambda: cli.run_user_errors(workdir.load_run_config, f.workdir).model.seq_len
     try:
         depths = [float(d) for d in f.niah_depths]
@@ -52,6 +52,7 @@ def main(argv):
     options = evaluate.EvalOptions(
         text_file=f.text_file, mc_jsonl=f.mc_jsonl, tfds_tasks=f.tfds_tasks, tfds_data_dir=f.tfds_data_dir,
         niah_lengths=_niah_lengths(f.niah, seq_len), niah_depths=depths, limit=f.limit, eval_batch=f.eval_batch)
+    mesh = cli.run_user_errors(sharding.parse_mesh, f.mesh)  # before any work
     cli.run_user_errors(evaluate.evaluate_workdir, f.workdir, mesh, f.step, f.eval_batches, options)
 
 

@@ -51,16 +51,60 @@ def run_meta(cfg: Config, mesh, tokenizer_sha256: str | None, **extra) -> dict:
             "process_count": jax.process_count(), "mesh": dict(mesh.shape), **extra}
 
 
+SPACE_MARGIN = 1.1  # orbax's metadata and the OCDBT index on top of the arrays' bytes
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
 def save(mngr: ocp.CheckpointManager, state: dict, data_iter: Any, meta: dict) -> int:
     """Start an async save of ``state`` at its step; returns the step. Device buffers are copied to host
-    before this returns, so ``state`` may be donated right after."""
+    before this returns, so ``state`` may be donated right after.
+
+    A save that cannot fit the free space, or that fails to start, raises CheckpointError before anything of
+    it is written; a failure in the background is raised by ``check_saves`` at the next step."""
     step = int(meta["step"])
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.PyTreeSave(state["params"]),
-        opt_state=ocp.args.PyTreeSave(state["opt_state"]),
-        data=grain.checkpoint.CheckpointSave(data_iter),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    where = Path(mngr.directory)
+    need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) * SPACE_MARGIN
+    free = free_bytes(where)
+    if free < need:
+        raise CheckpointError(f"checkpoint step {step} needs about {need / 2**20:,.1f} MiB in {where}, but only "
+                              f"{free / 2**20:,.1f} MiB are free")
+    try:
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.PyTreeSave(state["params"]),
+            opt_state=ocp.args.PyTreeSave(state["opt_state"]),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types; the user needs what, where and why
+        raise CheckpointError(f"saving checkpoint step {step} to {where} failed: {type(e).__name__}: "
+                              f"{_short(e, 200)}") from e
     return step
+
+
+def check_saves(mngr: ocp.CheckpointManager, step: int | None, wait: bool = False) -> None:
+    """Raise CheckpointError if the background save of ``step`` (the newest one started) failed; ``wait``
+    first waits for it to finish."""
+    try:
+        if wait or not mngr.is_saving_in_progress():  # joining an ended save raises what it raised
+            mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"saving checkpoint step {step} to {mngr.directory} failed: {type(e).__name__}: "
+                              f"{_short(e, 200)}") from e
+
+
+def last_good(mngr: ocp.CheckpointManager) -> int | None:
+    """The newest committed step after any save in flight has ended (successfully or not)."""
+    try:
+        mngr.wait_until_finished()
+    except Exception:  # noqa: BLE001 - the failure is being reported already
+        pass
+    mngr.reload()
+    return mngr.latest_step()
 
 
 def save_params(workdir: str | Path, params: Any, meta: dict) -> None:
@@ -131,21 +175,10 @@ def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], a
     rename, truncated or corrupted files) is skipped with a warning for the next older one; skipped
     newer ones are moved to ``checkpoints_unreadable/`` (kept, never deleted) so their step numbers can
     be written again. If none restores, nothing is moved and CheckpointError names every failure."""
-    failures = []
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            meta = read_meta(mngr, step)
-        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
-            failures.append((step, e))
-            continue
-        check(meta)
-        try:
-            state = restore_state(mngr, step, meta, abstract_state, shardings, data_iter)
-        except (ConfigError, CheckpointError):
-            raise
-        except Exception as e:  # noqa: BLE001
-            failures.append((step, e))
-            continue
+    state, step, _, failures = newest_readable(mngr, sorted(mngr.all_steps(), reverse=True), lambda s, meta: check(meta),
+                                               lambda s, meta, _: restore_state(mngr, s, meta, abstract_state,
+                                                                                shardings, data_iter))
+    if step is not None:
         for bad, err in failures:
             log(f"WARNING: checkpoint step {bad} is unreadable ({type(err).__name__}: {_short(err)}); "
                 f"resuming from step {step}")
@@ -157,8 +190,31 @@ def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], a
     return None
 
 
+def newest_readable(mngr: ocp.CheckpointManager, steps: list[int], prepare: Callable[[int, dict], Any],
+                    load: Callable[[int, dict, Any], Any]) -> tuple[Any, int | None, dict | None, list]:
+    """``(load(step, meta, prepare(step, meta)), step, meta, failures)`` for the first of ``steps`` whose meta
+    and arrays read, with ``failures`` the ``(step, error)`` of those before it that did not; step None when
+    none reads. ``prepare``'s errors (a checkpoint this run must refuse) and ConfigError / CheckpointError from
+    ``load`` propagate: they are about the request, not about damaged files."""
+    failures = []
+    for step in steps:
+        try:
+            meta = read_meta(mngr, step)
+        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
+            failures.append((step, e))
+            continue
+        prepared = prepare(step, meta)
+        try:
+            return load(step, meta, prepared), step, meta, failures
+        except (ConfigError, CheckpointError):
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt array files
+            failures.append((step, e))
+    return None, None, None, failures
+
+
 def _short(err: Exception, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
+    text = " ".join(str(err).split()).split(" See full TensorStore details")[0]  # a page of JSON follows
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
@@ -175,21 +231,39 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     mngr.reload()
 
 
-def restore_params(workdir: str | Path, abstract_params: Any, shardings: Any, step: int | None = None):
-    """(params, step) from the latest (or given) checkpoint of ``workdir``, on the given shardings."""
+def restore_params(workdir: str | Path, build: Callable[[int, dict], tuple[Any, Any]], step: int | None = None,
+                   log: Callable[[str], None] = print) -> tuple[Any, int, dict]:
+    """(params, step, meta) of the newest readable checkpoint of ``workdir``, or of exactly ``step``.
+
+    ``build(step, meta)`` returns ``(abstract params, shardings)`` for that checkpoint (its saved config is the
+    authority on shapes); its errors propagate. A checkpoint that fails to read is skipped for the next older
+    one with a one-line warning naming it and the step used; if none reads, CheckpointError lists every step
+    tried. Nothing is moved or deleted: tools only read."""
     where = directory(workdir)
     if not where.is_dir():
         raise FileNotFoundError(f"no checkpoint under {where}")
     mngr = manager(workdir, create=False)
     try:
-        step = mngr.latest_step() if step is None else step
-        if step is None or step not in mngr.all_steps():
+        available = sorted(mngr.all_steps(), reverse=True)
+        if step is not None and step not in available or not available:
             raise FileNotFoundError(f"no checkpoint{'' if step is None else f' for step {step}'} under {where} "
-                                    f"(steps: {list(mngr.all_steps())})")
-        rows = read_meta(mngr, step).get("table_rows")
-        resize = rows is not None and rows != _table_rows(abstract_params)
-        out = mngr.restore(step, args=ocp.args.Composite(
-            params=_restore_args(abstract_params, shardings, resize)))
+                                    f"(steps: {sorted(available)})")
+
+        def load(s: int, meta: dict, built: tuple[Any, Any]) -> Any:
+            abstract, shardings = built
+            rows = meta.get("table_rows")
+            resize = rows is not None and rows != _table_rows(abstract)
+            return mngr.restore(s, args=ocp.args.Composite(params=_restore_args(abstract, shardings, resize)))
+
+        out, s, meta, failures = newest_readable(mngr, [step] if step is not None else available, build, load)
+        if s is not None:
+            for bad, err in failures:
+                log(f"WARNING: checkpoint step {bad} of {workdir} is unreadable ({type(err).__name__}: "
+                    f"{_short(err, 160)}); using step {s}")
+            return out["params"], s, meta
     finally:
         mngr.close()
-    return out["params"], step
+    others = [s for s in available if s != step]
+    hint = f"; other steps: {others} (--step)" if step is not None and others else ""
+    raise CheckpointError(f"no checkpoint of {workdir} can be read: " + "; ".join(
+        f"step {s}: {type(e).__name__}: {_short(e, 160)}" for s, e in failures) + hint)

@@ -5,6 +5,7 @@ instead of a traceback."""
 from __future__ import annotations
 
 import importlib.util
+import logging as pylogging
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from stem_jax.checkpoint import CheckpointError
+from stem_jax.lock import WorkdirLockedError
 from stem_jax.config import Config, ConfigError, suggest_key, validate
 from stem_jax.corpus import default_cache_dir
 from stem_jax.data import TokenIdError
@@ -121,6 +123,12 @@ def parse_command(argv: Sequence[str] | None, prog: str, about: str, define: Def
     return command, fv
 
 
+def define_mesh_flag(fv: flags.FlagValues) -> None:
+    """``--mesh`` of the workdir tools (parsed by ``sharding.parse_mesh`` when the run is restored)."""
+    flags.DEFINE_string("mesh", "auto", "data,fsdp,tensor sizes of the mesh (one may be -1), or auto: the most "
+                        "devices whose count divides the batch.", flag_values=fv)
+
+
 def int_list(value: str, name: str) -> list[int] | None:
     """A comma-separated list of ints (None when empty), or a one-line error naming the flag."""
     try:
@@ -187,13 +195,39 @@ def checked(config_holder) -> Config:
         die("could not load the config file: " + " ".join(str(e.__cause__ or e).split()))
 
 
+def _library_noise(record_path: str) -> bool:
+    return any(f"{os.sep}{name}{os.sep}" in record_path for name in ("orbax", "asyncio"))
+
+
+def quiet_library_noise() -> None:
+    """Hide what orbax and asyncio print about failures we report ourselves in one line (a checkpoint that
+    did not read, a save that failed): their log records and the "Exception ignored in <coroutine>" /
+    "Event loop is closed" messages of abandoned reads. STEM_JAX_TRACEBACK=1 shows everything."""
+    if os.environ.get("STEM_JAX_TRACEBACK") or getattr(sys.unraisablehook, "_stem_jax", False):
+        return
+    default = sys.unraisablehook
+
+    def hook(u):
+        code = getattr(u.object, "cr_code", None) or getattr(u.object, "__code__", None)
+        if (code is not None and _library_noise(code.co_filename)) or "Event loop is closed" in str(u.exc_value):
+            return
+        default(u)
+    hook._stem_jax = True
+    sys.unraisablehook = hook
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addFilter(lambda record: not _library_noise(record.pathname))
+    pylogging.getLogger("asyncio").setLevel(pylogging.CRITICAL)
+
+
 def run_user_errors(fn, *args, **kwargs):
     """Run ``fn``; user-facing errors become ``error: ...`` and exit code 1 (set STEM_JAX_TRACEBACK=1
-    for the full traceback)."""
+    for the full traceback). Library noise about failures reported this way is hidden
+    (``quiet_library_noise``)."""
+    quiet_library_noise()
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, MeshError, TokenIdError, CheckpointError, FloatingPointError, OSError, ValueError,
-            KeyError) as e:
+    except (ConfigError, MeshError, TokenIdError, CheckpointError, WorkdirLockedError, FloatingPointError,
+            OSError, ValueError, KeyError) as e:
         if os.environ.get("STEM_JAX_TRACEBACK"):
             raise
         die(f"{type(e).__name__}: {e}", code=1)

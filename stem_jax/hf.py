@@ -27,21 +27,19 @@ import math
 import shutil
 from pathlib import Path
 
-import jax
 import numpy as np
 from absl import flags
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
-from tokenizers import Tokenizer
 
-from stem_jax import checkpoint, cli, sharding, workdir as workdir_lib
-from stem_jax.config import Config, ModelConfig, from_dict, stem_indices, to_dict, validate
+from stem_jax import cli, workdir as workdir_lib
+from stem_jax.config import Config, ConfigError, ModelConfig, from_dict, stem_indices, to_dict, validate
+from stem_jax.workdir import ParamPath, check_new_workdir, flat_params, one_device_mesh, read_params, write_workdir
 
 STEM_TABLE_KEY = "model.layers.{i}.mlp.stem_table.weight"
 STEM_MODEL_TYPE = "stem_llama"
 EXPORTABLE_FFN = ("dense", "stem")
-ParamPath = tuple  # a path in the params pure dict, e.g. ("blocks", 1, "ffn", "w_gate")
 
 
 def key_map(m: ModelConfig) -> dict[ParamPath, tuple[str, str]]:
@@ -93,82 +91,10 @@ def hf_shape(kind: str, shape: tuple[int, ...], vocab: int) -> tuple[int, ...]:
     return (math.prod(shape[n_in:]), math.prod(shape[:n_in]))
 
 
-# --- stem-jax workdirs ---------------------------------------------------------------------------------
-
-ONE_DEVICE = (1, 1, 1)  # conversion is host work, and any mesh restores the result later
-
-
-def _one_device_mesh():
-    return sharding.make_mesh(ONE_DEVICE, devices=jax.devices()[:1])
-
-
-def _flat(tree) -> dict[ParamPath, object]:
-    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _check_ffn(cfg: Config, what: str) -> None:
     if cfg.model.ffn not in EXPORTABLE_FFN:
         raise ValueError(f"{what} of model.ffn={cfg.model.ffn!r} is not supported: only {EXPORTABLE_FFN} map "
                          "onto Llama weights plus STEM tables")
-
-
-def read_params(workdir: str | Path, step: int | None = None) -> tuple[Config, dict[ParamPath, np.ndarray], int]:
-    """(config, {path: float32 host array}, step) of a workdir's latest (or given) checkpoint; STEM tables
-    by token (row t is token t's), not in their stored layout."""
-    run = workdir_lib.restore(workdir, ONE_DEVICE, step, devices=jax.devices()[:1])
-    arrays = {p: np.asarray(jax.device_get(a)) for p, a in _flat(nnx.to_pure_dict(run.params)).items()}
-    return run.cfg, {p: sharding.table_by_token(a, run.cfg.model) if p[-1] == "table" else a
-                     for p, a in arrays.items()}, run.step
-
-
-def _check_new_workdir(workdir: Path) -> None:
-    for existing in (checkpoint.directory(workdir), workdir / "config.json"):
-        if existing.exists():
-            raise FileExistsError(f"{existing} already exists; refusing to overwrite it (choose a new workdir)")
-
-
-def _tokenizer_sha(path: Path) -> str | None:
-    """The fingerprint train.py records (of the canonical string, not the file's formatting)."""
-    try:
-        return checkpoint.fingerprint(Tokenizer.from_file(str(path)).to_str())
-    except Exception:  # noqa: BLE001 - not a tokenizers file (e.g. a sentencepiece-only HF repo)
-        return None
-
-
-def write_workdir(workdir: str | Path, cfg: Config, arrays: dict[ParamPath, np.ndarray], tokenizer: Path | None,
-                  source: str) -> Path:
-    """A workdir that ``eval.py`` and ``checkpoint.restore_params`` read: config.json, tokenizer.json and a
-    step-0 checkpoint holding ``params`` and ``meta`` only (no optimizer or data state, so train.py cannot
-    resume it). ``arrays`` holds every parameter, STEM tables at [vocab, d_ff]."""
-    workdir = Path(workdir)
-    validate(cfg)
-    _check_new_workdir(workdir)
-    mesh = _one_device_mesh()
-    _, abstract, shardings = workdir_lib.abstract_model(cfg, mesh)
-    extra = arrays.keys() - _flat(nnx.to_pure_dict(abstract)).keys()
-    if extra:
-        raise ValueError(f"parameters {sorted(extra)} are not in the model")
-
-    def fill(path, a: jax.ShapeDtypeStruct) -> np.ndarray:
-        p = tuple(k.key for k in path)
-        w = arrays.get(p)
-        if w is not None and p[-1] == "table":  # [vocab, d_ff] by token -> padded rows in the stored layout
-            w = sharding.table_to_stored(np.pad(w, ((0, a.shape[0] - w.shape[0]), (0, 0))), cfg.model)
-        if w is None or w.shape != a.shape:
-            raise ValueError(f"parameter {p}: the model needs shape {a.shape}, got {None if w is None else w.shape}")
-        return w.astype(np.float32)
-
-    nnx.replace_by_pure_dict(abstract, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract)))
-    params = jax.device_put(abstract, shardings)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-    tok_sha = None
-    if tokenizer is not None and tokenizer.is_file():
-        shutil.copyfile(tokenizer, workdir / "tokenizer.json")
-        tok_sha = _tokenizer_sha(workdir / "tokenizer.json")
-    checkpoint.save_params(workdir, params, checkpoint.run_meta(cfg, mesh, tok_sha, step=0, params_only=True,
-                                                                source=source))
-    return workdir
 
 
 # --- export --------------------------------------------------------------------------------------------
@@ -216,14 +142,69 @@ def export_safetensors(workdir: str | Path, out_dir: str | Path, step: int | Non
 
 # --- import --------------------------------------------------------------------------------------------
 
-def _field(hf: dict, name: str, default=None):
-    if name not in hf and default is None:
-        raise ValueError(f"config.json has no {name!r}")
-    return hf.get(name, default)
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+
+# The config.json fields that config_from_hf reads: name -> (type, required). Optional ones may be null.
+HF_FIELDS = {
+    "vocab_size": ("int", True), "hidden_size": ("int", True), "num_hidden_layers": ("int", True),
+    "num_attention_heads": ("int", True), "intermediate_size": ("int", True), "num_key_value_heads": ("int", False),
+    "head_dim": ("int", False), "max_position_embeddings": ("int", False), "rope_theta": ("float", False),
+    "rms_norm_eps": ("float", False), "initializer_range": ("float", False), "tie_word_embeddings": ("bool", False),
+    "attention_bias": ("bool", False), "mlp_bias": ("bool", False), "model_type": ("str", False),
+    "hidden_act": ("str", False), "rope_parameters": ("dict", False), "rope_scaling": ("dict", False),
+    "stem_jax": ("dict", False),
+}
+_WANT = {"int": "a positive integer", "float": "a finite number", "bool": "true or false", "str": "a string",
+         "dict": "an object"}
 
 
-def config_from_hf(hf: dict, seq_len: int | None = None) -> Config:
-    """Our Config for an HF Llama (or our STEM export) config.json; unsupported Llama features are errors."""
+def _type_ok(kind: str, v) -> bool:
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    if kind == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, {"bool": bool, "str": str, "dict": dict}[kind])
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; errors name the file."""
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds {_JSON_TYPES.get(type(value), type(value).__name__)}, not a JSON object")
+    return value
+
+
+def check_hf_config(hf: dict, where: str | Path = "config.json") -> dict:
+    """``hf`` without its null optional fields, after checking the type of every field config_from_hf reads
+    (errors name the field and ``where``, the file it came from)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where} holds {_JSON_TYPES.get(type(hf), type(hf).__name__)}, not a JSON object")
+    optional = {name for name, (_, required) in HF_FIELDS.items() if not required}
+    hf = {k: v for k, v in hf.items() if not (v is None and k in optional)}
+    for name, (kind, required) in HF_FIELDS.items():
+        if name not in hf:
+            if required:
+                raise ValueError(f"{where} has no {name!r}, which a Llama config needs")
+        elif not _type_ok(kind, hf[name]):
+            raise ValueError(f"{where}: {name} must be {_WANT[kind]}, got {hf[name]!r}")
+    for section in ("rope_parameters", "rope_scaling"):
+        for name, kind in (("rope_theta", "float"), ("rope_type", "str"), ("type", "str")):
+            v = hf.get(section, {}).get(name)
+            if v is not None and not _type_ok(kind, v):
+                raise ValueError(f"{where}: {section}.{name} must be {_WANT[kind]}, got {v!r}")
+    if not isinstance(hf.get("stem_jax", {}).get("config", {}), dict):
+        raise ValueError(f"{where}: stem_jax.config must be an object, got {hf['stem_jax']['config']!r}")
+    return hf
+
+
+def config_from_hf(hf: dict, seq_len: int | None = None, where: str | Path = "config.json") -> Config:
+    """Our Config for an HF Llama (or our STEM export) config.json; unsupported Llama features are errors.
+    ``where`` (the file) is named in errors."""
+    hf = check_hf_config(hf, where)
     if hf.get("model_type") not in ("llama", STEM_MODEL_TYPE):
         raise ValueError(f"model_type={hf.get('model_type')!r} is not supported: only Llama ('llama') checkpoints "
                          "can be imported")
@@ -232,28 +213,37 @@ def config_from_hf(hf: dict, seq_len: int | None = None) -> Config:
         raise ValueError(f"RoPE scaling {rope} is not supported (only rope_type 'default')")
     for name, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(name, ok) != ok:
-            raise ValueError(f"config.json has {name}={hf[name]!r}; only {ok!r} is supported")
+            raise ValueError(f"{where} has {name}={hf[name]!r}; only {ok!r} is supported")
     stem = hf.get("stem_jax", {})
-    cfg = from_dict(stem["config"]) if "config" in stem else Config()  # keeps our train/data sections
-    heads, d = _field(hf, "num_attention_heads"), _field(hf, "hidden_size")
+    try:
+        cfg = from_dict(stem["config"]) if "config" in stem else Config()  # keeps our train/data sections
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: stem_jax.config cannot be read: {e}") from None
+    heads, d = hf["num_attention_heads"], hf["hidden_size"]
     if hf.get("head_dim") not in (None, d // heads):
-        raise ValueError(f"head_dim={hf['head_dim']} != hidden_size / num_attention_heads = {d // heads}")
+        raise ValueError(f"{where}: head_dim={hf['head_dim']} != hidden_size / num_attention_heads = {d // heads}")
     # Our own export also carries the fields Llama has no name for (ffn, stem_layers, stem_lookup, dtype, ...).
     cfg.model = dataclasses.replace(
-        cfg.model if "config" in stem else ModelConfig(ffn="dense"), vocab_size=_field(hf, "vocab_size"),
-        d_model=d, n_layers=_field(hf, "num_hidden_layers"), n_heads=heads,
-        n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=_field(hf, "intermediate_size"),
+        cfg.model if "config" in stem else ModelConfig(ffn="dense"), vocab_size=hf["vocab_size"],
+        d_model=d, n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads, d_ff=hf["intermediate_size"],
         # Llama 3 advertises 131072 positions; train/eval batches only need a practical length.
         seq_len=seq_len or min(hf.get("max_position_embeddings", 2048), 4096),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=hf.get("tie_word_embeddings", False),
         init_std=float(hf.get("initializer_range", 0.02)))
     _check_ffn(cfg, "import")
-    return validate(cfg)
+    try:
+        return validate(cfg)
+    except (TypeError, AttributeError) as e:  # a wrongly typed field of the stem_jax.config section
+        raise ValueError(f"{where}: stem_jax.config: {e}") from None
 
 
 def _some(keys: list[str], n: int = 8) -> str:
     return f"{keys[:n]}{f' and {len(keys) - n} more' if len(keys) > n else ''}"
+
+
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors dtype names
 
 
 def _weight_files(hf_dir: Path) -> list[Path]:
@@ -261,7 +251,11 @@ def _weight_files(hf_dir: Path) -> list[Path]:
         return [hf_dir / "model.safetensors"]
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        return [hf_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must be an object of tensor name -> file name, got "
+                             f"{'nothing' if weight_map is None else repr(weight_map)[:80]}")
+        return [hf_dir / f for f in sorted(set(weight_map.values()))]
     other = sorted(p.name for p in hf_dir.glob("*.bin")) + sorted(p.name for p in hf_dir.glob("*.pt*"))
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {hf_dir}"
                             + (f" (found {other}: convert them to safetensors first)" if other else ""))
@@ -272,15 +266,18 @@ def import_llama(hf_dir: str | Path, workdir: str | Path, seq_len: int | None = 
     hf_dir, workdir = Path(hf_dir), Path(workdir)
     if not (hf_dir / "config.json").is_file():
         raise FileNotFoundError(f"{hf_dir / 'config.json'} not found: is {hf_dir} a Hugging Face model directory?")
-    cfg = config_from_hf(json.loads((hf_dir / "config.json").read_text()), seq_len)
-    _check_new_workdir(workdir)  # before reading gigabytes of weights
-    shapes = {p: a.shape for p, a in _flat(nnx.to_pure_dict(workdir_lib.abstract_model(cfg, _one_device_mesh())[1])).items()}
+    cfg = config_from_hf(_read_json_object(hf_dir / "config.json"), seq_len, where=hf_dir / "config.json")
+    check_new_workdir(workdir)  # before reading gigabytes of weights
+    shapes = {p: a.shape for p, a in flat_params(nnx.to_pure_dict(workdir_lib.abstract_model(cfg, one_device_mesh())[1])).items()}
     names = key_map(cfg.model)
     handles = {}  # HF key -> open file
     for f in _weight_files(hf_dir):
         if not f.is_file():
             raise FileNotFoundError(f"{f} (listed in the safetensors index) not found")
-        h = safe_open(str(f), framework="np")
+        try:
+            h = safe_open(str(f), framework="np")
+        except SafetensorError as e:
+            raise ValueError(f"{f} is not a readable safetensors file: {e}") from None
         handles.update({k: h for k in h.keys() if not k.endswith("rotary_emb.inv_freq")})  # old RoPE buffers
     wanted = {key for key, _ in names.values()}
     tied_head = "lm_head.weight" in handles and cfg.model.tie_embeddings
@@ -293,11 +290,15 @@ def import_llama(hf_dir: str | Path, workdir: str | Path, seq_len: int | None = 
         got, need = tuple(handles[key].get_slice(key).get_shape()), hf_shape(kind, shapes[p], cfg.model.vocab_size)
         if got != need:
             raise ValueError(f"{key} has shape {list(got)}, expected {list(need)} for this config")
+        dtype = handles[key].get_slice(key).get_dtype()
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{key} has dtype {dtype}; only {', '.join(FLOAT_DTYPES)} weights can be imported")
         arrays[p] = from_hf(kind, handles[key].get_tensor(key).astype(np.float32), shapes[p])
         n += math.prod(got)
     if tied_head and not np.array_equal(handles["lm_head.weight"].get_tensor("lm_head.weight"), arrays[("embed",)]):
         raise ValueError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
-    write_workdir(workdir, cfg, arrays, hf_dir / "tokenizer.json", f"import of {hf_dir.absolute()}")
+    write_workdir(workdir, cfg, arrays, hf_dir / "tokenizer.json", f"import of {hf_dir.absolute()}",
+                  command=f"stem_jax.hf import of {hf_dir}")
     print(f"imported {hf_dir} ({len(arrays)} tensors, {n / 1e6:.2f}M parameters) -> {workdir}", flush=True)
     return workdir
 
@@ -318,7 +319,7 @@ def dense_to_stem(workdir_in: str | Path, workdir_out: str | Path, stem_layers: 
     cfg = workdir_lib.load_run_config(workdir_in)
     if cfg.model.ffn != "dense":
         raise ValueError(f"{workdir_in} has model.ffn={cfg.model.ffn!r}; dense_to_stem needs a dense model")
-    _check_new_workdir(Path(workdir_out))
+    check_new_workdir(Path(workdir_out))
     new = copy.deepcopy(cfg)
     new.model.ffn, new.model.stem_layers = "stem", stem_layers
     validate(new)  # names the field for a bad stem_layers
@@ -328,7 +329,8 @@ def dense_to_stem(workdir_in: str | Path, workdir_out: str | Path, stem_layers: 
         x_VxD = rms_norm(arrays[("embed",)], arrays[("blocks", i, "ffn_norm", "scale")], cfg.model.norm_eps)
         arrays[("blocks", i, "ffn", "table")] = x_VxD @ w_up_DxF
     out = write_workdir(workdir_out, new, arrays, workdir_in / "tokenizer.json",
-                        source=f"dense_to_stem of {workdir_in.absolute()} step {step}")
+                        source=f"dense_to_stem of {workdir_in.absolute()} step {step}",
+                        command=f"stem_jax.hf to_stem of {workdir_in}")
     print(f"STEM layers {list(stem_indices(new.model))} initialised from W_up and the embedding -> {out}", flush=True)
     return out
 

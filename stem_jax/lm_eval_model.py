@@ -24,7 +24,7 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the environmen
     raise ModuleNotFoundError(f"stem_jax.lm_eval_model needs lm-eval ({e}); install it with "
                               "pip install -e '.[lmeval]'") from e
 
-from stem_jax import cli
+from stem_jax import cli, sharding
 from stem_jax.corpus import EOS
 from stem_jax.scoring import Scorer
 
@@ -42,13 +42,13 @@ class StemJaxLM(LM):
     """Delegates every request type to a ``Scorer``. SPMD: every JAX process runs every request, so lm-eval
     sees one rank."""
 
-    def __init__(self, workdir: str | None = None, step: Any = None, batch_size: Any = None, mesh: str = "-1:1:1",
+    def __init__(self, workdir: str | None = None, step: Any = None, batch_size: Any = None, mesh: str = "auto",
                  scorer: Scorer | None = None, **_ignored: Any):  # max_batch_size, device: not used
         super().__init__()
         if scorer is None:
             if not workdir:
                 raise ValueError("model_args needs workdir=<a stem-jax training workdir>")
-            shape = tuple(int(x) for x in str(mesh).replace("x", ":").split(":"))
+            shape = sharding.parse_mesh(str(mesh).replace("x", ",").replace(":", ","))
             scorer = Scorer.from_workdir(workdir, _int_or_none(step), shape, _int_or_none(batch_size))
         self.scorer = scorer
 

@@ -158,7 +158,7 @@ class Sampler:
         self._forward = jax.jit(lambda p, ids_1xL, n, edit: nnx.merge(graphdef, p)(ids_1xL, edit=edit)[0, n - 1])
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1),
+    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape: Sequence[int] | str = "auto",
                      cache_rows: int = 0) -> "Sampler":
         """``cache_rows`` > 0 restores the STEM tables into host memory and decodes through a hot-row cache."""
         if cache_rows:
@@ -302,7 +302,8 @@ def _left_pad_edit(edit: RowEdit, lengths: list[int], P: int) -> RowEdit:
 def _define(fv: flags.FlagValues, _command) -> None:
     flags.DEFINE_string("workdir", None, "A workdir written by train.py.", required=True, flag_values=fv)
     flags.DEFINE_multi_string("prompt", None, "A prompt; repeat for a batch of prompts.", required=True, flag_values=fv)
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=fv)
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest readable).", flag_values=fv)
+    cli.define_mesh_flag(fv)
     flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.", flag_values=fv)
     flags.DEFINE_float("temperature", 0.0, "0 = greedy.", flag_values=fv)
     flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).", flag_values=fv)
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg.check()  # before the restore, so a bad setting fails fast
         if f.cache_rows < 0:
             raise SamplingError(f"--cache_rows={f.cache_rows} must be >= 1 (or 0 for tables on device)")
-        sampler = Sampler.from_workdir(f.workdir, f.step, cache_rows=f.cache_rows)
+        sampler = Sampler.from_workdir(f.workdir, f.step, sharding.parse_mesh(f.mesh), cache_rows=f.cache_rows)
         for g in sampler.generate(f.prompt, cfg):
             print(f"{g.prompt}\u2502{g.text}   [{len(g.ids)} tokens, {g.stop}]")
             if f.show_topk:

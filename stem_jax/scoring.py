@@ -96,7 +96,7 @@ class Scorer:
         return scorer
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape=(-1, 1, 1),
+    def from_workdir(cls, workdir: str | Path, step: int | None = None, mesh_shape: Sequence[int] | str = "auto",
                      eval_batch: int | None = None) -> "Scorer":
         """Restore the latest (or ``step``) checkpoint of a training workdir onto the devices present now."""
         return cls.from_run(workdir_lib.restore(workdir, mesh_shape, step), eval_batch)

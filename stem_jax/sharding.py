@@ -210,9 +210,34 @@ def batch_sharding(mesh: Mesh, batch_size: int) -> NamedSharding:
     """Sharding of a [batch, length] array of token ids."""
     n = axis_size("batch", mesh)
     if batch_size % n:
-        raise MeshError(f"global batch size {batch_size} is not divisible by the {n} batch shards "
-                        f"(mesh axes {mesh_axes('batch')})")
+        near = sorted({batch_size - batch_size % n, batch_size + n - batch_size % n} - {0})
+        raise MeshError(f"global batch size {batch_size} is not divisible by the {n} batch shards of mesh "
+                        f"{describe(mesh)} (mesh axes {mesh_axes('batch')}); use a batch size that is a multiple "
+                        f"of {n} ({' or '.join(map(str, near))}), or {auto_mesh_shape(batch_size, mesh.size)[1]} "
+                        f"batch shards (tools: --mesh=auto)")
     return named(mesh, ("batch", "length"))
+
+
+def auto_mesh_shape(batch_size: int, n_devices: int) -> tuple[tuple[int, int, int], int]:
+    """``((data, 1, 1), d)``: the most devices ``d <= n_devices`` whose count divides ``batch_size``, all on the
+    data axis (what the tools' ``--mesh=auto`` uses: any device count, any batch)."""
+    d = max(k for k in range(1, n_devices + 1) if batch_size % k == 0)
+    return (d, 1, 1), d
+
+
+def parse_mesh(value: str | Sequence[str]) -> tuple[int, int, int] | str:
+    """``--mesh``: ``auto`` or three sizes ``data,fsdp,tensor`` (one may be -1); MeshError otherwise."""
+    parts = [str(x).strip() for x in (value.split(",") if isinstance(value, str) else value) if str(x).strip()]
+    if [p.lower() for p in parts] == ["auto"]:
+        return "auto"
+    try:
+        shape = tuple(int(x) for x in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != len(MESH_AXES) or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise MeshError(f"--mesh={','.join(parts)}: expected 'auto' or three sizes data,fsdp,tensor such as "
+                        "4,2,1 (one of them may be -1 for the remaining devices)")
+    return shape
 
 
 def check_model_fits(m: ModelConfig, mesh: Mesh) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from stem_jax import accounting, checkpoint, corpus as corpus_lib, data, offload, sharding, steps
+from stem_jax import accounting, checkpoint, corpus as corpus_lib, data, lock, offload, sharding, steps
 from stem_jax.config import Config, ConfigError, resume_changes, to_dict, validate
 from stem_jax.preemption import StopRequests
 from stem_jax.writer import MetricsWriter, describe_run, log
@@ -106,15 +108,46 @@ def _start(tr: Trainer, workdir: Path, meta: dict, batches) -> tuple[dict, int, 
 
 def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     """Train ``cfg`` into ``workdir``, resuming from its newest checkpoint if there is one; returns the
-    final metrics (``val_loss``, ``val_ppl``, ...) or, when stopped by a signal, ``{"stopped_at": step}``."""
+    final metrics (``val_loss``, ``val_ppl``, ...) or, when stopped by a signal, ``{"stopped_at": step}``.
+
+    Preflight: the config, the mesh, the corpus (tokenizer size, a train window and a validation batch at this
+    shape) and the compiled programs' shardings are all checked before the workdir is created or locked; a
+    run then holds the workdir's lock (``lock.py``) until it ends."""
     validate(cfg)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise FileExistsError(f"--workdir {workdir} is a file, not a directory")
     mesh = sharding.make_mesh(cfg.mesh.shape)
     corpus = data.open_corpus(cfg, log)
+    data.check_splits(cfg, corpus)
     tr = Trainer.create(cfg, mesh)
     describe_run(cfg, mesh, tr.ctx.counts, corpus)
+    created = not workdir.exists()
+    try:
+        with lock.hold(workdir, "train.py", log):
+            return _train(tr, corpus, workdir)
+    except BaseException:
+        if created and jax.process_index() == 0:
+            _remove_if_empty(workdir)  # a run that failed before writing anything leaves no workdir
+        raise
+
+
+def _remove_if_empty(workdir: Path) -> None:
+    if workdir.is_dir() and all(p.name == lock.LOCK_FILE for p in workdir.iterdir()):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Replace ``path`` atomically, and only when its content changes (a resume leaves it untouched)."""
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _train(tr: Trainer, corpus: corpus_lib.Corpus, workdir: Path) -> dict:
+    cfg, mesh = tr.ctx.cfg, tr.ctx.mesh
     t, m = cfg.train, cfg.model
     batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size,
                                       name=f"{corpus.path / 'train.bin'}"))
@@ -123,9 +156,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     meta = checkpoint.run_meta(cfg, mesh, checkpoint.fingerprint(corpus.tokenizer.to_str()))
     state, start, mngr = _start(tr, workdir, meta, batches)
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
-        corpus.tokenizer.save(str(workdir / "tokenizer.json"))
+        _write_if_changed(workdir / "config.json", json.dumps(to_dict(cfg), indent=1))
+        _write_if_changed(workdir / "tokenizer.json", corpus.tokenizer.to_str(pretty=True))
     writer = MetricsWriter(workdir, start)
     if start >= t.steps:
         final = next((r for r in reversed(writer.rows()) if "val_loss" in r and r["step"] == start), None)
@@ -144,15 +176,18 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     stop = StopRequests(mngr.reached_preemption)
     try:
         state, step = _loop(tr, state, start, batches, mngr, meta, writer, stop)
-    except FloatingPointError as e:
-        mngr.wait_until_finished()
-        last = mngr.latest_step()
-        raise FloatingPointError(f"{e}; training stopped. " + (
-            f"The newest checkpoint, step {last}, is intact" if last is not None else "No checkpoint was written")
-            + " (lower train.lr or raise train.warmup_steps before resuming)") from None
+    except (FloatingPointError, checkpoint.CheckpointError) as e:
+        last = checkpoint.last_good(mngr)
+        kept = f"The newest checkpoint, step {last}, is intact" if last is not None else "No checkpoint was written"
+        hint = (" (lower train.lr or raise train.warmup_steps before resuming)" if isinstance(e, FloatingPointError)
+                else "; free space or fix the checkpoint directory, then rerun the same command to resume")
+        writer.close()
+        raise type(e)(f"{e}; training stopped. {kept}{hint}") from None
+    except BaseException:
+        checkpoint.last_good(mngr)  # let a save in flight land before the error ends the process
+        raise
     finally:
         stop.close()
-        mngr.wait_until_finished()
     if step < t.steps:
         writer.close()
         mngr.close()
@@ -194,7 +229,7 @@ def _loop(tr: Trainer, state: dict, start: int, batches, mngr, meta: dict, write
             writer.write(step, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}", tok_s=f"{values['tokens_per_sec']:,.0f}")
 
-    pending, step = None, start
+    pending, step, saved = None, start, None
     try:
         for step in range(start + 1, t.steps + 1):
             peek = tr.offloader is not None and step < t.steps
@@ -202,15 +237,18 @@ def _loop(tr: Trainer, state: dict, start: int, batches, mngr, meta: dict, write
             if pending is not None:
                 finished(*pending)
             pending = (step, metrics)
+            checkpoint.check_saves(mngr, saved)  # a background save that failed stops the run now
             stopping = stop.requested(step)
             if stopping or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
                 finished(*pending)
                 pending = None
-                checkpoint.save(mngr, state, batches, {**meta, "step": step})
+                checkpoint.check_saves(mngr, saved, wait=True)  # the previous save, before this one starts
+                saved = checkpoint.save(mngr, state, batches, {**meta, "step": step})
             if stopping:
                 break
         if pending is not None:
             finished(*pending)
+        checkpoint.check_saves(mngr, saved, wait=True)
     finally:
         bar.close()
     return state, step

@@ -4,18 +4,22 @@ no train step is compiled: the model's shapes come from ``nnx.eval_shape`` and i
 ``sharding.py``, so a checkpoint restores onto any mesh."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
-from stem_jax import checkpoint, offload, sharding
-from stem_jax.config import Config, from_dict, validate
+from stem_jax import checkpoint, lock, offload, sharding
+from stem_jax.config import Config, from_dict, to_dict, validate
 from stem_jax.model import Transformer
 
 
@@ -77,17 +81,157 @@ class Run:
         return self.tokenizer
 
 
-def restore(workdir: str | Path, mesh_shape: Sequence[int] = (-1, 1, 1), step: int | None = None, *,
+def tool_mesh(mesh_shape: Sequence[int] | str, batch_size: int,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh a tool runs on: ``auto`` puts on the data axis the most devices whose count divides
+    ``batch_size`` (so any device count works); explicit sizes are checked with a one-line MeshError."""
+    devices = list(jax.devices() if devices is None else devices)
+    if isinstance(mesh_shape, str):
+        mesh_shape = sharding.parse_mesh(mesh_shape)
+    if mesh_shape == "auto":
+        mesh_shape, n = sharding.auto_mesh_shape(batch_size, len(devices))
+        devices = devices[:n]
+    return sharding.make_mesh(mesh_shape, devices=devices)
+
+
+def _model_changes(json_cfg: Config, saved: Config) -> list[str]:
+    a, b = dataclasses.asdict(json_cfg.model), dataclasses.asdict(saved.model)
+    return [f"model.{k}: {a[k]!r} in config.json, {b[k]!r} in the checkpoint" for k in a if a[k] != b[k]]
+
+
+def restore(workdir: str | Path, mesh_shape: Sequence[int] | str = "auto", step: int | None = None, *,
             devices: Sequence[jax.Device] | None = None, tables_on_host: bool = False,
-            cfg: Config | None = None) -> Run:
-    """The latest (or ``step``) checkpoint of ``workdir`` on a ``mesh_shape`` mesh over ``devices`` (default:
-    all). ``tables_on_host`` keeps the STEM tables in host memory (``pinned_host``); ``cfg`` overrides the
-    workdir's config.json (e.g. a different evaluation batch)."""
+            cfg: Config | None = None, log: Callable[[str], None] = print) -> Run:
+    """The newest readable (or exactly ``step``) checkpoint of ``workdir`` on a ``mesh_shape`` mesh (``auto``:
+    see ``tool_mesh``) over ``devices`` (default: all). An unreadable newer checkpoint is skipped with a
+    one-line warning. The model is the one saved with the checkpoint; a ``config.json`` that disagrees is
+    reported. ``tables_on_host`` keeps the STEM tables in host memory (``pinned_host``); ``cfg`` overrides
+    the workdir's config.json (e.g. a different evaluation batch)."""
     workdir = Path(workdir)
-    cfg = cfg or load_run_config(workdir)
-    mesh = sharding.make_mesh(mesh_shape, devices=devices)  # cfg.mesh stays the training run's
+    json_cfg = cfg or load_run_config(workdir)
+    mesh = tool_mesh(mesh_shape, json_cfg.train.batch_size, devices)  # cfg.mesh stays the training run's
     if tables_on_host:
         offload.check_supported(mesh)
-    graphdef, abstract, shardings = abstract_model(cfg, mesh, tables_on_host)
-    params, step = checkpoint.restore_params(workdir, abstract, shardings, step)
-    return Run(workdir, cfg, mesh, graphdef, params, step)
+    chosen = {}
+
+    def build(step: int, meta: dict):
+        run_cfg = json_cfg
+        if isinstance(meta.get("config"), dict):
+            saved = validate(from_dict(meta["config"]))
+            saved.model.stem_offload = False
+            changes = _model_changes(json_cfg, saved)
+            if changes:
+                log(f"warning: {workdir / 'config.json'} does not match checkpoint {step} ({'; '.join(changes)}); "
+                    "using the checkpoint's model")
+                run_cfg = dataclasses.replace(json_cfg, model=saved.model)
+        chosen["cfg"], chosen["model"] = run_cfg, abstract_model(run_cfg, mesh, tables_on_host)
+        return chosen["model"][1:]
+
+    params, step, _ = checkpoint.restore_params(workdir, build, step, log)
+    return Run(workdir, chosen["cfg"], mesh, chosen["model"][0], params, step)
+
+
+# --- writing a params-only workdir (imports, conversions, injections) ----------------------------------
+
+ParamPath = tuple  # a path in the params pure dict, e.g. ("blocks", 1, "ffn", "w_gate")
+
+ONE_DEVICE = (1, 1, 1)  # conversion is host work, and any mesh restores the result later
+
+
+def one_device_mesh():
+    return sharding.make_mesh(ONE_DEVICE, devices=jax.devices()[:1])
+
+
+def flat_params(tree) -> dict[ParamPath, object]:
+    return {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def read_params(workdir: str | Path, step: int | None = None) -> tuple[Config, dict[ParamPath, np.ndarray], int]:
+    """(config, {path: float32 host array}, step) of a workdir's latest (or given) checkpoint; STEM tables
+    by token (row t is token t's), not in their stored layout."""
+    run = restore(workdir, ONE_DEVICE, step, devices=jax.devices()[:1])
+    arrays = {p: np.asarray(jax.device_get(a)) for p, a in flat_params(nnx.to_pure_dict(run.params)).items()}
+    return run.cfg, {p: sharding.table_by_token(a, run.cfg.model) if p[-1] == "table" else a
+                     for p, a in arrays.items()}, run.step
+
+
+def check_new_workdir(workdir: Path) -> None:
+    for existing in (checkpoint.directory(workdir), workdir / "config.json"):
+        if existing.exists():
+            raise FileExistsError(f"{existing} already exists; refusing to overwrite it (choose a new workdir)")
+
+
+def _tokenizer_sha(path: Path) -> str | None:
+    """The fingerprint train.py records (of the canonical string, not the file's formatting)."""
+    try:
+        return checkpoint.fingerprint(Tokenizer.from_file(str(path)).to_str())
+    except Exception:  # noqa: BLE001 - not a tokenizers file (e.g. a sentencepiece-only HF repo)
+        return None
+
+
+def _remove_new(workdir: Path, keep: set[str]) -> None:
+    """Undo a failed write: remove what ``workdir`` holds beyond ``keep``."""
+    for name in set(os.listdir(workdir)) - keep:
+        p = workdir / name
+        with contextlib.suppress(OSError):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+
+def write_workdir(workdir: str | Path, cfg: Config, arrays: dict[ParamPath, np.ndarray], tokenizer: Path | None,
+                  source: str, command: str = "stem_jax write_workdir",
+                  extra_files: dict[str, str] | None = None) -> Path:
+    """A workdir that ``eval.py`` and ``checkpoint.restore_params`` read: config.json, tokenizer.json and a
+    step-0 checkpoint holding ``params`` and ``meta`` only (no optimizer or data state, so train.py cannot
+    resume it), plus ``extra_files`` (name -> text). ``arrays`` holds every parameter, STEM tables at
+    [vocab, d_ff].
+
+    Checks come first, so a refused write creates nothing; the write itself holds the workdir's lock
+    (``command`` names the holder), and a failed one removes what it wrote (the directory too, if it made it)."""
+    workdir = Path(workdir)
+    validate(cfg)
+    check_new_workdir(workdir)
+    mesh = one_device_mesh()
+    _, abstract, shardings = abstract_model(cfg, mesh)
+    extra = arrays.keys() - flat_params(nnx.to_pure_dict(abstract)).keys()
+    if extra:
+        raise ValueError(f"parameters {sorted(extra)} are not in the model")
+
+    def fill(path, a: jax.ShapeDtypeStruct) -> np.ndarray:
+        p = tuple(k.key for k in path)
+        w = arrays.get(p)
+        if w is not None and p[-1] == "table":  # [vocab, d_ff] by token -> padded rows in the stored layout
+            w = sharding.table_to_stored(np.pad(w, ((0, a.shape[0] - w.shape[0]), (0, 0))), cfg.model)
+        if w is None or w.shape != a.shape:
+            raise ValueError(f"parameter {p}: the model needs shape {a.shape}, got {None if w is None else w.shape}")
+        return w.astype(np.float32)
+
+    nnx.replace_by_pure_dict(abstract, jax.tree_util.tree_map_with_path(fill, nnx.to_pure_dict(abstract)))
+    params = jax.device_put(abstract, shardings)
+    existed, created = workdir.exists(), False
+    try:
+        with lock.hold(workdir, command):
+            before = set(os.listdir(workdir))
+            created = not existed and before == {lock.LOCK_FILE}  # made by the lock just now
+            try:
+                check_new_workdir(workdir)  # again: another writer may have filled it since the check above
+                (workdir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+                tok_sha = None
+                if tokenizer is not None and tokenizer.is_file():
+                    shutil.copyfile(tokenizer, workdir / "tokenizer.json")
+                    tok_sha = _tokenizer_sha(workdir / "tokenizer.json")
+                checkpoint.save_params(workdir, params, checkpoint.run_meta(cfg, mesh, tok_sha, step=0,
+                                                                            params_only=True, source=source))
+                for name, text in (extra_files or {}).items():
+                    (workdir / name).write_text(text)
+            except BaseException:
+                _remove_new(workdir, set() if created else before)  # the lock file too when the lock made it
+                raise
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):  # not empty: another writer has come meanwhile
+                workdir.rmdir()
+        raise
+    return workdir

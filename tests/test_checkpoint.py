@@ -105,13 +105,14 @@ def test_eval_restores_params_alone_and_missing_checkpoints_are_clear_errors(tmp
     s, state, batches = _trained_state(cfg, (2, 4, 1), steps=0)
     _save(tmp_path, s, state, batches, step=0)
     dst = Trainer.create(cfg, mesh_of((6, 1, 1)))  # 1152 table rows instead of 1024
-    params, step = checkpoint.restore_params(tmp_path, dst.ctx.abstract_state["params"], dst.ctx.state_shardings["params"])
-    assert step == 0
+    build = lambda step, meta: (dst.ctx.abstract_state["params"], dst.ctx.state_shardings["params"])
+    params, step, meta = checkpoint.restore_params(tmp_path, build)
+    assert step == 0 and meta["step"] == 0
     for (key, a), b in zip(_flat(jax.device_get(state["params"])).items(), jax.tree.leaves(params)):
         b = np.asarray(b)
         np.testing.assert_array_equal(b[:len(a)], a, err_msg=key)
         assert not b[len(a):].any()
     with pytest.raises(FileNotFoundError, match="no checkpoint for step 5 under"):
-        checkpoint.restore_params(tmp_path, dst.ctx.abstract_state["params"], dst.ctx.state_shardings["params"], step=5)
+        checkpoint.restore_params(tmp_path, build, step=5)
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
-        checkpoint.restore_params(tmp_path / "empty", dst.ctx.abstract_state["params"], dst.ctx.state_shardings["params"])
+        checkpoint.restore_params(tmp_path / "empty", build)

@@ -1,6 +1,7 @@
 """train.py / eval.py end to end, as a user runs them (one CPU device per subprocess)."""
 import json
 import math
+import os
 
 import pytest
 
@@ -69,6 +70,57 @@ def test_bad_input_fails_clearly_and_leaves_no_workdir(tmp_path, cache_dir, args
     assert r.returncode != 0 and msg in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "w").exists()
+
+
+def _short_text(tmp_path):
+    """Two documents of 200 lines: the held-out one has about 12 windows of 129 tokens, not a batch of 16."""
+    f = tmp_path / "short.txt"
+    f.write_text("".join(f"line {i} says little.\n" for i in range(400)))
+    return f
+
+
+def _binary(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_bytes(bytes(range(256)) * 64)
+    return f
+
+
+@pytest.mark.parametrize("args,files,msg,devices", [
+    (["--config.train.lr=nan"], None, "train.lr=nan must be a finite number", 1),
+    (["--config.train.b2=1.5"], None, "train.b2=1.5 is out of range: must be [0.0, 1.0]", 1),
+    (["--config.model.vocab_size=100"], None, "model.vocab_size=100 is too small for the byte-level BPE", 1),
+    (["--config.data.source=text"], _binary, "is not a text file (it has a NUL byte at offset 0)", 1),
+    (["--config.data.source=text"], _short_text, "validation needs a batch of 16: add text", 1),
+    ([], None, "not divisible by the 3 batch shards of mesh data=3, fsdp=1, tensor=1 (mesh axes ('data', 'fsdp')); "
+               "use a batch size that is a multiple of 3 (15 or 18)", 3),
+])
+def test_preflight_refuses_before_any_work(tmp_path, cache_dir, args, files, msg, devices):
+    """Checks that used to fail after training (or never) now fail before the workdir exists; a bad
+    tokenizer size fails before a tokenizer or cache is built."""
+    own_cache = tmp_path / "cache"
+    extra = [f"--config.data.text_files={files(tmp_path)}", f"--config.data.cache_dir={own_cache}"] if files else []
+    if "--config.model.vocab_size=100" in args:
+        extra = [f"--config.data.cache_dir={own_cache}"]
+    r = run("train.py", f"--workdir={tmp_path / 'w'}", "--config.train.steps=2", *args, *extra, cache_dir=cache_dir,
+            devices=devices)
+    assert r.returncode in (1, 2) and msg in r.stderr, r.stderr[-2000:]  # 2: a config error, before any run
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "w").exists()
+    if files is not _short_text:
+        assert not own_cache.exists() or not any(own_cache.iterdir())
+
+
+def test_a_second_train_on_a_busy_workdir_is_refused_and_changes_nothing(tmp_path, cache_dir):
+    from stem_jax import lock
+    work = tmp_path / "w"
+    fd = lock.acquire(work, "a run under test")  # the flock is per open file: a child process conflicts with it
+    try:
+        before = {f.name: f.read_bytes() for f in work.iterdir()}
+        r = run("train.py", f"--workdir={work}", "--config.train.steps=2", cache_dir=cache_dir)
+        assert r.returncode == 1 and f"is in use by a run under test (pid {os.getpid()} on" in r.stderr, r.stderr[-2000:]
+        assert {f.name: f.read_bytes() for f in work.iterdir()} == before
+    finally:
+        lock.release(fd)
 
 
 def test_a_workdir_that_is_a_file_is_refused_and_kept(tmp_path, cache_dir):

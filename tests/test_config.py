@@ -1,5 +1,4 @@
 """Config validation: every bad value is named."""
-import dataclasses
 
 import pytest
 

@@ -86,3 +86,15 @@ def test_tfds_source_reads_array_record_without_tensorflow(tmp_path):
         corpus.load_corpus(DataConfig(source="tfds", tfds_name="tiny_text", tfds_data_dir=data_dir,
                                       tfds_text_key="body", cache_dir=str(tmp_path / "d")), vocab_size=300)
     assert json.loads((c.path / "meta.json").read_text())["source"].startswith("tfds:tiny_text")
+
+
+def test_text_files_that_are_not_text_are_named():
+    said = []
+    corpus.check_text("plain text\n".encode() * 100, "a.txt", said.append)
+    assert said == []
+    corpus.check_text(b"caf\xe9 " + "fine text\n".encode() * 200, "latin1.txt", said.append)
+    assert said == ["warning: data.text_files: 'latin1.txt' has 1 undecodable byte sequence(s), read as U+FFFD"]
+    with pytest.raises(ValueError, match=r"'model.bin' is not a text file \(it has a NUL byte at offset 3\)"):
+        corpus.check_text(b"abc\x00def", "model.bin")
+    with pytest.raises(ValueError, match=r"'img.jpg' is not UTF-8 text \(20 undecodable byte sequences in 20 bytes\)"):
+        corpus.check_text(b"\xff\xd8" * 10, "img.jpg")

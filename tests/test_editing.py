@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from conftest import mesh_of, tiny_config
-from stem_jax import corpus as corpus_lib, hf, sharding
+from stem_jax import corpus as corpus_lib, editing, sharding, workdir as workdir_lib
 from stem_jax.editing import EditError, Editor, entity_positions, format_comparison, inject, plan_rows
 from stem_jax.sampling import Sampler, SamplingConfig
 from stem_jax.trainer import Trainer
@@ -112,8 +112,8 @@ def test_injection_changes_only_the_injected_rows(tmp_path, stem_workdir):
     work = stem_workdir  # STEM at layer 1 of 2
     out = tmp_path / "injected"
     report = inject(work, out, " lord", [" secret"], mode="copy")
-    _, old, _ = hf.read_params(work)
-    _, new, _ = hf.read_params(out)
+    _, old, _ = workdir_lib.read_params(work)
+    _, new, _ = workdir_lib.read_params(out)
     src, tgt = report["source_ids"], report["target_ids"][0]
     for key, a in old.items():
         if key[-1] != "table":
@@ -130,6 +130,54 @@ def test_injection_changes_only_the_injected_rows(tmp_path, stem_workdir):
         inject(work, tmp_path / "x", " lord", [" secret"], mode="swap")
 
 
+def _main_exit(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as e:
+        editing.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+# In the fixture's tokenizer " thee" is the shared pieces ' the' + 'e'; " lord" and " secret" are one token each.
+def test_inject_refuses_a_multi_token_source_without_the_flag(tmp_path, stem_workdir, capsys):
+    out = tmp_path / "injected"
+    code, stdout, err = _main_exit(["inject", "--workdir", stem_workdir, "--out", out, "--source", " thee",
+                                    "--target", " secret"], capsys)
+    assert code == 1 and err.startswith("error: EditError:") and err.count("\n") == 1, err
+    assert "[' the', 'e']" in err and "--allow_shared_rows" in err and "every word" in err, err
+    assert "source ' thee' -> 2 tokens [' the', 'e']" in stdout and "target ' secret' -> 1 token [' secret']" in stdout
+    assert not out.exists()
+    with pytest.raises(EditError, match="allow_shared_rows"):
+        inject(stem_workdir, out, " thee", [" secret"])
+
+
+def test_inject_with_allow_shared_rows_lists_every_changed_row(tmp_path, stem_workdir, capsys):
+    out = tmp_path / "injected"
+    editing.main(["inject", "--workdir", str(stem_workdir), "--out", str(out), "--source", " thee",
+                  "--target", " lordship", "--allow_shared_rows"])
+    stdout = capsys.readouterr().out
+    report = json.loads((out / "injection.json").read_text())
+    rows = report["changed_rows"]
+    assert {c["token_id"] for c in rows} == set(report["source_ids"]) and len(rows) == 2  # 2 tokens x 1 layer
+    assert report["source_tokens"] == [" the", "e"] and report["allow_shared_rows"]
+    assert "2 rows changed (2 tokens)" in stdout, stdout
+    table = stdout.split("changed rows (token, id, STEM layers):\n")[1].splitlines()
+    assert len(table) == 2, stdout
+    for c in rows:
+        assert any(repr(c["token"]) in line and f"id {c['token_id']} " in line and "layers [1]" in line
+                   for line in table), (c, stdout)
+
+
+def test_edit_prints_the_pieces_and_notes_shared_rows_before_restoring(stem_workdir, capsys):
+    # A bad --mesh fails in the restore: the pieces were printed before it, and --mesh reached it.
+    code, stdout, err = _main_exit(["edit", "--workdir", stem_workdir, "--prompt", "and thee lord", "--source",
+                                    "thee", "--target", "lord", "--mesh", "two,1,1"], capsys)
+    assert code == 1 and "--mesh=two,1,1" in err and err.count("\n") == 1, err
+    lines = stdout.splitlines()
+    assert lines[0] == "source 'thee' -> 2 tokens [' the', 'e'] (in the prompt)", stdout
+    assert lines[1] == "target 'lord' -> 1 token [' lord']", stdout
+    assert lines[2].startswith("note: the source is 2 pieces") and "--allow_shared_rows" in lines[2], stdout
+
+
 def test_edit_and_sample_clis(tmp_path, cache_dir, stem_workdir):
     from conftest import run_script
     work = stem_workdir
@@ -138,6 +186,7 @@ def test_edit_and_sample_clis(tmp_path, cache_dir, stem_workdir):
                    "--json", tmp_path / "edit.json", cache_dir=cache_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rank" in r.stdout and "after:" in r.stdout
+    assert "source 'lord' -> 1 token [' lord'] (in the prompt)" in r.stdout and "note:" not in r.stdout
     assert json.loads((tmp_path / "edit.json").read_text())["target"] == "secret"
     r = run_script("stem_jax/sampling.py", "--workdir", work, "--prompt", "the lord", "--prompt", "thou",
                    "--max_new_tokens", "3", "--show_topk", "2", cache_dir=cache_dir)

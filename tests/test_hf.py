@@ -1,19 +1,21 @@
 """Hugging Face interop: safetensors export/import round trips, the documented key set, dense -> STEM
-initialisation, clear errors, and (when torch + transformers are installed) logit parity with LlamaForCausalLM."""
+initialisation, clear errors, one-line CLI errors for bad HF directories, the workdir lock around writes, and
+(when torch + transformers are installed) logit parity with LlamaForCausalLM."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from conftest import REPO, mesh_of, script_env, tiny_config
-from stem_jax import checkpoint, data, hf
+from stem_jax import checkpoint, data, hf, lock, workdir as workdir_lib
 from stem_jax.config import ConfigError, to_dict
 from stem_jax.trainer import Trainer
 from stem_jax.workdir import restore
@@ -55,8 +57,8 @@ def _logits(workdir):
 
 
 def _assert_same_params(a, b):
-    _, pa, _ = hf.read_params(a)
-    _, pb, _ = hf.read_params(b)
+    _, pa, _ = workdir_lib.read_params(a)
+    _, pb, _ = workdir_lib.read_params(b)
     assert pa.keys() == pb.keys()
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=str(k))
@@ -129,7 +131,7 @@ def test_sharded_checkpoint_and_tied_embeddings_import(runs, tmp_path):
     (tied / "config.json").write_text(json.dumps(c | {"tie_word_embeddings": True}))
     save_file({k: v for k, v in tensors.items() if k != "lm_head.weight"}, str(tied / "model.safetensors"))
     hf.import_llama(tied, tmp_path / "tied_back")
-    cfg, params, _ = hf.read_params(tmp_path / "tied_back")
+    cfg, params, _ = workdir_lib.read_params(tmp_path / "tied_back")
     assert cfg.model.tie_embeddings and ("head",) not in params
     hf.export_safetensors(tmp_path / "tied_back", tmp_path / "tied_out")
     assert "lm_head.weight" not in load_file(str(tmp_path / "tied_out" / "model.safetensors"))
@@ -138,8 +140,8 @@ def test_sharded_checkpoint_and_tied_embeddings_import(runs, tmp_path):
 
 def test_dense_to_stem_tables_are_w_up_of_the_normed_embedding(runs, tmp_path):
     hf.dense_to_stem(runs["dense"], tmp_path / "stem", stem_layers="0,2")
-    _, dense, _ = hf.read_params(runs["dense"])
-    cfg, stem, _ = hf.read_params(tmp_path / "stem")
+    _, dense, _ = workdir_lib.read_params(runs["dense"])
+    cfg, stem, _ = workdir_lib.read_params(tmp_path / "stem")
     assert (cfg.model.ffn, cfg.model.stem_layers) == ("stem", "0,2")
     assert (tmp_path / "stem" / "tokenizer.json").is_file()
     E = dense[("embed",)].astype(np.float64)
@@ -175,6 +177,7 @@ def _broken_copy(runs, tmp_path, *, config=None, drop=(), add=None, reshape=None
     ({"add": {"model.layers.0.mlp.extra": np.zeros(2, np.float32)}}, ValueError, r"unexpected keys \['model.layers.0"),
     ({"reshape": "model.layers.1.self_attn.o_proj.weight"}, ValueError,
      r"model.layers.1.self_attn.o_proj.weight has shape \[31, 32\], expected \[32, 32\]"),
+    ({"add": {"model.norm.weight": np.ones(D, np.int32)}}, ValueError, "model.norm.weight has dtype I32"),
 ])
 def test_import_errors_name_the_problem(runs, tmp_path, change, error, match):
     with pytest.raises(error, match=match):
@@ -217,6 +220,111 @@ def test_cli_export_and_one_line_error(runs, tmp_path, cache_dir):
     assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
         f"error: FileNotFoundError: {tmp_path / 'missing' / 'config.json'} not found: is {tmp_path / 'missing'} "
         "a Hugging Face model directory?"]
+
+
+def _files(d):
+    return {str(f.relative_to(d)): f.read_bytes() for f in sorted(Path(d).rglob("*")) if f.is_file()}
+
+
+def _hf_dir(runs, tmp_path, config=None, config_text=None, files=None, weights=False):
+    """A fake HF directory: the dense export's config.json (changed by ``config``, a function of it, or replaced by
+    ``config_text``), its weights if ``weights``, and ``files`` (name -> text or bytes)."""
+    d = tmp_path / "hf"
+    d.mkdir()
+    c = json.loads((runs["dense_hf"] / "config.json").read_text())
+    (d / "config.json").write_text(config_text if config_text is not None else json.dumps(config(c) if config else c))
+    if weights:
+        shutil.copy(runs["dense_hf"] / "model.safetensors", d)
+    for name, content in (files or {}).items():
+        (d / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return d
+
+
+def _without(key):
+    return lambda c: {k: v for k, v in c.items() if k != key}
+
+
+@pytest.mark.parametrize("make, line", [
+    (dict(config=lambda c: c | {"hidden_size": "32"}),
+     r"ValueError: {cfg}: hidden_size must be a positive integer, got '32'"),
+    (dict(config=lambda c: c | {"num_attention_heads": 0}),
+     r"ValueError: {cfg}: num_attention_heads must be a positive integer, got 0"),
+    (dict(config=lambda c: c | {"tie_word_embeddings": "false"}),
+     r"ValueError: {cfg}: tie_word_embeddings must be true or false, got 'false'"),
+    (dict(config=lambda c: c | {"rope_parameters": {"rope_theta": "1e4"}}),
+     r"ValueError: {cfg}: rope_parameters.rope_theta must be a finite number, got '1e4'"),
+    (dict(config=lambda c: c | {"stem_jax": {"config": [1]}}),
+     r"ValueError: {cfg}: stem_jax.config must be an object, got \[1\]"),
+    (dict(config_text="[1, 2]"), r"ValueError: {cfg} holds an array, not a JSON object"),
+    (dict(config_text='{"vocab_size": 1000,'), r"ValueError: {cfg} is not valid JSON: Expecting property name .*"),
+    (dict(config=_without("vocab_size")), r"ValueError: {cfg} has no 'vocab_size', which a Llama config needs"),
+    (dict(), r"FileNotFoundError: no model.safetensors or model.safetensors.index.json in {d}"),
+    (dict(files={"model.safetensors": b"not safetensors"}),
+     r"ValueError: {d}/model.safetensors is not a readable safetensors file: .*"),
+    (dict(files={"model.safetensors.index.json": "[]"}),
+     r"ValueError: {d}/model.safetensors.index.json holds an array, not a JSON object"),
+    (dict(files={"model.safetensors.index.json": "{}"}),
+     r"ValueError: {d}/model.safetensors.index.json: weight_map must be an object of tensor name -> file name, "
+     r"got nothing"),
+    (dict(files={"model.safetensors.index.json": '{"weight_map": {"lm_head.weight": "part-1.safetensors"}}'}),
+     r"FileNotFoundError: {d}/part-1.safetensors \(listed in the safetensors index\) not found"),
+], ids=["string_int", "zero_int", "string_bool", "string_rope_theta", "stem_config_list", "json_list",
+        "invalid_json", "missing_key", "no_weights", "bad_safetensors", "index_list", "index_without_map",
+        "missing_shard"])
+def test_cli_import_of_a_bad_hf_dir_is_one_line(runs, tmp_path, capsys, make, line):
+    d = _hf_dir(runs, tmp_path, **make)
+    with pytest.raises(SystemExit) as e:
+        hf.main(["import", "--hf_dir", str(d), "--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    expected = "error: " + line.format(cfg=re.escape(str(d / "config.json")), d=re.escape(str(d)))
+    assert len(err.strip().splitlines()) == 1 and re.fullmatch(expected, err.strip()), err
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_import_into_a_locked_workdir_is_refused_naming_the_holder(runs, tmp_path, capsys):
+    work = tmp_path / "w"
+    fd = lock.acquire(work, "other-writer")  # flock locks are per open file: our own later acquire conflicts
+    try:
+        before = _files(work)
+        with pytest.raises(SystemExit) as e:
+            hf.main(["import", "--hf_dir", str(runs["dense_hf"]), "--workdir", str(work)])
+        err = capsys.readouterr().err
+        assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"error: WorkdirLockedError: {work} is in use by other-writer (pid {os.getpid()} on ")
+        assert _files(work) == before  # the holder's record is intact, nothing written
+    finally:
+        lock.release(fd)
+    # Free again: a directory holding only an (empty) lock file counts as new.
+    hf.main(["import", "--hf_dir", str(runs["dense_hf"]), "--workdir", str(work)])
+    assert (work / "config.json").is_file() and (work / lock.LOCK_FILE).read_text() == ""
+    assert workdir_lib.read_params(work)[2] == 0
+
+
+def test_a_failed_write_holds_the_lock_and_leaves_no_workdir_behind(runs, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="the model needs shape"):  # refused by the checks: creates nothing
+        workdir_lib.write_workdir(tmp_path / "refused", tiny_config(ffn="dense"), {}, None, "test")
+    assert not (tmp_path / "refused").exists()
+
+    holders = []
+
+    def fail(workdir, *args, **kwargs):  # a write that fails halfway, under the lock
+        holders.append(json.loads((Path(workdir) / lock.LOCK_FILE).read_text()))
+        checkpoint.directory(workdir).mkdir()
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_params", fail)
+    with pytest.raises(OSError, match="No space left"):
+        hf.import_llama(runs["dense_hf"], tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert (holders[0]["command"], holders[0]["pid"]) == (f"stem_jax.hf import of {runs['dense_hf']}", os.getpid())
+
+    existing = tmp_path / "existing"  # a directory that was there keeps what it held, and only that
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(OSError, match="No space left"):
+        hf.import_llama(runs["dense_hf"], existing)
+    assert _files(existing) == {"notes.txt": b"mine", lock.LOCK_FILE: b""}
 
 
 def test_transformers_llama_gives_the_same_logits(runs):

@@ -11,7 +11,7 @@ LAYERS = [
     ("config",),
     ("sharding", "exchange"),
     ("attention", "layers", "stem", "variants", "model", "accounting", "corpus", "data"),
-    ("optim", "sparse", "steps", "offload", "checkpoint", "preemption", "writer"),
+    ("optim", "sparse", "steps", "offload", "checkpoint", "lock", "preemption", "writer"),
     ("trainer", "cli"),
     ("workdir", "scoring", "sampling", "hotrows", "editing", "tasks", "evaluate", "lm_eval_model", "hf",
      "analysis", "aot"),

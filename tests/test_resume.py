@@ -4,11 +4,13 @@ import json
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import run_script, start_script
+from conftest import REPO, run_script, script_env, start_script
 
 TINY = ["--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=2",
         "--config.model.n_kv_heads=1", "--config.model.d_ff=64", "--config.model.seq_len=16",
@@ -144,3 +146,104 @@ def test_offloaded_sparse_run_resumes_bitwise_from_a_mid_run_checkpoint(tmp_path
     r = train(work, *offload, cache_dir=cache_dir)
     assert r.returncode == 0 and "resumed from the checkpoint at step 4" in r.stdout, r.stderr[-3000:]
     assert step_rows(work) == full
+
+
+# ---- saves that fail, tools on a damaged workdir ----
+
+def checkpoint_bytes(work):
+    return {k: v for k, v in snapshot(work).items() if k.startswith("checkpoints/")}
+
+
+def truncate_largest(work, step, item="params"):
+    files = sorted((work / "checkpoints" / str(step) / item).rglob("ocdbt.process_0/d/*"), key=lambda f: f.stat().st_size)
+    files[-1].write_bytes(files[-1].read_bytes()[:100])
+
+
+SMALL_FILES = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_save_that_fails_in_the_background_stops_the_run_and_keeps_every_saved_file(tmp_path, cache_dir, reference):
+    """Every checkpoint file over 1 MB fails to write (RLIMIT_FSIZE, a disk that fills up): the step-44 save
+    fails inside orbax's background thread and the run stops with one line naming it and the good step 40."""
+    work = tmp_path / "run"
+    shutil.copytree(reference[0], work)
+    before = checkpoint_bytes(work)
+    r = subprocess.run([sys.executable, "-c", SMALL_FILES, f"--workdir={work}", *TINY, "--config.train.steps=200",
+                        "--config.train.checkpoint_every=44"],
+                       cwd=REPO, env=script_env(cache_dir), capture_output=True, text=True, timeout=500)
+    assert r.returncode == 1, r.stderr[-3000:]
+    error = r.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: CheckpointError: saving checkpoint step 44 to ") and "failed: " in error, error
+    assert "training stopped. The newest checkpoint, step 40, is intact" in error
+    assert "Traceback" not in r.stderr and "orbax" not in r.stderr.replace(error, "")
+    assert max(step_rows(work)) < 80  # noticed when the background save ended, not at the next save (step 88)
+    after = checkpoint_bytes(work)
+    assert {k: v for k, v in after.items() if not k.startswith("checkpoints/44")} == before
+
+
+FULL_DISK = """
+import runpy, sys
+from stem_jax import checkpoint
+checkpoint.free_bytes = lambda path: 3 << 20  # 3 MiB left: less than a checkpoint of this model
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_save_that_cannot_fit_stops_the_run_at_that_step(tmp_path, cache_dir, reference):
+    work = tmp_path / "run"
+    shutil.copytree(reference[0], work)
+    before = checkpoint_bytes(work)
+    r = subprocess.run([sys.executable, "-c", FULL_DISK, f"--workdir={work}", *TINY, "--config.train.steps=48"],
+                       cwd=REPO, env=script_env(cache_dir), capture_output=True, text=True, timeout=500)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert re.search(r"error: CheckpointError: checkpoint step 44 needs about [\d.]+ MiB in \S+/checkpoints, but "
+                     r"only 3.0 MiB are free; training stopped. The newest checkpoint, step 40, is intact", r.stderr)
+    assert max(step_rows(work)) == 44 and checkpoint_bytes(work) == before
+
+
+def test_tools_fall_back_past_an_unreadable_newest_checkpoint(tmp_path, cache_dir, reference, capsys):
+    from stem_jax import hf, sampling
+    work = tmp_path / "run"
+    shutil.copytree(reference[0], work)
+    truncate_largest(work, 40)
+    before = snapshot(work)
+    warning = f"WARNING: checkpoint step 40 of {work} is unreadable ("
+    r = run_script("eval.py", f"--workdir={work}", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert warning in r.stdout and "); using step 36" in r.stdout
+    assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr and "Event loop" not in r.stderr
+    assert json.loads((work / "eval.json").read_text())["step"] == 36
+
+    sampling.main(["--workdir", str(work), "--prompt", "And God", "--max_new_tokens", "2"])
+    hf.main(["export", "--workdir", str(work), "--out", str(tmp_path / "hf")])
+    out = capsys.readouterr()
+    assert out.out.count(warning) == 2 and "exported step 36 of" in out.out, out.out[-2000:]
+    assert "Traceback" not in out.err and "Exception ignored" not in out.err
+    assert {k: v for k, v in snapshot(work).items() if not k.startswith("eval.")} == before
+
+
+def test_an_unreadable_step_or_workdir_is_one_line_naming_what_was_tried(tmp_path, reference, capsys):
+    from stem_jax import hf
+    work = tmp_path / "run"
+    shutil.copytree(reference[0], work)
+    truncate_largest(work, 40)
+    with pytest.raises(SystemExit) as e:
+        hf.main(["export", "--workdir", str(work), "--out", str(tmp_path / "a"), "--step", "40"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert f"error: CheckpointError: no checkpoint of {work} can be read: step 40: " in err
+    assert err.strip().endswith("; other steps: [36, 32] (--step)")
+    for step in (36, 32):
+        truncate_largest(work, step)
+    with pytest.raises(SystemExit) as e:
+        hf.main(["export", "--workdir", str(work), "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
+    assert all(f"step {s}: " in err for s in (40, 36, 32)) and not (tmp_path / "b").exists()

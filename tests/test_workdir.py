@@ -1,11 +1,14 @@
 """workdir.py: the one way tools open a run — config, tokenizer and parameters, restored onto any mesh with no
 optimizer."""
+import json
+import shutil
+
 import jax
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from stem_jax import checkpoint, workdir
+from stem_jax import checkpoint, sharding, workdir
 
 
 def test_restore_onto_another_mesh_gives_the_saved_params(stem_workdir):
@@ -45,3 +48,31 @@ def test_bad_workdirs_are_named(tmp_path):
         workdir.restore(tmp_path)
     with pytest.raises(FileNotFoundError, match="tokenizer.json not found"):
         workdir.load_tokenizer(tmp_path)
+
+
+def test_the_checkpoints_model_wins_over_a_config_json_that_disagrees(stem_workdir, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(stem_workdir, work)
+    cfg = json.loads((work / "config.json").read_text())
+    d_ff = cfg["model"]["d_ff"]
+    cfg["model"]["d_ff"] = 2 * d_ff  # an edited or replaced config.json
+    (work / "config.json").write_text(json.dumps(cfg))
+    said = []
+    run = workdir.restore(work, (1, 1, 1), devices=jax.devices()[:1], log=said.append)
+    assert run.cfg.model.d_ff == d_ff and run.params["blocks"][0]["ffn"]["w_down"].get_value().shape[0] == d_ff
+    assert said == [f"warning: {work / 'config.json'} does not match checkpoint 1 (model.d_ff: {2 * d_ff} in "
+                    f"config.json, {d_ff} in the checkpoint); using the checkpoint's model"]
+
+
+@pytest.mark.parametrize("devices,batch,shape", [(8, 8, (8, 1, 1)), (3, 16, (2, 1, 1)), (8, 12, (6, 1, 1)),
+                                                 (5, 7, (1, 1, 1))])
+def test_auto_mesh_uses_the_most_devices_that_divide_the_batch(devices, batch, shape):
+    mesh = workdir.tool_mesh("auto", batch, jax.devices()[:devices])
+    assert tuple(mesh.shape.values()) == shape
+
+
+@pytest.mark.parametrize("value", ["a,b", "2,1", "0,1,1", "-1,-1,1", "", "auto,1"])
+def test_bad_mesh_flags_are_one_line_errors(value):
+    with pytest.raises(sharding.MeshError, match=f"--mesh={value}: expected 'auto' or three sizes data,fsdp,tensor"):
+        sharding.parse_mesh(value)
+    assert sharding.parse_mesh(" 2, 2 ,-1") == (2, 2, -1) and sharding.parse_mesh("AUTO") == "auto"
