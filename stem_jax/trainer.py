@@ -111,8 +111,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     final metrics (``val_loss``, ``val_ppl``, ...) or, when stopped by a signal, ``{"stopped_at": step}``.
 
     Preflight: the config, the mesh, the corpus (tokenizer size, a train window and a validation batch at this
-    shape) and the compiled programs' shardings are all checked before the workdir is created or locked; a
-    run then holds the workdir's lock (``lock.py``) until it ends."""
+    shape) and the step context (batch vs mesh, microbatches, attention kernel) are all checked before the
+    workdir is created or locked; a run then holds the workdir's lock (``lock.py``) until it ends."""
     validate(cfg)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():

@@ -1,7 +1,9 @@
 """Open a training workdir for the tools (evaluation, scoring, sampling, editing, export, analysis): its config,
 its tokenizer and a checkpoint's parameters on a mesh of the devices present now. No optimizer is built and
 no train step is compiled: the model's shapes come from ``nnx.eval_shape`` and its shardings from the rules in
-``sharding.py``, so a checkpoint restores onto any mesh."""
+``sharding.py``, so a checkpoint restores onto any mesh. The newest checkpoint that reads is used, with the
+model saved in it. Also the one writer of new params-only workdirs (imports, conversions, injections), under
+the workdir lock."""
 from __future__ import annotations
 
 import contextlib
