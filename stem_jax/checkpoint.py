@@ -175,9 +175,11 @@ def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], a
     rename, truncated or corrupted files) is skipped with a warning for the next older one; skipped
     newer ones are moved to ``checkpoints_unreadable/`` (kept, never deleted) so their step numbers can
     be written again. If none restores, nothing is moved and CheckpointError names every failure."""
-    state, step, _, failures = newest_readable(mngr, sorted(mngr.all_steps(), reverse=True), lambda s, meta: check(meta),
-                                               lambda s, meta, _: restore_state(mngr, s, meta, abstract_state,
-                                                                                shardings, data_iter))
+    def load(step: int, meta: dict, _) -> dict:
+        return restore_state(mngr, step, meta, abstract_state, shardings, data_iter)
+
+    steps = sorted(mngr.all_steps(), reverse=True)
+    state, step, _, failures = newest_readable(mngr, steps, lambda s, meta: check(meta), load)
     if step is not None:
         for bad, err in failures:
             log(f"WARNING: checkpoint step {bad} is unreadable ({type(err).__name__}: {_short(err)}); "

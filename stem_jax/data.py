@@ -53,7 +53,7 @@ def check_splits(cfg: Config, corpus: corpus_lib.Corpus) -> None:
     m, t = cfg.model, cfg.train
     for name, tokens, need, what in (("train", corpus.train, 1, "training needs one"),
                                      ("val", corpus.val, t.batch_size, f"validation needs a batch of {t.batch_size}")):
-        windows = max(len(tokens) - 1, 0) // m.seq_len
+        windows = Windows.count(len(tokens), m.seq_len)
         if windows < need:
             raise ValueError(
                 f"the {name} split of {corpus.path} has {len(tokens)} tokens, {windows} window(s) of model.seq_len"
@@ -69,7 +69,12 @@ class Windows(grain.sources.RandomAccessDataSource):
             raise ValueError(f"{name} has {len(tokens)} tokens, fewer than one window of "
                              f"model.seq_len + 1 = {seq_len + 1}")
         self.tokens, self.seq_len = tokens, seq_len
-        self.n = (len(tokens) - 1) // seq_len
+        self.n = self.count(len(tokens), seq_len)
+
+    @staticmethod
+    def count(n_tokens: int, seq_len: int) -> int:
+        """Windows of ``seq_len + 1`` tokens in ``n_tokens`` (consecutive windows share one token)."""
+        return max(n_tokens - 1, 0) // seq_len
 
     def __len__(self) -> int:
         return self.n

@@ -232,7 +232,8 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
               "target_tokens": [pieces(tok, t) for t in tgts], "allow_shared_rows": allow_shared_rows,
               "changed_rows": changed}
     workdir_lib.write_workdir(out, cfg, arrays, Path(workdir) / "tokenizer.json",
-                              f"injection into {workdir} step {step}", command=f"stem_jax.editing inject from {workdir}",
+                              f"injection into {workdir} step {step}",
+                              command=f"stem_jax.editing inject from {workdir}",
                               extra_files={"injection.json": json.dumps(report, indent=1) + "\n"})
     return report
 

@@ -268,7 +268,8 @@ def import_llama(hf_dir: str | Path, workdir: str | Path, seq_len: int | None = 
         raise FileNotFoundError(f"{hf_dir / 'config.json'} not found: is {hf_dir} a Hugging Face model directory?")
     cfg = config_from_hf(_read_json_object(hf_dir / "config.json"), seq_len, where=hf_dir / "config.json")
     check_new_workdir(workdir)  # before reading gigabytes of weights
-    shapes = {p: a.shape for p, a in flat_params(nnx.to_pure_dict(workdir_lib.abstract_model(cfg, one_device_mesh())[1])).items()}
+    abstract = workdir_lib.abstract_model(cfg, one_device_mesh())[1]
+    shapes = {p: a.shape for p, a in flat_params(nnx.to_pure_dict(abstract)).items()}
     names = key_map(cfg.model)
     handles = {}  # HF key -> open file
     for f in _weight_files(hf_dir):

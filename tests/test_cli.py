@@ -117,7 +117,8 @@ def test_a_second_train_on_a_busy_workdir_is_refused_and_changes_nothing(tmp_pat
     try:
         before = {f.name: f.read_bytes() for f in work.iterdir()}
         r = run("train.py", f"--workdir={work}", "--config.train.steps=2", cache_dir=cache_dir)
-        assert r.returncode == 1 and f"is in use by a run under test (pid {os.getpid()} on" in r.stderr, r.stderr[-2000:]
+        holder = f"is in use by a run under test (pid {os.getpid()} on"
+        assert r.returncode == 1 and holder in r.stderr, r.stderr[-2000:]
         assert {f.name: f.read_bytes() for f in work.iterdir()} == before
     finally:
         lock.release(fd)

@@ -155,7 +155,8 @@ def checkpoint_bytes(work):
 
 
 def truncate_largest(work, step, item="params"):
-    files = sorted((work / "checkpoints" / str(step) / item).rglob("ocdbt.process_0/d/*"), key=lambda f: f.stat().st_size)
+    files = sorted((work / "checkpoints" / str(step) / item).rglob("ocdbt.process_0/d/*"),
+                   key=lambda f: f.stat().st_size)
     files[-1].write_bytes(files[-1].read_bytes()[:100])
 
 
