@@ -25,7 +25,7 @@ def prompts(workdir: str, n: int, length: int) -> list[list[int]]:
     cfg = load_run_config(workdir)
     val = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=lambda _: None).val
     starts = np.linspace(0, len(val) - length - 1, n).astype(int)
-    return [val[s:s + length].astype(int).tolist() for s in starts]
+    return [val.read(s, s + length).astype(int).tolist() for s in starts]
 
 
 def _define(fv: flags.FlagValues, _command) -> None:

@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         "below count 4 bytes each here.",
         f"Collective kinds absent from every program: {', '.join(k for k in KINDS if k not in kinds) or 'none'}.",
     ]
-    tokens = corpus.load_corpus(config.DataConfig(), V, log=lambda *_: None).train
+    train = corpus.load_corpus(config.DataConfig(), V, log=lambda *_: None).train
+    tokens = train.read(0, len(train))  # 2.5M tokens: in memory
     lines += [
         "", "## Scaling in N at a fixed per-device batch",
         "",

@@ -31,6 +31,7 @@ from stem_jax.config import stem_indices, validate
 from stem_jax.workdir import load_run_config, load_tokenizer, restore
 
 PAPER_P95 = "paper (1B, §5.2): STEM rows P95 |cos| 0.026-0.033; dense up-projection cosines centred near 0.15"
+HELD_OUT_TOKENS = 1 << 24  # the activated-parameter windows are drawn from at most this much held-out text
 
 
 # ---------------------------------------------------------------- statistics (pure numpy)
@@ -188,7 +189,7 @@ def angular_spread(workdir, dense_workdir=None, top_n: int = 1000, out=None, ste
     cfg = load_run_config(workdir)
     layers = table_layers(workdir, cfg)
     corpus = open_workdir_corpus(workdir, cfg)
-    freq = np.bincount(np.asarray(corpus.train, np.int64), minlength=cfg.model.vocab_size)
+    freq = sum(np.bincount(np.asarray(s, np.int64), minlength=cfg.model.vocab_size) for s in corpus.train.shards())
     tokens = np.argsort(-freq, kind="stable")[:min(top_n, int(np.count_nonzero(freq)))]
     summary = {"workdir": str(workdir), "top_n": top_n, "frequency_source": "training split of the STEM workdir",
                "random_p95_abs": 1.96 / cfg.model.d_ff ** 0.5, "layers": {}}
@@ -204,7 +205,7 @@ def angular_spread(workdir, dense_workdir=None, top_n: int = 1000, out=None, ste
             raise ValueError(f"{dense_workdir} uses a different tokenizer from {workdir}: token ids do not correspond")
         dmodel, dstep = restore_model(dense_workdir, dcfg, dense_step)
         L = dcfg.model.seq_len
-        dense, found = dense_up_outputs(dmodel, dcorpus.val, L, tokens, layers, dense_windows, dense_x)
+        dense, found = dense_up_outputs(dmodel, dcorpus.val.read(0, dense_windows * L), L, tokens, layers, dense_windows, dense_x)
         summary.update(dense_workdir=str(dense_workdir), dense_step=dstep, dense_x=dense_x,
                        dense_source=f"held-out split, first {min(dense_windows, len(dcorpus.val) // L)} windows of "
                                     f"{L} tokens",
@@ -283,7 +284,8 @@ def activated_vs_context(workdir=None, config=None, text_file=None, max_len=None
         tok = load_tokenizer(workdir) if workdir is not None else open_workdir_corpus(where, cfg).tokenizer
         tokens, source = np.asarray(tok.encode(path.read_text(encoding="utf-8", errors="replace")).ids), str(path)
     else:
-        tokens, source = np.asarray(open_workdir_corpus(where, cfg).val), "held-out split"
+        val = open_workdir_corpus(where, cfg).val
+        tokens, source = val.read(0, HELD_OUT_TOKENS), "held-out split"
     max_len = max_len or cfg.model.seq_len
     if max_len < 2 or max_len > len(tokens):
         raise ValueError(f"max_len={max_len} must be in [2, {len(tokens)}] (the text's token count)")

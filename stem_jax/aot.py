@@ -100,7 +100,9 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
 def check(cfg, topology: str) -> dict:
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(cfg.mesh.shape, devices=devices)
-    ctx = steps.make_context(cfg, mesh)  # abstract only: eval_shape of the model and optimizer state
+    # Abstract only: eval_shape of the model and optimizer state. Any id stands for the end-of-document token
+    # of data.packing: the program's shapes and memory do not depend on which.
+    ctx = steps.make_context(cfg, mesh, eos_id=0 if cfg.data.packing else None)
     state = checkpoint.restore_target(ctx.abstract_state, ctx.state_shardings)
     batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len + 1), jnp.int32,
                                  sharding=ctx.batch_sharding)

@@ -6,6 +6,10 @@
   causal mask per local head, vmapped over each device's batch inside a ``shard_map``. Scores never leave
   VMEM. On CPU it runs only in Pallas' interpret mode (the tests' reference check).
 
+Packed documents (``segments_BxL``, one id per token; ``data.packing``): a query attends only to earlier keys
+of its own segment. splash takes the ids as the kernel's ``SegmentIds``; xla ANDs a [B, 1, L, L] same-segment
+mask with the causal one; cudnn falls back to xla then (see ``causal``).
+
 ``auto`` picks by the platform of the mesh's devices (``resolve``), so an ahead-of-time compile for a TPU
 topology on a CPU host gets the TPU kernel. Decoding with a KV cache always uses ``xla`` (its mask is
 per-row padding, not a plain causal one).
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 from stem_jax import sharding
 from stem_jax.config import ATTENTION, ConfigError
@@ -43,13 +48,22 @@ def resolve(name: str, platform: str, seq_len: int | None = None, dtype: str = "
     return name
 
 
-def causal(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, impl: str = "xla") -> jax.Array:
-    """Causal grouped-query attention (H query heads share G kv heads), softmax scale K**-0.5."""
+def causal(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, impl: str = "xla",
+           segments_BxL: jax.Array | None = None) -> jax.Array:
+    """Causal grouped-query attention (H query heads share G kv heads), softmax scale K**-0.5. With
+    ``segments_BxL``, a query sees only the keys of its own segment too.
+
+    cudnn with segments runs the xla implementation: ``jax.nn.dot_product_attention`` hands cuDNN a mask as an
+    additive bias and always asks for its gradient, which cuDNN gives only for a bias of batch 1
+    (jax-ml/jax#30593); the per-row [B, 1, L, L] one would fail in the backward pass."""
     L = q_BxLxHxK.shape[1]
     if impl == "splash" and L % 128 == 0:
-        return splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
-                                        implementation="cudnn" if impl == "cudnn" else None)
+        return splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments_BxL=segments_BxL)
+    if segments_BxL is None:
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
+                                            implementation="cudnn" if impl == "cudnn" else None)
+    same_Bx1xLxL = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=same_Bx1xLxL, is_causal=True)
 
 
 def _splash_kernel(heads: int, length: int, interpret: bool):
@@ -62,8 +76,10 @@ def _splash_kernel(heads: int, length: int, interpret: bool):
                                          interpret=interpret)
 
 
-def splash(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, interpret: bool = False) -> jax.Array:
-    """Causal attention through the splash kernel, per device (batch and heads split as the activations)."""
+def splash(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, interpret: bool = False,
+           segments_BxL: jax.Array | None = None) -> jax.Array:
+    """Causal attention through the splash kernel, per device (batch and heads split as the activations);
+    with ``segments_BxL``, within each segment (the kernel's ``SegmentIds``, split like the batch)."""
     H, G, K = q_BxLxHxK.shape[2], k_BxLxGxK.shape[2], q_BxLxHxK.shape[3]
     mesh = jax.sharding.get_abstract_mesh()
     q_spec = k_spec = None
@@ -74,13 +90,17 @@ def splash(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, int
             k_BxLxGxK, v_BxLxGxK = (jnp.repeat(a, H // G, axis=2) for a in (k_BxLxGxK, v_BxLxGxK))
             k_spec = q_spec
 
-    def local(q, k, v):
+    def local(q, k, v, segments):
         kernel = _splash_kernel(q.shape[2], q.shape[1], interpret)
         heads_first = lambda a: a.transpose(0, 2, 1, 3)
-        out = jax.vmap(kernel)(heads_first(q * jnp.asarray(K ** -0.5, q.dtype)), heads_first(k), heads_first(v))
+        ids = None if segments is None else splash_kernel.SegmentIds(q=segments, kv=segments)
+        out = jax.vmap(lambda q, k, v, ids: kernel(q, k, v, segment_ids=ids))(
+            heads_first(q * jnp.asarray(K ** -0.5, q.dtype)), heads_first(k), heads_first(v), ids)
         return heads_first(out).astype(q.dtype)
 
+    segments = None if segments_BxL is None else segments_BxL.astype(jnp.int32)
     if mesh.empty:
-        return local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
-    return jax.shard_map(local, in_specs=(q_spec, k_spec, k_spec), out_specs=q_spec,
-                         check_vma=False)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+        return local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments)
+    segment_spec = None if segments is None else P(*q_spec[:2])  # each device's rows, whole length
+    return jax.shard_map(local, in_specs=(q_spec, k_spec, k_spec, segment_spec), out_specs=q_spec,
+                         check_vma=False)(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 FFN_KINDS = ("dense", "stem", "stem_additive", "stem_gate", "hash_moe")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-DATA_SOURCES = ("default", "text", "tfds")
+DATA_SOURCES = ("default", "text", "jsonl", "parquet", "tfds")
 TABLE_OPTIMIZERS = ("dense", "sparse")
 # "exchange" (ids to their row owners and rows back), "shard_map" (masked local gather of the whole batch +
 # reduce-scatter) or "xla" (XLA-partitioned gather, the reference): stem.lookup.
@@ -25,6 +25,8 @@ ATTENTION = ("auto", "xla", "cudnn", "splash")
 EXCHANGE_CAPACITY = 0.3
 # The value a field had before it existed: a saved config without it reads as this.
 LEGACY = {("model", "stem_row_layout"): "contiguous"}
+# Fields renamed since a saved config was written: (section, old name) -> new name.
+RENAMED = {("data", "text_files"): "files", ("data", "tfds_text_key"): "text_key"}
 RATIO_STRIDE = {"1/3": 3, "1/2": 2}
 
 
@@ -114,15 +116,22 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    # "default" (embedded KJV + Shakespeare), "text" (`text_files`) or "tfds" (`tfds_name`).
+    # "default" (embedded KJV + Shakespeare), "text", "jsonl" or "parquet" (`files`), or "tfds" (`tfds_name`).
     source: str = "default"
-    text_files: str = ""            # comma-separated paths
+    files: str = ""                 # comma-separated paths or glob patterns (.txt, .jsonl[.gz|.zst], .parquet)
+    text_key: str = "text"          # the text field of a JSONL record, Parquet column or TFDS feature
     tfds_name: str = ""             # e.g. "my_builder/config:1.0.0", prepared as array_record
     tfds_data_dir: str = ""
-    tfds_text_key: str = "text"
-    cache_dir: str = ""             # tokenizer + tokenized corpus; "" = ~/.cache/stem_jax
-    val_every: int = 20             # every Nth document goes to the held-out split
+    skip_bad_records: bool = False  # skip (and count) JSONL lines that do not parse or lack the text field
+    # "train" (byte-level BPE trained on the train split) or the path of a Hugging Face tokenizer.json.
+    tokenizer: str = "train"
     tokenizer_vocab: int = 0        # BPE vocabulary to train; 0 = model.vocab_size
+    eos_token: str = ""             # appended after each document; "" = the tokenizer's own (see corpus.EOS_NAMES)
+    val_every: int = 20             # a document is held out when its content hash is 0 modulo val_every
+    cache_dir: str = ""             # token stores built by train.py; "" = ~/.cache/stem_jax
+    store: str = ""                 # a store written by `python -m stem_jax.data_prep`; "" = built in cache_dir
+    workers: int = 0                # tokenizer processes when a store is built; 0 = one per core
+    packing: bool = False           # attention stays within each document; positions restart at each EOS
 
 
 @dataclasses.dataclass
@@ -271,6 +280,7 @@ RANGES = {
     ("train", "weight_decay"): (0.0, math.inf, True), ("train", "stem_weight_decay"): (0.0, math.inf, True),
     ("train", "clip_norm"): (0.0, math.inf, True), ("train", "stem_clip_norm"): (0.0, math.inf, True),
     ("train", "eval_batches"): (0, math.inf, True), ("data", "tokenizer_vocab"): (0, math.inf, True),
+    ("data", "workers"): (0, math.inf, True),
 }
 
 
@@ -295,7 +305,7 @@ def from_dict(d: dict) -> Config:
     """Inverse of ``to_dict``; unknown keys (e.g. from a newer version) raise ConfigError."""
     kwargs = {}
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("mesh", MeshConfig)):
-        sub = dict(d.get(name, {}))
+        sub = {RENAMED.get((name, k), k): v for k, v in d.get(name, {}).items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(sub) - known
         if unknown:
@@ -318,7 +328,7 @@ def _may_change_on_resume(section: str, name: str) -> bool:
     if section == "model":
         # Same parameters and (up to rounding) the same function; offload moves the same arrays to the host.
         return name in ("stem_lookup", "stem_capacity", "dtype", "stem_offload", "remat", "attention")
-    return name == "cache_dir"
+    return name in ("cache_dir", "workers")
 
 
 def resume_changes(saved: dict, cfg: Config) -> list[str]:

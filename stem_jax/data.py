@@ -4,14 +4,14 @@ gather would silently clamp an out-of-range id."""
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Union
 
 import grain
 import jax
 import numpy as np
 
 from stem_jax import corpus as corpus_lib
-from stem_jax.config import Config, ConfigError
+from stem_jax.config import Config
 
 
 class TokenIdError(ValueError):
@@ -30,16 +30,8 @@ def check_ids(ids: np.ndarray, vocab_size: int, source: str) -> np.ndarray:
 
 
 def open_corpus(cfg: Config, log: Callable[[str], None] = print) -> corpus_lib.Corpus:
-    """The tokenizer and tokenized splits of ``cfg.data`` (built on first use), checked against the model's
-    vocabulary (the tokenizer's size before any work)."""
-    tok_vocab = cfg.data.tokenizer_vocab or cfg.model.vocab_size
-    if tok_vocab < corpus_lib.MIN_BPE_VOCAB:
-        field = "data.tokenizer_vocab" if cfg.data.tokenizer_vocab else "model.vocab_size"
-        raise ConfigError(f"{field}={tok_vocab} is too small for the byte-level BPE tokenizer, which needs "
-                          f"{corpus_lib.MIN_BPE_VOCAB} tokens (256 bytes and <|endoftext|>)")
-    if tok_vocab > cfg.model.vocab_size:
-        raise TokenIdError(f"data.tokenizer_vocab={tok_vocab} is larger than model.vocab_size="
-                           f"{cfg.model.vocab_size}: token ids >= {cfg.model.vocab_size} would be out of range")
+    """The token store of ``cfg.data`` (built on first use), checked against the model's vocabulary (the
+    tokenizer's size before any work, the store's after)."""
     c = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=log)
     if c.vocab_size > cfg.model.vocab_size:
         raise TokenIdError(f"the tokenizer at {c.path} has {c.vocab_size} tokens but model.vocab_size="
@@ -51,37 +43,48 @@ def check_splits(cfg: Config, corpus: corpus_lib.Corpus) -> None:
     """Before any step: the train split holds a window and the held-out split a full batch of windows at the
     configured shape (validation runs after the last step, so a short split would fail only then)."""
     m, t = cfg.model, cfg.train
-    for name, tokens, need, what in (("train", corpus.train, 1, "training needs one"),
-                                     ("val", corpus.val, t.batch_size, f"validation needs a batch of {t.batch_size}")):
-        windows = Windows.count(len(tokens), m.seq_len)
+    for name, split, need, what in (("train", corpus.train, 1, "training needs one"),
+                                    ("val", corpus.val, t.batch_size, f"validation needs a batch of {t.batch_size}")):
+        windows = Windows.count(split, m.seq_len)
         if windows < need:
             raise ValueError(
-                f"the {name} split of {corpus.path} has {len(tokens)} tokens, {windows} window(s) of model.seq_len"
+                f"the {name} split of {corpus.path} has {len(split)} tokens, {windows} window(s) of model.seq_len"
                 f" + 1 = {m.seq_len + 1} tokens; {what}: add text, or lower model.seq_len or train.batch_size"
                 + (", or lower data.val_every to hold out more documents" if name == "val" else ""))
 
 
-class Windows(grain.sources.RandomAccessDataSource):
-    """Non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets)."""
+Tokens = Union[np.ndarray, corpus_lib.Split]
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, name: str):
-        if len(tokens) < seq_len + 1:
-            raise ValueError(f"{name} has {len(tokens)} tokens, fewer than one window of "
-                             f"model.seq_len + 1 = {seq_len + 1}")
-        self.tokens, self.seq_len = tokens, seq_len
-        self.n = self.count(len(tokens), seq_len)
+
+class Windows(grain.sources.RandomAccessDataSource):
+    """Non-overlapping windows of ``seq_len + 1`` tokens (inputs and shifted targets) of each shard of a
+    split; windows do not cross shards."""
+
+    def __init__(self, tokens: Tokens, seq_len: int, name: str):
+        split = tokens if isinstance(tokens, corpus_lib.Split) else corpus_lib.Split.of(tokens, name)
+        per_shard = [self.count(n, seq_len) for n in split.sizes]
+        if not sum(per_shard):
+            raise ValueError(f"{name} has {len(split)} tokens, fewer than one window of "
+                             f"model.seq_len + 1 = {seq_len + 1}" + (" in any shard" if len(split.sizes) > 1 else ""))
+        self.split, self.seq_len = split, seq_len
+        self.starts = np.concatenate([[0], np.cumsum(per_shard, dtype=np.int64)])
+        self.n = int(self.starts[-1])
 
     @staticmethod
-    def count(n_tokens: int, seq_len: int) -> int:
-        """Windows of ``seq_len + 1`` tokens in ``n_tokens`` (consecutive windows share one token)."""
-        return max(n_tokens - 1, 0) // seq_len
+    def count(tokens: "int | corpus_lib.Split", seq_len: int) -> int:
+        """Windows of ``seq_len + 1`` tokens in ``tokens`` tokens, or in a split's shards (consecutive windows
+        share one token)."""
+        if isinstance(tokens, corpus_lib.Split):
+            return sum(Windows.count(n, seq_len) for n in tokens.sizes)
+        return max(tokens - 1, 0) // seq_len
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> np.ndarray:
-        lo = int(i) * self.seq_len
-        return np.asarray(self.tokens[lo:lo + self.seq_len + 1], dtype=np.int32)
+        s = int(np.searchsorted(self.starts, i, side="right")) - 1
+        lo = (int(i) - int(self.starts[s])) * self.seq_len
+        return np.asarray(self.split.open_shard(s)[lo:lo + self.seq_len + 1], dtype=np.int32)
 
 
 def _local_batch(global_batch: int) -> int:
@@ -91,7 +94,7 @@ def _local_batch(global_batch: int) -> int:
     return global_batch // n
 
 
-def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, vocab_size: int,
+def train_dataset(tokens: Tokens, seq_len: int, global_batch: int, seed: int, vocab_size: int,
                   name: str = "train split") -> grain.IterDataset:
     """Seeded shuffle (a new order every epoch), endless. Process p takes the p-th contiguous block of
     rows of every global batch, so the global batch is the same, row for row, for any process count.
@@ -99,14 +102,31 @@ def train_dataset(tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
 
     Iterate with ``iter(...)``: the iterator's state (a few integers per process) goes into checkpoints."""
     local = _local_batch(global_batch)
-    lo = jax.process_index() * local
     ds = grain.MapDataset.source(Windows(tokens, seq_len, name)).shuffle(seed=seed).repeat()
-    ds = ds.batch(global_batch, drop_remainder=True)  # reading B windows is trivial next to a step
-    ds = ds.map(lambda b: check_ids(b[lo:lo + local], vocab_size, name))
+    ds = ProcessRows(ds, global_batch, local, jax.process_index() * local).batch(local, drop_remainder=True)
+    ds = ds.map(lambda b: check_ids(b, vocab_size, name))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, global_batch: int, vocab_size: int,
+class ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch: element ``b * local + r`` is element ``b * global + lo + r``
+    of the parent, so a process reads only its own windows."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, local: int, lo: int):
+        super().__init__(parent)
+        self.global_batch, self.local, self.lo = global_batch, local, lo
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.global_batch * self.local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        b, r = divmod(int(index), self.local)
+        return self._parent[b * self.global_batch + self.lo + r]
+
+
+def eval_batches(tokens: Tokens, seq_len: int, global_batch: int, vocab_size: int,
                  max_batches: int = 0, name: str = "val split") -> Iterator[np.ndarray]:
     """Windows in order (no shuffle); at most ``max_batches`` (0 = all) full batches, this process's block
     of rows of each (as in ``train_dataset``)."""

@@ -17,6 +17,8 @@ from stem_jax.config import ModelConfig
 from stem_jax.scoring import Scorer
 from stem_jax.writer import describe_run, log
 
+NIAH_HAY_TOKENS = 1 << 20  # the needle task samples its haystacks from this much of the held-out split
+
 
 @dataclasses.dataclass
 class EvalOptions:
@@ -118,18 +120,19 @@ def validate(run: workdir_lib.Run, corpus) -> dict:
     """The trainer's validation (``train.eval_batches`` batches of the held-out split at the run's batch size)."""
     batch_sh = sharding.batch_sharding(run.mesh, run.cfg.train.batch_size)
     param_sh = jax.tree.map(lambda a: a.sharding, run.params)
-    eval_step = steps.eval_step_fn(run.graphdef, param_sh, batch_sh)
+    eval_step = steps.eval_step_fn(run.graphdef, param_sh, batch_sh,
+                                   eos_id=corpus.eos_id if run.cfg.data.packing else None)
 
     def metrics_of(local_BxL1):
         with jax.set_mesh(run.mesh):
             return eval_step(run.params, data.to_global(local_BxL1, batch_sh))
-    return steps.validation(metrics_of, steps.validation_batches(run.cfg, corpus.val, f"{corpus.path / 'val.bin'}"))
+    return steps.validation(metrics_of, steps.validation_batches(run.cfg, corpus.val))
 
 
 def run_niah(scorer: Scorer, corpus, opts: EvalOptions, seed: int) -> dict:
     """Needles in held-out text (or the --text_file's text), ranked among 9 distractor numbers."""
     if corpus is not None:
-        hay = np.asarray(corpus.val)
+        hay = corpus.val.read(0, NIAH_HAY_TOKENS)
     else:
         hay = np.asarray(scorer.encode(Path(opts.text_file).read_text(encoding="utf-8", errors="replace")))
     bad = [n for n in opts.niah_lengths if n > scorer.seq_len]

@@ -42,18 +42,20 @@ class Attention(nnx.Module):
         # Resolved when called: a model built only for its parameters (init, counting) never needs the kernel.
         self.kernel, self.platform = cfg.attention, platform
 
-    def __call__(self, x_BxLxD: jax.Array, cache: "KVCache | None" = None, layer: int = 0):
-        """Causal self-attention over ``x``; with ``cache``, over the cached keys too: the new keys/values are
-        written at slot ``cache.start`` and ``(out, k_BxSxGxK, v_BxSxGxK)`` is returned."""
+    def __call__(self, x_BxLxD: jax.Array, cache: "KVCache | None" = None, layer: int = 0,
+                 segments_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None):
+        """Causal self-attention over ``x``; with ``segments_BxL``, within each segment, and RoPE at
+        ``positions_BxL`` (default 0..L-1; see ``doc_segments``). With ``cache``, over the cached keys too: the
+        new keys/values are written at slot ``cache.start`` and ``(out, k_BxSxGxK, v_BxSxGxK)`` is returned."""
         heads = ("batch", "length", "act_heads", None)
-        pos = None if cache is None else cache.positions_BxT
+        pos = positions_BxL if cache is None else cache.positions_BxT
         q_BxLxHxK = rope(project(x_BxLxD, self.wq, "bld,dhk->blhk", self.dtype, heads), self.theta, pos)
         k_BxLxGxK = rope(project(x_BxLxD, self.wk, "bld,dhk->blhk", self.dtype, heads), self.theta, pos)
         v_BxLxGxK = project(x_BxLxD, self.wv, "bld,dhk->blhk", self.dtype, heads)
         if cache is None:
             impl = attention.resolve(self.kernel, self.platform or jax.default_backend(), x_BxLxD.shape[1],
                                      jnp.dtype(self.dtype).name)
-            out_BxLxHxK = attention.causal(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, impl)
+            out_BxLxHxK = attention.causal(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, impl, segments_BxL)
             return project(out_BxLxHxK, self.wo, "blhk,hkd->bld", self.dtype, ("batch", "length", "act_embed"))
         at = (0, cache.start, 0, 0)
         k_BxSxGxK = jax.lax.dynamic_update_slice(cache.k[layer], k_BxLxGxK.astype(cache.k[layer].dtype), at)
@@ -104,9 +106,11 @@ class Block(nnx.Module):
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.init_std, rngs=rngs, dtype=dtype)
 
     def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
-                 edit: RowEdit | None = None) -> jax.Array:
+                 edit: RowEdit | None = None, segments_BxL: jax.Array | None = None,
+                 positions_BxL: jax.Array | None = None) -> jax.Array:
         x_BxLxD = checkpoint_name(x_BxLxD, "block_input")  # what remat="offload" moves to host memory
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
+        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segments_BxL=segments_BxL,
+                                      positions_BxL=positions_BxL)
         return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL, rows, edit)
 
     def decode(self, x_BxTxD: jax.Array, ids_BxT: jax.Array, cache: KVCache, layer: int,
@@ -117,12 +121,12 @@ class Block(nnx.Module):
 
 
 def _checkpointed(block: Block, policy, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None,
-                  edit: RowEdit | None) -> jax.Array:
+                  edit: RowEdit | None, segments_BxL: jax.Array | None, positions_BxL: jax.Array | None) -> jax.Array:
     """``block(x, ...)`` under ``jax.checkpoint(policy)``, as a pure function of the block's arrays. Variables
     that hold no array (the abstract tables of the sparse steps' rows-only model) stay outside the checkpoint."""
     graphdef, arrays, rest = nnx.split(block, lambda _, v: isinstance(v.get_value(), jax.Array), ...)
     run = jax.checkpoint(lambda a, *args: nnx.merge(graphdef, a, rest)(*args), policy=policy)
-    return run(arrays, x_BxLxD, ids_BxL, rows, edit)
+    return run(arrays, x_BxLxD, ids_BxL, rows, edit, segments_BxL, positions_BxL)
 
 
 class Transformer(nnx.Module):
@@ -145,13 +149,16 @@ class Transformer(nnx.Module):
         """The rows of this model's stored STEM tables that hold tokens ``ids`` (``sharding.stored_rows``)."""
         return sharding.stored_rows(ids, self.cfg.vocab_size, self.cfg.stem_row_layout)
 
-    def __call__(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None) -> jax.Array:
+    def __call__(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None,
+                 segments_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None) -> jax.Array:
         """``rows``: pre-gathered STEM rows, read instead of the tables; ``edit``: a STEM row override
-        (``stem.StemRows``, ``stem.RowEdit``)."""
+        (``stem.StemRows``, ``stem.RowEdit``). Packed documents: ``segments_BxL`` keeps attention within each
+        segment and ``positions_BxL`` gives the RoPE positions (``doc_segments`` makes both)."""
         x_BxLxD = self._embed(ids_BxL)
+        packing = (segments_BxL, positions_BxL)
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit) if self.cfg.remat == "none" else \
-                _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit)
+            x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit, *packing) if self.cfg.remat == "none" else \
+                _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit, *packing)
         return self._logits(x_BxLxD)
 
     def decode(self, ids_BxT: jax.Array, cache: KVCache, rows: StemRows | None = None,
@@ -188,6 +195,20 @@ class Transformer(nnx.Module):
         else:
             logits = jnp.einsum("bld,dv->blv", x_BxLxD, self.head[...].astype(dtype))
         return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+def doc_segments(ids_BxL: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
+    """``(segments_BxL, positions_BxL)`` of rows cut from a stream where every document ends in ``eos_id``.
+
+    An EOS *starts* a segment: it is the BOS of the next document (its target is that document's first
+    token). So ``segments = cumsum(ids == eos_id)`` (inclusive; tokens before the row's first EOS are segment
+    0) and ``positions`` count from 0 at each EOS (at the row's start for segment 0)."""
+    L = ids_BxL.shape[1]
+    is_eos_BxL = ids_BxL == eos_id
+    segments_BxL = jnp.cumsum(is_eos_BxL, axis=1, dtype=jnp.int32)
+    at_L = jnp.arange(L, dtype=jnp.int32)
+    start_BxL = jax.lax.cummax(jnp.where(is_eos_BxL, at_L, 0), axis=1)  # where the token's segment begins
+    return segments_BxL, at_L - start_BxL
 
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:

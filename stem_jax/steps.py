@@ -7,7 +7,9 @@
   ``offload.py`` in per-owner blocks, the exchange runs on them, and the new blocks go back to it.
 
 Each runs the forward/backward pass over ``train.microbatches`` slices of the batch (``accumulate``) and
-applies one update.
+applies one update. With ``data.packing`` (the context's ``eos_id``), every forward pass, eval included, keeps
+attention within each document of the rows and restarts RoPE positions at each EOS (``model.doc_segments``,
+computed on the device from the input ids).
 
 The trainer loop (``trainer.py``) jits one of them with the context's shardings and donates the state.
 """
@@ -26,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from stem_jax import accounting, attention, data, sharding, sparse
 from stem_jax.config import Config, ConfigError
-from stem_jax.model import Transformer, cross_entropy, token_metrics
+from stem_jax.model import Transformer, cross_entropy, doc_segments, token_metrics
 from stem_jax.optim import group_norms, make_optimizer, schedule
 from stem_jax.stem import StemRows
 
@@ -51,6 +53,7 @@ class StepContext:
     tables: TableLayout
     stem_layers: tuple[int, ...]
     counts: accounting.ParamCounts
+    eos_id: int | None = None         # packed documents end in it (``data.packing``); None: no packing
 
     @property
     def sparse(self) -> bool:
@@ -67,9 +70,10 @@ def _init(cfg: Config, tx: optax.GradientTransformation) -> dict:
     return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
 
-def make_context(cfg: Config, mesh: Mesh) -> StepContext:
+def make_context(cfg: Config, mesh: Mesh, *, eos_id: int | None = None) -> StepContext:
     """The context of ``cfg`` on ``mesh``: shapes from ``eval_shape`` (nothing is allocated), shardings from
-    the rules in ``sharding.py``; host memory for the tables under ``model.stem_offload``."""
+    the rules in ``sharding.py``; host memory for the tables under ``model.stem_offload``. ``eos_id``: the
+    corpus' EOS id when ``data.packing`` is on (the steps then attend within documents), else None."""
     sharding.check_model_fits(cfg.model, mesh)
     batch_sharding = sharding.batch_sharding(mesh, cfg.train.batch_size)  # the batch divides the batch shards
     per_device = cfg.train.batch_size // sharding.axis_size("batch", mesh)
@@ -92,7 +96,7 @@ def make_context(cfg: Config, mesh: Mesh) -> StepContext:
     layout = TableLayout(tables, rows)
     return StepContext(cfg, mesh, graphdef, tx, abstract_state, state_shardings,
                        batch_sharding, layout, model.stem_layers,
-                       accounting.count_params(abstract_params, cfg.model))
+                       accounting.count_params(abstract_params, cfg.model), eos_id)
 
 
 def init_state(ctx: StepContext) -> dict:
@@ -101,9 +105,19 @@ def init_state(ctx: StepContext) -> dict:
         return jax.jit(lambda: _init(ctx.cfg, ctx.tx), out_shardings=ctx.state_shardings)()
 
 
-def loss(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None) -> jax.Array:
+def forward(model: Transformer, ids_BxL: jax.Array, rows: StemRows | None = None,
+            eos_id: int | None = None) -> jax.Array:
+    """``model(ids)``; with ``eos_id``, as packed documents (segments and positions from the ids themselves)."""
+    if eos_id is None:
+        return model(ids_BxL, rows=rows)
+    segments_BxL, positions_BxL = doc_segments(ids_BxL, eos_id)
+    return model(ids_BxL, rows=rows, segments_BxL=segments_BxL, positions_BxL=positions_BxL)
+
+
+def loss(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None,
+         eos_id: int | None = None) -> jax.Array:
     model = nnx.merge(graphdef, params)
-    return cross_entropy(model(batch_BxL1[:, :-1], rows=rows), batch_BxL1[:, 1:])
+    return cross_entropy(forward(model, batch_BxL1[:, :-1], rows, eos_id), batch_BxL1[:, 1:])
 
 
 def microbatches(x_Bx: jax.Array, k: int) -> jax.Array:
@@ -133,7 +147,8 @@ def accumulate(loss_and_grads: Callable, k: int, shardings: Any, *batch_major: j
 
 
 def dense_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
-    loss_and_grads = lambda b: jax.value_and_grad(loss, argnums=1)(ctx.graphdef, state["params"], b)
+    loss_and_grads = lambda b: jax.value_and_grad(loss, argnums=1)(ctx.graphdef, state["params"], b,
+                                                                   eos_id=ctx.eos_id)
     loss_value, grads = accumulate(loss_and_grads, ctx.cfg.train.microbatches,
                                    (None, _plain(ctx.state_shardings["params"])), batch_BxL1)
     updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
@@ -165,7 +180,7 @@ def _row_loss_grads(ctx: StepContext, backbone: nnx.State, rows: list[jax.Array]
         def of(backbone, rows):
             model = rows_model(ctx.graphdef, backbone, ctx.tables.abstract)
             stem_rows = StemRows(tuple(rows), inv_BxL, per_device=True)
-            return cross_entropy(model(batch_BxL1[:, :-1], rows=stem_rows), batch_BxL1[:, 1:])
+            return cross_entropy(forward(model, batch_BxL1[:, :-1], stem_rows, ctx.eos_id), batch_BxL1[:, 1:])
         return jax.value_and_grad(of, argnums=(0, 1))(backbone, list(rows))
 
     back = sparse.split_tables(_plain(ctx.state_shardings["params"]))[1]
@@ -232,14 +247,17 @@ def train_step_fn(ctx: StepContext) -> Callable:
 
 # ---- evaluation ----
 
-def eval_metrics(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None) -> dict:
-    """Mean loss and next-token top-1 accuracy (the accuracy the tiny comparison's ROI uses)."""
-    return token_metrics(nnx.merge(graphdef, params)(batch_BxL1[:, :-1], rows=rows), batch_BxL1)
+def eval_metrics(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None,
+                 eos_id: int | None = None) -> dict:
+    """Mean loss and next-token top-1 accuracy (the accuracy the tiny comparison's ROI uses); ``eos_id``:
+    packed documents (``forward``)."""
+    return token_metrics(forward(nnx.merge(graphdef, params), batch_BxL1[:, :-1], rows, eos_id), batch_BxL1)
 
 
-def eval_step_fn(graphdef: Any, param_shardings: Any, batch_sharding: NamedSharding) -> Callable:
-    """The jitted ``(params, batch) -> {"loss", "acc"}``, replicated outputs."""
-    return jax.jit(lambda params, batch: eval_metrics(graphdef, params, batch),
+def eval_step_fn(graphdef: Any, param_shardings: Any, batch_sharding: NamedSharding, *,
+                 eos_id: int | None = None) -> Callable:
+    """The jitted ``(params, batch) -> {"loss", "acc"}``, replicated outputs; ``eos_id``: packed documents."""
+    return jax.jit(lambda params, batch: eval_metrics(graphdef, params, batch, eos_id=eos_id),
                    in_shardings=(param_shardings, batch_sharding),
                    out_shardings=sharding.replicated(batch_sharding.mesh))
 
@@ -253,7 +271,8 @@ def validation(metrics_of: Callable[[np.ndarray], dict], batches: Iterable[np.nd
             "val_acc": float(np.mean([o["acc"] for o in out]))}
 
 
-def validation_batches(cfg: Config, val_tokens: np.ndarray, name: str) -> Iterable[np.ndarray]:
+def validation_batches(cfg: Config, val: data.Tokens, name: str = "") -> Iterable[np.ndarray]:
     """This process's rows of ``train.eval_batches`` batches of the held-out split (0 = all of it)."""
     m, t = cfg.model, cfg.train
-    return data.eval_batches(val_tokens, m.seq_len, t.batch_size, m.vocab_size, t.eval_batches, name=name)
+    return data.eval_batches(val, m.seq_len, t.batch_size, m.vocab_size, t.eval_batches,
+                             name=name or getattr(val, "name", "val split"))

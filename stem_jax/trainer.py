@@ -31,11 +31,13 @@ class Trainer:
         self.offloader = offload.Offloader(ctx) if ctx.cfg.model.stem_offload else None
         if self.offloader is None:
             self.train_step = steps.train_step_fn(ctx)
-            self.eval_step = steps.eval_step_fn(ctx.graphdef, ctx.state_shardings["params"], ctx.batch_sharding)
+            self.eval_step = steps.eval_step_fn(ctx.graphdef, ctx.state_shardings["params"], ctx.batch_sharding,
+                                                eos_id=ctx.eos_id)
 
     @classmethod
-    def create(cls, cfg: Config, mesh: Mesh) -> "Trainer":
-        return cls(steps.make_context(cfg, mesh))
+    def create(cls, cfg: Config, mesh: Mesh, eos_id: int | None = None) -> "Trainer":
+        """``eos_id``: the corpus's end-of-document token, for ``data.packing``."""
+        return cls(steps.make_context(cfg, mesh, eos_id=eos_id))
 
     def init_state(self) -> dict:
         return steps.init_state(self.ctx)
@@ -55,7 +57,7 @@ class Trainer:
 
     def validate(self, params: nnx.State, corpus: corpus_lib.Corpus) -> dict:
         """``val_loss`` / ``val_ppl`` / ``val_acc`` over ``train.eval_batches`` batches of the held-out split."""
-        batches = steps.validation_batches(self.ctx.cfg, corpus.val, f"{corpus.path / 'val.bin'}")
+        batches = steps.validation_batches(self.ctx.cfg, corpus.val)
         return steps.validation(lambda b: self.eval_metrics(params, b), batches)
 
 
@@ -120,8 +122,11 @@ def train_and_evaluate(cfg: Config, workdir: str | Path) -> dict:
     mesh = sharding.make_mesh(cfg.mesh.shape)
     corpus = data.open_corpus(cfg, log)
     data.check_splits(cfg, corpus)
-    tr = Trainer.create(cfg, mesh)
+    tr = Trainer.create(cfg, mesh, eos_id=corpus.eos_id if cfg.data.packing else None)
     describe_run(cfg, mesh, tr.ctx.counts, corpus)
+    if tr.ctx.eos_id is not None:
+        log(f"data.packing: attention stays within documents, which end at token {tr.ctx.eos_id} "
+            f"({corpus.tokenizer.id_to_token(tr.ctx.eos_id)!r})")
     created = not workdir.exists()
     try:
         with lock.hold(workdir, "train.py", log):
@@ -150,7 +155,7 @@ def _train(tr: Trainer, corpus: corpus_lib.Corpus, workdir: Path) -> dict:
     cfg, mesh = tr.ctx.cfg, tr.ctx.mesh
     t, m = cfg.train, cfg.model
     batches = iter(data.train_dataset(corpus.train, m.seq_len, t.batch_size, t.seed, m.vocab_size,
-                                      name=f"{corpus.path / 'train.bin'}"))
+                                      name=corpus.train.name))
     if tr.offloader is not None:  # offload stages the next batch's rows right after a step
         batches = data.Lookahead(batches)
     meta = checkpoint.run_meta(cfg, mesh, checkpoint.fingerprint(corpus.tokenizer.to_str()))

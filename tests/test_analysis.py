@@ -70,7 +70,7 @@ def make_workdir(root: Path, name: str, cache_dir: str, **model) -> Path:
         text.write_text("".join(" ".join(rng.choice(WORDS, 8)) + f" {i * 7919 % 1000}.\n" for i in range(1500)))
     cfg = tiny_config(**{"vocab_size": 384, "d_model": 32, "n_layers": 3, "seq_len": 32, "d_ff": 64,
                          "stem_layers": "1", **model})
-    cfg.data.source, cfg.data.text_files, cfg.data.cache_dir = "text", str(text), cache_dir
+    cfg.data.source, cfg.data.files, cfg.data.cache_dir = "text", str(text), cache_dir
     corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
     s = Trainer.create(cfg, mesh_of((1, 1, 1)))
     rng = np.random.default_rng(len(name))
@@ -116,8 +116,8 @@ def test_angular_spread_matches_the_tables_and_dense_up_outputs(workdirs, models
     # Rebuild the STEM side directly: top-n train tokens (those in the dense windows) and their table rows.
     corpus = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=lambda *_: None)
     assert len(corpus.val) >= W * 32
-    freq = np.bincount(np.asarray(corpus.train, np.int64), minlength=cfg.model.vocab_size)
-    ids = np.asarray(corpus.val[:W * 32], np.int64).reshape(W, 32)
+    freq = np.bincount(corpus.train.read(0, len(corpus.train)).astype(np.int64), minlength=cfg.model.vocab_size)
+    ids = corpus.val.read(0, W * 32).astype(np.int64).reshape(W, 32)
     tokens = np.array([t for t in np.argsort(-freq, kind="stable")[:40] if t in set(ids.reshape(-1).tolist())])
     table = sharding.table_by_token(np.asarray(model.blocks[1].ffn.table[...]), cfg.model)
     want = analysis.cosine_stats(analysis.pairwise_cosines(table[tokens]))

@@ -1,5 +1,5 @@
 """attention.py: which kernel each platform gets, and the splash kernel (run in Pallas' interpret mode on
-CPU) against XLA's attention, forward and gradients, sharded over batch and heads."""
+CPU) against XLA's attention, forward and gradients, sharded over batch and heads, with packed documents."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,19 +38,27 @@ def test_splash_tiles_divide_every_length_that_is_a_multiple_of_128(length):
     attention._splash_kernel(2, length, interpret=True)  # raises if a tile does not divide the length
 
 
-@pytest.mark.parametrize("kv_heads,mesh_shape", [(2, (2, 1, 2)), (1, (2, 1, 2)), (2, (1, 1, 1))])
-def test_splash_equals_xla_forward_and_gradients(kv_heads, mesh_shape):
-    """Heads split 2 ways with 2 kv heads (each device keeps its group), 1 kv head (repeated per query head
-    before the split), and no mesh (the kernel called directly)."""
+@pytest.mark.parametrize("kv_heads,mesh_shape,packed", [(2, (2, 1, 2), True), (1, (2, 1, 2), False),
+                                                         (2, (1, 1, 1), False)])
+def test_splash_equals_xla_forward_and_gradients(kv_heads, mesh_shape, packed):
+    """Heads split 2 ways with 2 kv heads (each device keeps its group) and packed documents (segment ids
+    split like the batch), 1 kv head (repeated per query head before the split), and no mesh (the kernel
+    called directly)."""
     B, L, H, K = 4, 128, 4, 32
     r = np.random.default_rng(0)
     q, k, v = (jnp.asarray(r.normal(size=(B, L, h, K)), jnp.float32) for h in (H, kv_heads, kv_heads))
     w = jnp.asarray(r.normal(size=(B, L, H, K)), jnp.float32)  # a loss that weighs every output
+    segments = None
+    if packed:  # documents of every row end at different places; row 3 is one document
+        starts_BxL = (r.random((B, L)) < 0.05) & (np.arange(B) < 3)[:, None]
+        starts_BxL[0, 0] = True
+        segments = jnp.asarray(np.cumsum(starts_BxL, axis=1), jnp.int32)
     loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * w)
-    splash = lambda q, k, v: attention.splash(q, k, v, interpret=True)
+    splash = lambda q, k, v: attention.splash(q, k, v, interpret=True, segments_BxL=segments)
+    xla = lambda q, k, v: attention.causal(q, k, v, segments_BxL=segments)
     with jax.set_mesh(mesh_of(mesh_shape)):
         got = jax.jit(jax.value_and_grad(loss(splash), argnums=(0, 1, 2)))(q, k, v)
-        want = jax.jit(jax.value_and_grad(loss(attention.causal), argnums=(0, 1, 2)))(q, k, v)
+        want = jax.jit(jax.value_and_grad(loss(xla), argnums=(0, 1, 2)))(q, k, v)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
     for name, a, b in zip("qkv", got[1], want[1]):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f"d{name}")

@@ -61,8 +61,8 @@ def test_unknown_config_key_suggests_the_right_one(tmp_path, cache_dir):
     (["--config=configs/nope.py"], "No such file or directory"),
     (["--config.train.steps=abc"], "flag --config.train.steps=abc: invalid literal for int()"),
     (["--config.train.checkpoint_every=-1"], "train.checkpoint_every=-1 must be >= 0"),
-    (["--config.data.source=text", "--config.data.text_files=/no/such.txt"], "'/no/such.txt' is not a readable"),
-    (["--config.data.source=text", "--config.data.text_files=/"], "'/' is not a readable file"),
+    (["--config.data.source=text", "--config.data.files=/no/such.txt"], "'/no/such.txt' is not a readable"),
+    (["--config.data.source=text", "--config.data.files=/"], "'/' is not a readable file"),
     (["--coordinator_address=127.0.0.1:1"], "missing: --num_processes, --process_id"),
 ])
 def test_bad_input_fails_clearly_and_leaves_no_workdir(tmp_path, cache_dir, args, msg):
@@ -98,7 +98,7 @@ def test_preflight_refuses_before_any_work(tmp_path, cache_dir, args, files, msg
     """Checks that used to fail after training (or never) now fail before the workdir exists; a bad
     tokenizer size fails before a tokenizer or cache is built."""
     own_cache = tmp_path / "cache"
-    extra = [f"--config.data.text_files={files(tmp_path)}", f"--config.data.cache_dir={own_cache}"] if files else []
+    extra = [f"--config.data.files={files(tmp_path)}", f"--config.data.cache_dir={own_cache}"] if files else []
     if "--config.model.vocab_size=100" in args:
         extra = [f"--config.data.cache_dir={own_cache}"]
     r = run("train.py", f"--workdir={tmp_path / 'w'}", "--config.train.steps=2", *args, *extra, cache_dir=cache_dir,
@@ -136,10 +136,10 @@ def test_tokenizer_larger_than_model_vocab_is_rejected(tmp_path, cache_dir):
     text = tmp_path / "t.txt"
     text.write_text("".join(f"line {i} of a small corpus with numbers {i * 7919 % 1000}\n" for i in range(3000)))
     r = run("train.py", f"--workdir={tmp_path / 'w'}", "--config.data.source=text",
-            f"--config.data.text_files={text}", "--config.data.tokenizer_vocab=600",
+            f"--config.data.files={text}", "--config.data.tokenizer_vocab=600",
             "--config.model.vocab_size=300", cache_dir=cache_dir)
     assert r.returncode != 0
-    assert "TokenIdError" in r.stderr and "model.vocab_size=300" in r.stderr, r.stderr[-2000:]
+    assert "StoreError: data.tokenizer_vocab=600 is larger than model.vocab_size=300" in r.stderr, r.stderr[-2000:]
 
 
 def test_eval_on_a_non_workdir_is_a_clear_error(tmp_path, cache_dir):

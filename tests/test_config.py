@@ -91,3 +91,12 @@ def test_configs_saved_before_the_row_layout_read_as_contiguous():
     cfg.model.stem_row_layout = "spread"
     with pytest.raises(ConfigError, match="stem_row_layout"):  # the stored tables would be misread
         resume_changes(to_dict(from_dict(saved)), cfg)
+
+
+def test_configs_saved_with_renamed_data_fields_still_read():
+    saved = to_dict(Config())
+    for old, new in (("text_files", "files"), ("tfds_text_key", "text_key")):
+        saved["data"][old] = saved["data"].pop(new)
+    saved["data"]["text_files"], saved["data"]["tfds_text_key"] = "a.txt,b.txt", "body"
+    cfg = from_dict(saved)
+    assert (cfg.data.files, cfg.data.text_key) == ("a.txt,b.txt", "body")

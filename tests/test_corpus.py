@@ -1,30 +1,29 @@
-"""Sources, the held-out split, the tokenizer and its cache."""
+"""The token store: built in parallel, resumable, the same split for any cut of the source, the user's tokenizer."""
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from stem_jax import corpus
+from conftest import REPO, run_script
+from stem_jax import corpus, sources
 from stem_jax.config import DataConfig
 
-
-def test_default_corpus_documents_and_split():
-    docs = corpus.default_documents()
-    assert len(docs) == 66 + 42
-    assert docs[0][0] == "kjv/Genesis" and docs[0][1].startswith("Genesis\n\nIn the beginning God created")
-    assert "[" not in docs[0][1]
-    train, val = corpus.split_documents(docs, 20)
-    assert [n for n, _ in val] == [docs[i][0] for i in (19, 39, 59, 79, 99)]
-    assert len(train) + len(val) == len(docs)
-    assert sum(len(t) for _, t in docs) > 9_000_000
+QUIET = dict(log=lambda *_: None)
 
 
-def test_split_of_a_short_corpus_holds_out_the_last_document():
-    train, val = corpus.split_documents([("a", "x"), ("b", "y"), ("c", "z")], 20)
-    assert [n for n, _ in val] == ["c"]
-    with pytest.raises(ValueError, match="at least 2 documents"):
-        corpus.split_documents([("a", "x")], 20)
+def _write_jsonl(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["stem", "table", "row", "token", "gate", "down", "the", "of", "a", "shard", "layer", "vocab"]
+    path.write_text("".join(json.dumps({"text": " ".join(rng.choice(words, rng.integers(5, 60)))}) + "\n"
+                            for _ in range(n)))
+    return str(path)
 
 
 def _write_text(path, n_lines=900):
@@ -34,32 +33,163 @@ def _write_text(path, n_lines=900):
     return str(path)
 
 
-def test_text_files_build_a_cached_corpus(tmp_path):
-    f = _write_text(tmp_path / "mine.txt")
-    cfg = DataConfig(source="text", text_files=f, cache_dir=str(tmp_path / "cache"), val_every=3)
+def _tokens(split: corpus.Split) -> np.ndarray:
+    return split.read(0, len(split))
+
+
+def test_text_files_build_a_store_in_the_cache(tmp_path):
+    f = _write_text(tmp_path / "mine.txt", 2000)
+    cfg = DataConfig(source="text", files=f, cache_dir=str(tmp_path / "cache"), val_every=3)
     logs = []
     c = corpus.load_corpus(cfg, vocab_size=300, log=logs.append)
-    assert logs and "building tokenizer" in logs[0]
-    assert c.meta["train"]["documents"] == 4 and c.meta["val"]["documents"] == 1  # 900 lines -> 5 docs
-    assert c.vocab_size <= 300 and c.train.dtype == np.uint16
-    assert c.train.max() < c.vocab_size
+    assert "training the tokenizer" in logs[0] and logs[-1].startswith("token store done: 10 documents")
+    docs = sources.documents(sources.plan(cfg)[1][0], sources.Spec("text"))
+    val_docs = [d for d in docs if sources.held_out(d, 3)]
+    assert c.meta["val"]["documents"] == len(val_docs) > 0 and c.meta["train"]["documents"] == 10 - len(val_docs)
     eos = c.tokenizer.token_to_id(corpus.EOS)
-    assert eos == 0 and int((np.asarray(c.train) == eos).sum()) == 4
-    text = c.tokenizer.decode(list(c.train[:30]))
-    assert text.split()[0] in {"stem", "table", "row", "token", "gate", "down", "the", "of", "a", "shard"}
+    assert c.eos_id == eos == 0 and c.vocab_size <= 300
+    want = np.concatenate([c.tokenizer.encode(d).ids + [eos] for d in val_docs])  # every held-out document, in order
+    np.testing.assert_array_equal(_tokens(c.val), want)
+    assert c.train.open_shard(0).dtype == np.uint16 and int((_tokens(c.train) == eos).sum()) == 10 - len(val_docs)
     logs.clear()
     again = corpus.load_corpus(cfg, vocab_size=300, log=logs.append)
     assert not logs and again.path == c.path  # opened from the cache
-    assert not [p for p in os.listdir(tmp_path / "cache") if p.startswith(".")]  # no temp folders left
+    assert sorted(p.name for p in c.path.iterdir()) == ["plan.json", "shards", "store.json", "tokenizer.json"]
+    assert not [p for p in (c.path / "shards").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
-def test_missing_text_file_is_named(tmp_path):
-    cfg = DataConfig(source="text", text_files=str(tmp_path / "nope.txt"), cache_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="nope.txt"):
-        corpus.load_corpus(cfg, vocab_size=300)
+def test_the_split_does_not_depend_on_units_or_workers(tmp_path, monkeypatch):
+    f = _write_jsonl(tmp_path / "a.jsonl", 400)
+    cfg = DataConfig(source="jsonl", files=f, val_every=5)
+    whole = corpus.open_store(corpus.build_store(cfg, 300, tmp_path / "one", workers=1, **QUIET))
+    monkeypatch.setattr(sources, "UNIT_BYTES", 2000)
+    cut = corpus.open_store(corpus.build_store(cfg, 300, tmp_path / "many", workers=2, **QUIET))
+    assert len(whole.meta["shards"]) == 1 and len(cut.meta["shards"]) > 8
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(_tokens(getattr(cut, split)), _tokens(getattr(whole, split)))
+    assert whole.meta["val"]["documents"] == sum(sources.held_out(json.loads(x)["text"], 5)
+                                                 for x in (tmp_path / "a.jsonl").read_text().splitlines())
 
 
-def test_tfds_source_reads_array_record_without_tensorflow(tmp_path):
+def test_a_corpus_of_few_documents_holds_out_the_smallest_hash(tmp_path):
+    docs = [f"the stem table row {i} " * 20 for i in range(3)]
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    cfg = DataConfig(source="jsonl", files=str(tmp_path / "few.jsonl"), val_every=1000)
+    assert not any(sources.held_out(d, 1000) for d in docs)
+    logs = []
+    c = corpus.open_store(corpus.build_store(cfg, 300, tmp_path / "s", workers=1, log=logs.append))
+    assert any("holding out the one with the smallest hash" in m for m in logs)
+    held = min(docs, key=sources.doc_hash)
+    assert c.tokenizer.decode(_tokens(c.val)[:-1].tolist()) == held and c.meta["train"]["documents"] == 2
+
+
+_KILLABLE_BUILD = """
+import sys
+from stem_jax import corpus, sources
+from stem_jax.config import DataConfig
+sources.UNIT_BYTES = 3000
+corpus.build_store(DataConfig(source="jsonl", files=sys.argv[1], val_every=5), 300, sys.argv[2], workers=1)
+"""
+
+
+def test_an_interrupted_build_resumes_and_never_reads_a_partial_store(tmp_path, monkeypatch):
+    f = _write_jsonl(tmp_path / "a.jsonl", 3000)
+    out = tmp_path / "store"
+    p = subprocess.Popen([sys.executable, "-c", _KILLABLE_BUILD, f, str(out)], cwd=REPO, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((out / "shards").glob("00002.json")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)  # the builder and its worker, as a Ctrl-C'd terminal or a lost VM would
+    p.wait()
+    done = len(list((out / "shards").glob("*.json")))
+    assert done >= 3 and not (out / "store.json").exists(), p.stderr.read().decode()[-2000:]
+    with pytest.raises(corpus.StoreError, match="is not a finished token store"):
+        corpus.open_store(out)
+    logs = []
+    monkeypatch.setattr(sources, "UNIT_BYTES", 3000)
+    cfg = DataConfig(source="jsonl", files=f, val_every=5)
+    resumed = corpus.open_store(corpus.build_store(cfg, 300, out, workers=2, log=logs.append))
+    n_units = len(resumed.meta["shards"])
+    assert f"resuming the token store at {out}: {done} of {n_units} units already done" in logs
+    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]  # orphaned temporary files removed
+    clean = corpus.open_store(corpus.build_store(cfg, 300, tmp_path / "clean", workers=2, **QUIET))
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(_tokens(getattr(resumed, split)), _tokens(getattr(clean, split)))
+    with pytest.raises(corpus.StoreError, match="holds \\(part of\\) a store of another source"):
+        corpus.build_store(DataConfig(source="jsonl", files=f, val_every=7), 300, out, **QUIET)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(corpus.StoreError, match="is not empty and is not a token store"):
+        corpus.build_store(cfg, 300, tmp_path / "mine", **QUIET)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def _user_tokenizer(path, texts, vocab=320, eos="</s>"):
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", eos],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tok.save(str(path))
+    return tok
+
+
+def test_a_users_tokenizer_file_and_its_errors(tmp_path):
+    f = _write_jsonl(tmp_path / "a.jsonl", 200)
+    texts = [json.loads(x)["text"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    tok = _user_tokenizer(tmp_path / "tokenizer.json", texts)
+    cfg = DataConfig(source="jsonl", files=f, tokenizer=str(tmp_path / "tokenizer.json"), val_every=4)
+    c = corpus.open_store(corpus.build_store(cfg, 512, tmp_path / "s", **QUIET))
+    eos = tok.token_to_id("</s>")
+    assert c.eos_id == eos == 1 and c.tokenizer.to_str() == tok.to_str()
+    train_texts = [t for t in texts if not sources.held_out(t, 4)]
+    np.testing.assert_array_equal(_tokens(c.train), np.concatenate([tok.encode(t).ids + [eos] for t in train_texts]))
+    n = corpus.tokenizer_size(tok)
+    with pytest.raises(corpus.StoreError, match=rf"has {n} tokens but model.vocab_size={n - 1}; .*raise model.vocab_size"):
+        corpus.check_vocab(cfg, n - 1)
+    (tmp_path / "broken.json").write_text("{not a tokenizer")
+    with pytest.raises(corpus.StoreError, match=r"data.tokenizer='.*broken.json' is not a tokenizer.json the "
+                                                r"tokenizers library can read: "):
+        corpus.check_vocab(DataConfig(tokenizer=str(tmp_path / "broken.json")), 512)
+    _user_tokenizer(tmp_path / "no_eos.json", texts, eos="<pad>")
+    with pytest.raises(corpus.StoreError, match=r"has no end-of-document token <\|endoftext\|> or <\|end_of_text\|>"
+                                                r" or </s> or <eos>.*set data.eos_token"):
+        corpus.check_vocab(DataConfig(tokenizer=str(tmp_path / "no_eos.json")), 512)
+    corpus.check_vocab(DataConfig(tokenizer=str(tmp_path / "no_eos.json"), eos_token="<pad>"), 512)
+    with pytest.raises(corpus.StoreError, match="data.tokenizer_vocab applies to data.tokenizer=train only"):
+        corpus.fingerprint(DataConfig(tokenizer=str(tmp_path / "tokenizer.json"), tokenizer_vocab=300), 512, "x")
+    with pytest.raises(corpus.StoreError, match="too small for the byte-level BPE tokenizer"):
+        corpus.check_vocab(DataConfig(), 100)
+
+
+def test_data_prep_then_train_from_the_store_with_a_users_tokenizer(tmp_path, cache_dir):
+    """The issue's end-to-end path: a tokenizer.json of the user's, a JSONL corpus, data_prep, train.py."""
+    f = _write_jsonl(tmp_path / "c.jsonl", 3000)
+    texts = [json.loads(x)["text"] for x in (tmp_path / "c.jsonl").read_text().splitlines()]
+    _user_tokenizer(tmp_path / "tok.json", texts, vocab=400)
+    data = ["--config.data.source=jsonl", f"--config.data.files={f}", f"--config.data.tokenizer={tmp_path / 'tok.json'}",
+            "--config.model.vocab_size=512"]
+    r = run_script("stem_jax/data_prep.py", *data, f"--out={tmp_path / 'store'}", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"train with: --config.data.store={tmp_path / 'store'}" in r.stdout
+    assert "token store done" in r.stdout + r.stderr
+    small = ["--config.model.n_layers=2", "--config.model.stem_layers=1", "--config.model.seq_len=64"]
+    r = run_script("train.py", "--config.model.vocab_size=512", *small, f"--config.data.store={tmp_path / 'store'}",
+                   f"--workdir={tmp_path / 'w'}", "--config.train.steps=2", "--config.train.eval_batches=1",
+                   "--config.data.packing=true",
+                   "--config.train.warmup_steps=1", cache_dir=cache_dir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "val_loss" in r.stdout + r.stderr
+    assert "data.packing: attention stays within documents, which end at token 1 ('</s>')" in r.stdout + r.stderr
+    assert Tokenizer.from_file(str(tmp_path / "w" / "tokenizer.json")).token_to_id("</s>") == 1
+    r = run_script("stem_jax/data_prep.py", *data[:3], "--config.model.vocab_size=260", f"--out={tmp_path / 'x'}",
+                   cache_dir=cache_dir)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: StoreError: the tokenizer")
+    assert not (tmp_path / "x").exists()
+
+
+def test_tfds_source_keeps_its_validation_split(tmp_path):
     import tensorflow_datasets as tfds
 
     class TinyText(tfds.core.GeneratorBasedBuilder):
@@ -79,22 +209,23 @@ def test_tfds_source_reads_array_record_without_tensorflow(tmp_path):
     data_dir = str(tmp_path / "tfds")
     TinyText(data_dir=data_dir, file_format="array_record").download_and_prepare()
     cfg = DataConfig(source="tfds", tfds_name="tiny_text", tfds_data_dir=data_dir, cache_dir=str(tmp_path / "c"))
-    c = corpus.load_corpus(cfg, vocab_size=300)
+    c = corpus.load_corpus(cfg, vocab_size=300, **QUIET)
     assert c.meta["train"]["documents"] == 40 and c.meta["val"]["documents"] == 8
-    assert "document" in c.tokenizer.decode(list(c.val[:20]))
-    with pytest.raises(KeyError, match="tfds_text_key='body'"):
+    held = c.tokenizer.decode(_tokens(c.val).tolist())  # TFDS shuffles records within a split
+    assert sorted(int(n) for n in re.findall(r"document (\d+) says", held)) == list(range(40, 48)), held
+    assert c.meta["source"].startswith("tfds:tiny_text")
+    with pytest.raises(KeyError, match="data.text_key='body'"):
         corpus.load_corpus(DataConfig(source="tfds", tfds_name="tiny_text", tfds_data_dir=data_dir,
-                                      tfds_text_key="body", cache_dir=str(tmp_path / "d")), vocab_size=300)
-    assert json.loads((c.path / "meta.json").read_text())["source"].startswith("tfds:tiny_text")
+                                      text_key="body", cache_dir=str(tmp_path / "d")), vocab_size=300, **QUIET)
 
 
-def test_text_files_that_are_not_text_are_named():
-    said = []
-    corpus.check_text("plain text\n".encode() * 100, "a.txt", said.append)
-    assert said == []
-    corpus.check_text(b"caf\xe9 " + "fine text\n".encode() * 200, "latin1.txt", said.append)
-    assert said == ["warning: data.text_files: 'latin1.txt' has 1 undecodable byte sequence(s), read as U+FFFD"]
-    with pytest.raises(ValueError, match=r"'model.bin' is not a text file \(it has a NUL byte at offset 3\)"):
-        corpus.check_text(b"abc\x00def", "model.bin")
-    with pytest.raises(ValueError, match=r"'img.jpg' is not UTF-8 text \(20 undecodable byte sequences in 20 bytes\)"):
-        corpus.check_text(b"\xff\xd8" * 10, "img.jpg")
+def test_a_build_that_failed_before_any_unit_starts_over_when_the_source_is_fixed(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "one two"}\n{"body": "three"}\n')
+    cfg = DataConfig(source="jsonl", files=str(path), val_every=2)
+    with pytest.raises(sources.BadRecordError, match="a.jsonl:2: the record has no field 'text'"):
+        corpus.build_store(cfg, 300, tmp_path / "s", **QUIET)
+    assert not (tmp_path / "s" / "store.json").exists()
+    path.write_text('{"text": "one two"}\n{"text": "three four"}\n')  # a new fingerprint (size, mtime)
+    c = corpus.open_store(corpus.build_store(cfg, 300, tmp_path / "s", **QUIET))
+    assert c.meta["train"]["documents"] + c.meta["val"]["documents"] == 2

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from stem_jax import data
+from stem_jax import corpus, data
 
 
 def test_check_ids_names_the_id_and_source():
@@ -37,6 +37,21 @@ def test_windows_shuffle_is_seeded_and_reshuffles_every_epoch():
     assert starts[:8] != starts[8:]                     # in a new order
     for b in first:                                      # targets are the inputs shifted by one
         np.testing.assert_array_equal(b[:, 1:], b[:, :-1] + 1)
+
+
+def test_windows_of_a_sharded_split_never_cross_a_shard():
+    shards = [np.arange(0, 50, dtype=np.uint16), np.arange(1000, 1010, dtype=np.uint16),
+              np.arange(2000, 2040, dtype=np.uint16)]
+    w = data.Windows(corpus.Split.of(shards, "store/train"), 16, "store/train")
+    assert len(w) == 3 + 0 + 2 == data.Windows.count(corpus.Split.of(shards), 16)
+    starts = [int(w[i][0]) for i in range(len(w))]
+    assert starts == [0, 16, 32, 2000, 2016]
+    for i in range(len(w)):
+        np.testing.assert_array_equal(w[i], np.arange(starts[i], starts[i] + 17))
+    epoch = [row[0] for _, b in zip(range(5), data.train_dataset(corpus.Split.of(shards), 16, 1, 0, 3000))
+             for row in b]
+    assert sorted(epoch) == starts  # shuffled over the windows of every shard
+    np.testing.assert_array_equal(corpus.Split.of(shards).read(45, 53), np.r_[45:50, 1000:1003])
 
 
 def test_eval_batches_are_ordered_and_capped():

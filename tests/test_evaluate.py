@@ -27,7 +27,7 @@ def corpus_text(lines: int = 2400) -> str:
 def small_config(cache_dir: str, text_file: Path, **model):
     cfg = tiny_config(**{"vocab_size": 512, "d_model": 32, "n_layers": 2, "seq_len": 64, "d_ff": 64,
                          "stem_layers": "1", **model})
-    cfg.data.source, cfg.data.text_files, cfg.data.cache_dir = "text", str(text_file), cache_dir
+    cfg.data.source, cfg.data.files, cfg.data.cache_dir = "text", str(text_file), cache_dir
     cfg.train.eval_batches = 2
     return cfg
 

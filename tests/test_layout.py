@@ -10,11 +10,12 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("config",),
     ("sharding", "exchange"),
-    ("attention", "layers", "stem", "variants", "model", "accounting", "corpus", "data"),
+    ("attention", "layers", "stem", "variants", "model", "accounting", "sources", "corpus",
+     "data"),
     ("optim", "sparse", "steps", "offload", "checkpoint", "lock", "preemption", "writer"),
     ("trainer", "cli"),
     ("workdir", "scoring", "sampling", "hotrows", "editing", "tasks", "evaluate", "lm_eval_model", "hf",
-     "analysis", "aot"),
+     "analysis", "aot", "data_prep"),
     ("experiments.compare", "experiments.knowledge"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,4 +1,4 @@
-"""The decoder: attention against numpy, causality, shapes, ties, and rematerialization."""
+"""The decoder: attention against numpy, causality, shapes, ties, rematerialization, and packed documents."""
 import dataclasses
 import re
 
@@ -9,15 +9,19 @@ from flax import nnx
 
 from conftest import tiny_config
 from stem_jax.layers import rope
-from stem_jax.model import Attention, Transformer, cross_entropy
+from stem_jax.model import Attention, Transformer, cross_entropy, doc_segments
 
 
-def _np_rope(x, theta):
+EOS = 3  # the packed documents' end token in these tests
+
+
+def _np_rope(x, theta, positions_BxL=None):
     L, K = x.shape[1], x.shape[-1]
     inv = theta ** (-np.arange(0, K, 2) / K)
-    ang = np.arange(L)[:, None] * inv[None]
-    cos = np.cos(np.concatenate([ang, ang], -1))[None, :, None]
-    sin = np.sin(np.concatenate([ang, ang], -1))[None, :, None]
+    pos_BxL = np.arange(L)[None] if positions_BxL is None else positions_BxL
+    ang = pos_BxL[..., None] * inv
+    cos = np.cos(np.concatenate([ang, ang], -1))[:, :, None]
+    sin = np.sin(np.concatenate([ang, ang], -1))[:, :, None]
     x1, x2 = x[..., : K // 2], x[..., K // 2:]
     return x * cos + np.concatenate([-x2, x1], -1) * sin
 
@@ -29,21 +33,31 @@ def test_rope_matches_numpy_and_preserves_norm():
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-5)
 
 
-def test_gqa_attention_matches_numpy():
+def test_gqa_attention_matches_numpy_plain_and_with_segments_and_positions():
+    """Packed rows: RoPE at the given positions (arbitrary ones here: within a segment RoPE only sees their
+    differences, which restarting them at a segment's start does not change), keys of the query's segment."""
     cfg = tiny_config(d_model=32, n_heads=4, n_kv_heads=2).model
     attn = Attention(cfg, rngs=nnx.Rngs(0))
     x = np.random.default_rng(1).normal(size=(2, 5, 32)).astype(np.float32)
     wq, wk, wv, wo = (np.asarray(p[...]) for p in (attn.wq, attn.wk, attn.wv, attn.wo))
-    q = _np_rope(np.einsum("bld,dhk->blhk", x, wq), cfg.rope_theta)
-    k = _np_rope(np.einsum("bld,dhk->blhk", x, wk), cfg.rope_theta)
-    v = np.einsum("bld,dhk->blhk", x, wv)
-    k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head h uses kv head h // 2
-    s = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
-    s = np.where(np.tril(np.ones((5, 5), bool)), s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    want = np.einsum("bhqk,bkhd,hdm->bqm", p, v, wo)
-    np.testing.assert_allclose(np.asarray(attn(jnp.asarray(x))), want, rtol=1e-4, atol=1e-5)
+
+    def want(segments_BxL=np.zeros((2, 5), int), positions_BxL=None):
+        q = _np_rope(np.einsum("bld,dhk->blhk", x, wq), cfg.rope_theta, positions_BxL)
+        k = _np_rope(np.einsum("bld,dhk->blhk", x, wk), cfg.rope_theta, positions_BxL)
+        v = np.einsum("bld,dhk->blhk", x, wv)
+        k, v = np.repeat(k, 2, axis=2), np.repeat(v, 2, axis=2)  # query head h uses kv head h // 2
+        s = np.einsum("bqhk,bthk->bhqt", q, k) / np.sqrt(q.shape[-1])
+        same_Bx1xLxL = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
+        s = np.where(np.tril(np.ones((5, 5), bool)) & same_Bx1xLxL, s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return np.einsum("bhqk,bkhd,hdm->bqm", p, v, wo)
+
+    np.testing.assert_allclose(np.asarray(attn(jnp.asarray(x))), want(), rtol=1e-4, atol=1e-5)
+    segments, positions = np.asarray([[0, 0, 0, 1, 1], [1, 1, 2, 2, 2]]), np.asarray([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]])
+    packed = jax.jit(lambda x, s, p: attn(x, segments_BxL=s, positions_BxL=p))  # one compile, not one per op
+    got = packed(jnp.asarray(x), jnp.asarray(segments), jnp.asarray(positions))
+    np.testing.assert_allclose(np.asarray(got), want(segments, positions), rtol=1e-4, atol=1e-5)
 
 
 def test_transformer_is_causal_and_uses_stem_layers():
@@ -151,3 +165,66 @@ def test_remat_policies_checkpoint_every_block_and_keep_the_gradients():
         assert jaxpr.count("remat2[") == (0 if remat == "none" else cfg.n_layers), remat  # one per block
     for a, b in zip(jax.tree.leaves(grads["full"]), jax.tree.leaves(grads["none"])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_doc_segments_start_a_segment_at_each_eos():
+    ids = jnp.asarray([[5, 6, EOS, 7, 8, 9, EOS, 1],
+                       [EOS, 1, 2, EOS, EOS, 4, 5, 6]])
+    segments, positions = doc_segments(ids, EOS)
+    np.testing.assert_array_equal(segments, [[0, 0, 1, 1, 1, 1, 2, 2], [1, 1, 1, 2, 3, 3, 3, 3]])
+    np.testing.assert_array_equal(positions, [[0, 1, 0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 0, 1, 2, 3]])
+    assert segments.dtype == positions.dtype == jnp.int32
+
+
+def _summed_loss_fn(graphdef, packed: bool):
+    """jitted ``(params, ids, targets, weights) -> ((sum of weighted token losses, logits), grads)``."""
+    def f(p, ids_BxL, targets_BxL, w_BxL):
+        segments, positions = doc_segments(ids_BxL, EOS) if packed else (None, None)
+        logits_BxLxV = nnx.merge(graphdef, p)(ids_BxL, segments_BxL=segments, positions_BxL=positions)
+        logp_BxLxV = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+        ce_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+        return jnp.sum(ce_BxL * w_BxL), logits_BxLxV
+    return jax.jit(jax.value_and_grad(f, has_aux=True))
+
+
+def test_packed_documents_equal_each_document_run_alone():
+    """Rows packed from documents that each end in EOS: at every document's tokens the logits, and the loss
+    and its gradients summed over the rows, equal those of each segment (EOS first, from the second on) run
+    alone as its own sequence without packing. The packed rows run sharded (a row per batch shard, heads
+    and table columns split) under remat="full", the segments passing through the checkpointed blocks.
+    (Restarting the positions changes nothing here but rounding: RoPE sees only position differences.)"""
+    from conftest import mesh_of
+    from stem_jax import sharding
+    cfg = tiny_config(n_layers=1, stem_layers="0").model  # one layer, a STEM one
+    L, rng = 12, np.random.default_rng(0)
+    rows_BxL1 = rng.integers(EOS + 1, cfg.vocab_size, (2, L + 1))
+    rows_BxL1[0, [3, 6]] = EOS  # segments of 3, 3 and 6 tokens
+    rows_BxL1[1, [0, 5, 6]] = EOS  # 5, 1 (a lone EOS) and 6; no segment 0 (the row starts with an EOS)
+    alone, weights = [], []  # each segment at the start of its own row, filler after it
+    for row in rows_BxL1:
+        starts = [0, *np.flatnonzero(row[:L] == EOS)]
+        for a, b in zip(starts, starts[1:] + [L]):
+            if a < b:  # not the empty segment 0 of a row that starts with an EOS
+                ids = rng.integers(EOS + 1, cfg.vocab_size, L + 1)
+                ids[:b - a + 1] = row[a:b + 1]
+                alone.append(ids)
+                weights.append(np.arange(L) < b - a)
+    alone, weights = np.stack(alone), np.stack(weights)
+    assert len(alone) == 6 and weights.sum() == 2 * L
+    model = Transformer(dataclasses.replace(cfg, remat="full"), rngs=nnx.Rngs(0))
+    assert model.stem_layers == (0,)
+    graphdef, params = nnx.split(model)
+    plain_graphdef = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[0]  # no remat
+    (alone_loss, alone_logits), alone_grads = _summed_loss_fn(plain_graphdef, False)(
+        params, jnp.asarray(alone[:, :-1]), jnp.asarray(alone[:, 1:]), jnp.asarray(weights, jnp.float32))
+    mesh = mesh_of((2, 1, 2))
+    with jax.set_mesh(mesh):
+        p = jax.device_put(params, sharding.tree_shardings(mesh, params))
+        (packed_loss, packed_logits), packed_grads = _summed_loss_fn(graphdef, True)(
+            p, jnp.asarray(rows_BxL1[:, :-1]), jnp.asarray(rows_BxL1[:, 1:]), jnp.ones((2, L)))
+    got = np.asarray(packed_logits).reshape(2 * L, -1)  # the segments in stream order fill the rows
+    np.testing.assert_allclose(got, np.asarray(alone_logits)[weights], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(packed_loss, alone_loss, rtol=1e-5)
+    flat = lambda g: jax.tree_util.tree_flatten_with_path(g)[0]
+    for (path, a), (_, b) in zip(flat(packed_grads), flat(alone_grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -1,6 +1,7 @@
 """steps.py: the frozen StepContext the train steps share, and gradient accumulation over microbatches (the
 steps themselves are checked sharded against unsharded in test_trainer.py, test_sparse.py and test_offload.py)."""
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -42,20 +43,32 @@ def test_a_mesh_that_does_not_divide_the_model_is_refused():
         steps.make_context(tiny_config(), mesh_of((1, 1, 5)))
 
 
-@pytest.mark.parametrize("optimizer,remat", [("dense", "dots"), ("sparse", "offload")])
-def test_microbatches_give_the_update_and_loss_of_the_whole_batch(optimizer, remat):
-    """4 microbatches under a remat policy against the whole batch at once without remat: the same step."""
+EOS = 3  # the packed documents' end token in these tests
+
+
+@pytest.mark.parametrize("optimizer,remat,eos_id", [("dense", "dots", None), ("sparse", "offload", EOS)])
+def test_microbatches_give_the_update_and_loss_of_the_whole_batch(optimizer, remat, eos_id):
+    """4 microbatches under a remat policy against the whole batch at once without remat: the same step. The
+    sparse one packs documents (``eos_id``): its loss is the packed loss of the batch (``steps.loss``)."""
     cfg = tiny_config(n_layers=2, stem_layers="1")
     cfg.train.stem_optimizer, cfg.train.batch_size = optimizer, 32  # 4 sequences per batch shard
     batch = np.random.default_rng(0).integers(0, 1000, (32, 17)).astype(np.int32)
+    batch[np.arange(32), np.arange(32) % 16] = EOS  # documents end at a different place in every row
     mesh = mesh_of((2, 4, 1))
     out = {}
     for k in (1, 4):
-        tr = Trainer.create(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=k),
-                                                model=dataclasses.replace(cfg.model, remat="none" if k == 1 else remat)),
-                            mesh)
-        state, metrics = tr.step(tr.init_state(), batch)
+        run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=k),
+                                      model=dataclasses.replace(cfg.model, remat="none" if k == 1 else remat))
+        tr = Trainer(steps.make_context(run_cfg, mesh, eos_id=eos_id))
+        state = tr.init_state()
+        if k == 1 and eos_id is not None:  # the loss of the parameters before the step
+            with jax.set_mesh(mesh):
+                packed_loss = np.asarray(jax.jit(functools.partial(steps.loss, tr.ctx.graphdef, eos_id=eos_id))(
+                    state["params"], batch))
+        state, metrics = tr.step(state, batch)
         out[k] = jax.device_get((state["params"], metrics))
+    if eos_id is not None:
+        np.testing.assert_allclose(out[1][1]["loss"], packed_loss, rtol=1e-6)
     for k in (4,):
         for name, value in out[1][1].items():
             np.testing.assert_allclose(out[k][1][name], value, rtol=2e-5, err_msg=f"{name}, microbatches={k}")
@@ -80,3 +93,23 @@ def test_microbatches_keep_every_device_on_its_own_rows():
     np.testing.assert_array_equal(got, batch.reshape(8, 4, 3).swapaxes(0, 1))  # microbatch j: rows j, j+4, ...
     assert got.sharding.spec[1] == ("data", "fsdp")
     assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute", "all-reduce"))
+
+
+def test_packing_reaches_every_step_and_the_eval_step_only_when_asked():
+    """Traced, not run: with an ``eos_id`` each program finds the documents of its input ids (the cumulative
+    max of ``model.doc_segments``); without one, none does (the numbers are test_model.py's)."""
+    mesh = mesh_of((2, 1, 1))
+    for optimizer in ("dense", "sparse"):
+        cfg = tiny_config(n_layers=1, stem_layers="0")
+        cfg.train.stem_optimizer, cfg.train.microbatches = optimizer, 2
+        batch = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len + 1), np.int32)
+        for eos_id in (None, EOS):
+            ctx = steps.make_context(cfg, mesh, eos_id=eos_id)
+            step = steps.sparse_step if ctx.sparse else steps.dense_step
+            evaluate = steps.eval_step_fn(ctx.graphdef, ctx.state_shardings["params"], ctx.batch_sharding,
+                                          eos_id=eos_id)
+            programs = {"step": lambda s, b: step(ctx, s, b), "eval": lambda s, b: evaluate(s["params"], b)}
+            for name, f in programs.items():
+                with jax.set_mesh(mesh):
+                    jaxpr = str(jax.make_jaxpr(f)(ctx.abstract_state, batch))
+                assert ("cummax" in jaxpr) == (eos_id is not None), (optimizer, name, eos_id)

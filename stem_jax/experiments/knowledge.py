@@ -71,7 +71,7 @@ def base_config(corpus: Path, steps: int):
     # STEM in every layer but 0: the more of the FFN capacity sits in per-token rows, the more of a fact
     # an edit of those rows can move (the input embedding, which an edit leaves alone, also names the country).
     cfg.model = dataclasses.replace(cfg.model, vocab_size=2048, seq_len=64, stem_layers="full")
-    cfg.data = dataclasses.replace(cfg.data, source="text", text_files=str(corpus), val_every=10)
+    cfg.data = dataclasses.replace(cfg.data, source="text", files=str(corpus), val_every=10)
     cfg.train = dataclasses.replace(cfg.train, steps=steps, batch_size=32, warmup_steps=20, lr=3e-3,
                                     log_every=25, checkpoint_every=0, eval_batches=4)
     return cfg
