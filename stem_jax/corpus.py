@@ -92,8 +92,9 @@ def _tokenizer_spec(data, vocab_size: int) -> str:
         return f"train:{data.tokenizer_vocab or vocab_size}"
     if data.tokenizer_vocab:
         raise StoreError("data.tokenizer_vocab applies to data.tokenizer=train only; a tokenizer file has its own")
-    path = Path(data.tokenizer).expanduser()
-    read_tokenizer(path)  # a clear error before any work
+    path = Path(data.tokenizer).expanduser()  # parsed by check_vocab, which every caller runs first
+    if not path.is_file():
+        raise StoreError(f"data.tokenizer={str(path)!r} is not a file; give a Hugging Face tokenizer.json, or 'train'")
     return f"file:{hashlib.sha256(path.read_bytes()).hexdigest()}"
 
 

@@ -12,9 +12,16 @@ from stem_jax import sources
 from stem_jax.config import DataConfig
 
 
-def _docs(data: DataConfig) -> list[str]:
+def _docs(data: DataConfig, progress: list | None = None) -> list[str]:
+    """Every document of every unit; ``progress`` collects the units' Progress."""
     spec = sources.Spec(data.source, data.text_key, data.tfds_data_dir, data.skip_bad_records)
-    return [d for u in sources.plan(data)[1] for d in sources.documents(u, spec)]
+    docs = []
+    for unit in sources.plan(data)[1]:
+        p = sources.Progress()
+        docs += sources.documents(unit, spec, p)
+        if progress is not None:
+            progress.append(p)
+    return docs
 
 
 def _records(n: int, seed: int = 0) -> list[dict]:
@@ -80,10 +87,8 @@ def test_bad_jsonl_records_are_named_or_skipped(tmp_path, monkeypatch):
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(sources.BadRecordError, match=r"bad.jsonl:11: the record has no field 'text' \(data.text_key; it has body\)"):
         _docs(data)
-    data.skip_bad_records = True
-    spec = sources.Spec("jsonl", skip_bad_records=True)
-    progress = [sources.Progress() for _ in sources.plan(data)[1]]
-    docs = [d for u, p in zip(sources.plan(data)[1], progress) for d in sources.documents(u, spec, p)]
+    data.skip_bad_records, progress = True, []
+    docs = _docs(data, progress)
     assert len(docs) == 13 and sum(p.skipped for p in progress) == 2
 
 
