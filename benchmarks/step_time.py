@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                   # tiny preset shape, fp32, all local devices
     python benchmarks/step_time.py --dtype bfloat16 --out benchmarks/step_time.md
     python benchmarks/step_time.py --against shard_map   # STEM-full, default lookup vs the masked gather
+    python benchmarks/step_time.py --shape d512          # d 512, 4 layers, d_ff 2048, batch 8 x 256
 
 Each pair times one dense step and one STEM-full step back to back (the order alternates from pair to pair),
 so a neighbour's load that comes and goes hits both sides of a pair alike. The ratio is taken per pair and
@@ -28,13 +29,29 @@ from stem_jax.config import validate
 from stem_jax.trainer import Trainer
 
 
+def shape_config(shape: str, dtype: str = "float32", vocab: int = 8192):
+    """The tiny preset's config at ``shape``: ``tiny`` (d 128, 6 layers, batch 16 x 128) or ``d512`` (d 512,
+    4 layers, d_ff 2048, 8 query / 4 KV heads, batch 8 x 256), with ``dtype`` and ``vocab``."""
+    cfg = tiny.get_config()
+    cfg.model = dataclasses.replace(cfg.model, dtype=dtype, vocab_size=vocab)
+    if shape == "d512":
+        cfg.model = dataclasses.replace(cfg.model, d_model=512, d_ff=2048, n_layers=4, n_heads=8, n_kv_heads=4,
+                                        seq_len=256)
+        cfg.train = dataclasses.replace(cfg.train, batch_size=8)
+    return cfg
+
+
 def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_enum("shape", "tiny", ["tiny", "d512"], "Model shape: the tiny preset's, or d 512 with 4 layers, "
+                      "d_ff 2048, 8/4 heads, batch 8 x 256.", flag_values=fv)
     flags.DEFINE_integer("pairs", 20, "Timed pairs (one step of each model) for the train step and again for "
                          "forward + backward.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.", flag_values=fv)
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=fv)
     flags.DEFINE_enum("against", "dense", ["dense", "shard_map", "xla"], "The other side of each pair: the dense "
                       "twin, or STEM-full with that lookup mode instead of the default.", flag_values=fv)
+    flags.DEFINE_enum("optimizer", "dense", ["dense", "sparse"], "STEM-full's table optimizer (train.stem_optimizer; "
+                      "the dense twin has no tables).", flag_values=fv)
     flags.DEFINE_string("out", "", "Also write the markdown table to this file (default: print it only).",
                         flag_values=fv)
 
@@ -42,8 +59,7 @@ def _define(fv: flags.FlagValues, _command) -> None:
 def main(argv: list[str] | None = None) -> None:
     _, args = cli.parse_command(argv, "python benchmarks/step_time.py", __doc__.splitlines()[0], _define)
 
-    base = tiny.get_config()
-    base.model = dataclasses.replace(base.model, dtype=args.dtype, vocab_size=args.vocab)
+    base = shape_config(args.shape, args.dtype, args.vocab)
     stem_full = dataclasses.replace(base.model, ffn="stem", stem_layers="full")
     other = (dataclasses.replace(base.model, ffn="dense") if args.against == "dense"
              else dataclasses.replace(stem_full, stem_lookup=args.against))
@@ -54,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     B, L = base.train.batch_size, base.model.seq_len
     runs = {}
     for name, model_cfg in variants.items():
-        cfg = validate(dataclasses.replace(base, model=model_cfg))
+        train_cfg = dataclasses.replace(base.train, stem_optimizer=args.optimizer if model_cfg.ffn == "stem" else "dense")
+        cfg = validate(dataclasses.replace(base, model=model_cfg, train=train_cfg))
         s = Trainer.create(cfg, mesh)
         state = s.init_state()
         batch = data.to_global(rng.integers(0, args.vocab, (B, L + 1)).astype(np.int32), s.ctx.batch_sharding)
@@ -95,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     params = {k: r["setup"].ctx.counts for k, r in runs.items()}
     dev = jax.devices()[0]
     lines = [
-        f"Train step at the tiny shape (d {base.model.d_model}, {base.model.n_layers} layers, d_ff {base.model.d_ff}, "
+        f"Train step at the {args.shape} shape (d {base.model.d_model}, {base.model.n_layers} layers, "
+        f"d_ff {base.model.d_ff}, STEM table optimizer {args.optimizer}, "
         f"vocab {args.vocab}, batch {B} x {L}, {args.dtype}) on {jax.device_count()} x {dev.device_kind} "
         f"({dev.platform}), mesh {sharding.describe(mesh)}; {args.pairs} paired steps, medians.",
         "",

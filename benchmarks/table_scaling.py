@@ -5,7 +5,9 @@
 
 Parts (each a markdown table; every ratio comes from one run of this script):
 - ``steps``: train-step time of STEM-full vs the dense twin at the tiny shape for each vocabulary, with the
-  dense (optax AdamW over whole tables) and the sparse (row-wise) table optimizer;
+  dense (optax AdamW over whole tables) and the sparse (row-wise) table optimizer, as paired single steps
+  (dense, STEM, sparse back to back, the order rotating) with the per-pair ratios' median and 10th-90th
+  percentile;
 - ``memory``: bytes of the tables and their optimizer state in device vs host memory, with and without
   ``model.stem_offload``; unique rows per step vs tokens per step on the embedded corpus;
 - ``offload``: step time with and without offload, and the share of the host->device row transfer hidden
@@ -54,29 +56,39 @@ def _runner(cfg: Config):
     return step
 
 
-def time_models(cfgs: dict[str, Config], batches: list[np.ndarray], rounds: int) -> dict[str, float]:
-    """Median seconds per train step of each config. Rounds alternate between the models so that machine
-    noise hits all alike; each round runs every batch, after a warm-up round of two steps (compiles)."""
+def time_models(cfgs: dict[str, Config], batches: list[np.ndarray], rounds: int) -> dict[str, list[float]]:
+    """Seconds of every timed train step of each config, as paired single steps: step j of every model runs
+    back to back (the order rotates from step to step), so load that comes and goes hits all of them alike.
+    One untimed step each first (compiles), then ``rounds`` passes over ``batches``."""
     runners = {k: _runner(c) for k, c in cfgs.items()}
-    times: dict[str, list[float]] = {k: [] for k in cfgs}
-    for r in range(rounds + 1):
-        for k, step in runners.items():
-            for i, b in enumerate(batches if r else batches[:2]):
-                t0 = time.perf_counter()
-                step(b, batches[i + 1] if i + 1 < len(batches) else None)
-                if r:
-                    times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    names = list(runners)
+    for step in runners.values():
+        step(batches[0], None)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for j in range(rounds * len(batches)):
+        b = batches[j % len(batches)]
+        for k in names[j % len(names):] + names[:j % len(names)]:
+            t0 = time.perf_counter()
+            runners[k](b, None)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio_cell(a: list[float], b: list[float]) -> str:
+    """The per-pair ratio a/b as ``median (10th-90th percentile)``."""
+    p10, p50, p90 = np.percentile(np.array(a) / np.array(b), [10, 50, 90])
+    return f"{p50:.3f} ({p10:.3f}-{p90:.3f})"
 
 
 def part_steps(vocabs: list[int], batches: list[np.ndarray], rounds: int) -> str:
-    rows = ["| vocab | dense twin (s/step) | STEM-full, dense AdamW | ratio | STEM-full, sparse | ratio |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| vocab | dense twin (s/step) | STEM-full, dense AdamW (s/step) | STEM / dense per pair, median (p10-p90) "
+            "| STEM-full, sparse (s/step) | sparse / dense per pair |", "|---|---|---|---|---|---|"]
     for v in vocabs:
         t = time_models({"dense": config(v, "dense"), "stem": config(v, "stem"),
                          "sparse": config(v, "stem", "sparse")}, batches, rounds)
-        rows.append(f"| {v:,} | {t['dense']:.3f} | {t['stem']:.3f} | {t['stem'] / t['dense']:.2f} | "
-                    f"{t['sparse']:.3f} | {t['sparse'] / t['dense']:.2f} |")
+        med = {k: statistics.median(x) for k, x in t.items()}
+        rows.append(f"| {v:,} | {med['dense']:.3f} | {med['stem']:.3f} | {ratio_cell(t['stem'], t['dense'])} | "
+                    f"{med['sparse']:.3f} | {ratio_cell(t['sparse'], t['dense'])} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -118,7 +130,7 @@ def part_offload(vocab: int, batches: list[np.ndarray], rounds: int = 2) -> str:
     """The same offloaded trainer run with and without prefetch, rounds alternating. Without prefetch each
     step gathers its own rows first; with it the gather for step k+1 is dispatched behind step k. The hidden
     share of the transfer is (serial - pipelined) / (gather alone), clipped to [0, 1]."""
-    t_on = time_models({"on": config(vocab, "stem", "sparse")}, batches, 1)["on"]
+    t_on = statistics.median(time_models({"on": config(vocab, "stem", "sparse")}, batches, 1)["on"])
     s = Trainer.create(config(vocab, "stem", "sparse", offloaded=True), sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
     state, tr = s.init_state(), s.offloader
     times: dict[str, list[float]] = {"serial": [], "pipelined": [], "gather": []}
@@ -147,10 +159,10 @@ def part_offload(vocab: int, batches: list[np.ndarray], rounds: int = 2) -> str:
 def _define(fv: flags.FlagValues, _command) -> None:
     flags.DEFINE_string("parts", "steps,memory,offload", "Comma-separated parts to run: steps, memory, offload.",
                         flag_values=fv)
-    flags.DEFINE_string("vocabs", "8192,32768,131072", "Comma-separated vocabularies of the steps part.",
+    flags.DEFINE_string("vocabs", "8192,32768,65536", "Comma-separated vocabularies of the steps part.",
                         flag_values=fv)
-    flags.DEFINE_integer("steps", 4, "Steps per round.", flag_values=fv)
-    flags.DEFINE_integer("rounds", 2, "Timed rounds (after one warm-up round).", flag_values=fv)
+    flags.DEFINE_integer("steps", 4, "Distinct batches per pass.", flag_values=fv)
+    flags.DEFINE_integer("rounds", 3, "Timed passes over the batches (paired single steps).", flag_values=fv)
     flags.DEFINE_integer("memory_vocab", 131072, "Vocabulary of the memory part.", flag_values=fv)
     flags.DEFINE_integer("offload_vocab", 32768, "Vocabulary of the offload part.", flag_values=fv)
     flags.DEFINE_string("out", "", "Also write the markdown tables to this file (default: print them only).",

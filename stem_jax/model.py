@@ -109,9 +109,12 @@ class Block(nnx.Module):
                  edit: RowEdit | None = None, segments_BxL: jax.Array | None = None,
                  positions_BxL: jax.Array | None = None) -> jax.Array:
         x_BxLxD = checkpoint_name(x_BxLxD, "block_input")  # what remat="offload" moves to host memory
-        x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segments_BxL=segments_BxL,
-                                      positions_BxL=positions_BxL)
-        return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL, rows, edit)
+        # Named scopes label the HLO ops (op_name) for profiles (benchmarks/step_profile.py); they cost nothing.
+        with jax.named_scope("attention"):
+            x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segments_BxL=segments_BxL,
+                                          positions_BxL=positions_BxL)
+        with jax.named_scope("ffn"):
+            return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD), ids_BxL, rows, edit)
 
     def decode(self, x_BxTxD: jax.Array, ids_BxT: jax.Array, cache: KVCache, layer: int,
                rows: StemRows | None = None, edit: RowEdit | None = None):
@@ -184,16 +187,18 @@ class Transformer(nnx.Module):
         chex.assert_type(ids_BxL, int)
         dtype = DTYPES[self.cfg.dtype]
         ids_BxL = sharding.constrain(ids_BxL, ("batch", "length"))
-        x_BxLxD = jnp.take(self.embed[...], ids_BxL, axis=0).astype(dtype)
+        with jax.named_scope("embed"):
+            x_BxLxD = jnp.take(self.embed[...], ids_BxL, axis=0).astype(dtype)
         return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
     def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
         dtype = DTYPES[self.cfg.dtype]
-        x_BxLxD = self.final_norm(x_BxLxD)
-        if self.head is None:
-            logits = jnp.einsum("bld,vd->blv", x_BxLxD, self.embed[...].astype(dtype))
-        else:
-            logits = jnp.einsum("bld,dv->blv", x_BxLxD, self.head[...].astype(dtype))
+        with jax.named_scope("lm_head"):
+            x_BxLxD = self.final_norm(x_BxLxD)
+            if self.head is None:
+                logits = jnp.einsum("bld,vd->blv", x_BxLxD, self.embed[...].astype(dtype))
+            else:
+                logits = jnp.einsum("bld,dv->blv", x_BxLxD, self.head[...].astype(dtype))
         return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
 
 
@@ -213,8 +218,9 @@ def doc_segments(ids_BxL: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]
 
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
-    logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1))
+    with jax.named_scope("loss"):
+        logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1))
 
 
 def token_metrics(logits_BxLxV: jax.Array, batch_BxL1: jax.Array) -> dict:

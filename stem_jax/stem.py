@@ -194,6 +194,7 @@ class StemFFN(TableFFN):
             raise ValueError(f"STEM table has shape {self.table.shape} but the layer needs "
                              f"[>= {self.vocab_size}, d_ff={d_ff}]: the row multiplies SiLU(W_gate x) elementwise")
         gate_BxLxF = project(x_BxLxD, self.w_gate, "bld,df->blf", self.dtype, ("batch", "length", "act_mlp"))
-        u_BxLxF = self.token_rows(ids_BxL, rows, edit)
+        with jax.named_scope("stem_lookup"):
+            u_BxLxF = self.token_rows(ids_BxL, rows, edit)
         return project(jax.nn.silu(gate_BxLxF) * u_BxLxF, self.w_down, "blf,fd->bld", self.dtype,
                        ("batch", "length", "act_embed"))

@@ -151,10 +151,11 @@ def dense_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[di
                                                                    eos_id=ctx.eos_id)
     loss_value, grads = accumulate(loss_and_grads, ctx.cfg.train.microbatches,
                                    (None, _plain(ctx.state_shardings["params"])), batch_BxL1)
-    updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss_value, "lr": schedule(ctx.cfg.train)(state["step"]), **group_norms(grads),
-               "param_norm": optax.tree.norm(params)}  # catches an update that overflowed
+    with jax.named_scope("optimizer"):
+        updates, opt_state = ctx.tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = {"loss": loss_value, "lr": schedule(ctx.cfg.train)(state["step"]), **group_norms(grads),
+                   "param_norm": optax.tree.norm(params)}  # catches an update that overflowed
     return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
 
@@ -192,10 +193,12 @@ def _backbone_update(ctx: StepContext, step: jax.Array, backbone: nnx.State, tx_
                      loss_value: jax.Array, stem_norm: jax.Array, rows_sq: jax.Array):
     """optax update of the backbone and the step's metrics (``param_norm`` covers the backbone and the rows
     updated this step: a norm over the whole tables would cost O(V) again)."""
-    updates, tx_state = ctx.tx.update(g_back, tx_state, backbone)
-    backbone = optax.apply_updates(backbone, updates)
-    metrics = {"loss": loss_value, "lr": schedule(ctx.cfg.train)(step), "backbone_grad_norm": optax.tree.norm(g_back),
-               "stem_grad_norm": stem_norm, "param_norm": jnp.sqrt(jnp.square(optax.tree.norm(backbone)) + rows_sq)}
+    with jax.named_scope("optimizer"):
+        updates, tx_state = ctx.tx.update(g_back, tx_state, backbone)
+        backbone = optax.apply_updates(backbone, updates)
+        metrics = {"loss": loss_value, "lr": schedule(ctx.cfg.train)(step),
+                   "backbone_grad_norm": optax.tree.norm(g_back), "stem_grad_norm": stem_norm,
+                   "param_norm": jnp.sqrt(jnp.square(optax.tree.norm(backbone)) + rows_sq)}
     return backbone, tx_state, metrics
 
 
@@ -205,11 +208,13 @@ def sparse_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[d
     t, m = ctx.cfg.train, ctx.cfg.model
     tables, backbone = sparse.split_tables(state["params"])
     rows_BxL = sharding.stored_rows(batch_BxL1[:, :-1], m.vocab_size, m.stem_row_layout)
-    rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
+    with jax.named_scope("stem_lookup"):
+        rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
     loss_value, (g_back, g_rows) = _row_loss_grads(ctx, backbone, rows, inv_BxL, batch_BxL1)
-    tables, rows_state, rows_sq, stem_norm = sparse.exchange_update(
-        tables, state["opt_state"]["rows"], route, asked_V, g_rows, sparse.stem_lr(t, state["step"]), t,
-        m.stem_capacity)
+    with jax.named_scope("optimizer"):
+        tables, rows_state, rows_sq, stem_norm = sparse.exchange_update(
+            tables, state["opt_state"]["rows"], route, asked_V, g_rows, sparse.stem_lr(t, state["step"]), t,
+            m.stem_capacity)
     backbone, tx_state, metrics = _backbone_update(ctx, state["step"], backbone, state["opt_state"]["tx"], g_back,
                                                    loss_value, stem_norm, rows_sq)
     return {"params": nnx.merge_state(backbone, tables), "opt_state": {"tx": tx_state, "rows": rows_state},
