@@ -165,7 +165,8 @@ def report(runs: list[dict], cfg, args) -> str:
     lines.append("| **sum of op times** | " + " | ".join(f"{sum(r['groups'].values()):.1f}" for r in runs) + " |")
     lines.append("| wall time per step (median) | " + " | ".join(f"{r['wall_ms']:.1f}" for r in runs) + " |")
     for r in runs:
-        lines += ["", f"Most expensive ops, {r['name']}:", "", "| op | ms per step | group | op_name |", "|---|---|---|---|"]
+        lines += ["", f"Most expensive ops, {r['name']}:", "", "| op | ms per step | group | op_name |",
+                  "|---|---|---|---|"]
         for op, ms in sorted(r["per_op"].items(), key=lambda kv: -kv[1])[:args.top]:
             name = r["names"].get(op, "")
             lines.append(f"| `{op}` | {ms:.2f} | {group_of(name)} | `{name[-90:]}` |")

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     B, L = base.train.batch_size, base.model.seq_len
     runs = {}
     for name, model_cfg in variants.items():
-        train_cfg = dataclasses.replace(base.train, stem_optimizer=args.optimizer if model_cfg.ffn == "stem" else "dense")
+        optimizer = args.optimizer if model_cfg.ffn == "stem" else "dense"  # the dense twin has no tables
+        train_cfg = dataclasses.replace(base.train, stem_optimizer=optimizer)
         cfg = validate(dataclasses.replace(base, model=model_cfg, train=train_cfg))
         s = Trainer.create(cfg, mesh)
         state = s.init_state()

@@ -109,7 +109,7 @@ class Block(nnx.Module):
                  edit: RowEdit | None = None, segments_BxL: jax.Array | None = None,
                  positions_BxL: jax.Array | None = None) -> jax.Array:
         x_BxLxD = checkpoint_name(x_BxLxD, "block_input")  # what remat="offload" moves to host memory
-        # Named scopes label the HLO ops (op_name) for profiles (benchmarks/step_profile.py); they cost nothing.
+        # Named scopes only label the HLO ops (their op_name), for profiles (benchmarks/step_profile.py).
         with jax.named_scope("attention"):
             x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD), segments_BxL=segments_BxL,
                                           positions_BxL=positions_BxL)

@@ -232,10 +232,12 @@ def offload_step(ctx: StepContext, dev: dict, blocks: list[jax.Array], rows_BxL:
     tables = sparse.with_tables(ctx.tables.abstract, blocks[:n])
     state = {k: sparse.with_tables(ctx.abstract_state["opt_state"]["rows"][k], blocks[(i + 1) * n:(i + 2) * n])
              for i, k in enumerate(("mu", "nu", "count"))}
-    rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
+    with jax.named_scope("stem_lookup"):
+        rows, inv_BxL, route, asked_V = sparse.fetch_rows(tables, rows_BxL, m.stem_capacity)
     loss_value, (g_back, g_rows) = _row_loss_grads(ctx, dev["backbone"], rows, inv_BxL, batch_BxL1)
-    tables, state, rows_sq, stem_norm = sparse.exchange_update(tables, state, route, asked_V, g_rows,
-                                                               sparse.stem_lr(t, dev["step"]), t, m.stem_capacity)
+    with jax.named_scope("optimizer"):
+        tables, state, rows_sq, stem_norm = sparse.exchange_update(tables, state, route, asked_V, g_rows,
+                                                                   sparse.stem_lr(t, dev["step"]), t, m.stem_capacity)
     backbone, tx_state, metrics = _backbone_update(ctx, dev["step"], dev["backbone"], dev["tx"], g_back,
                                                    loss_value, stem_norm, rows_sq)
     new = sparse.table_list(tables) + [a for k in ("mu", "nu", "count") for a in sparse.table_list(state[k])]
