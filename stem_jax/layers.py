@@ -1,6 +1,7 @@
 """Backbone building blocks: parameter init, RMSNorm, rotary embeddings, the dense SwiGLU FFN."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -49,8 +50,20 @@ def rope(x_BxLxHxK: jax.Array, theta: float, positions_BxL: jax.Array | None = N
 
 
 def project(x: jax.Array, w: nnx.Param, eq: str, dtype, out_axes: Sequence[str | None]) -> jax.Array:
-    """einsum with an fp32 parameter cast to the compute dtype, output constrained by logical axes."""
-    return sharding.constrain(jnp.einsum(eq, x, w[...].astype(dtype)), out_axes)
+    """``einsum(eq, x, w)`` with the fp32 parameter cast to the compute dtype, output constrained by logical
+    axes. ``eq`` contracts x's trailing dims with w's leading dims, in order (``bld,dhk->blhk``), and is
+    computed as one 2-D matmul over the flattened tokens: the weight gradient is then a plain [tokens, in] x
+    [tokens, out] contraction, where the einsum's two contracted dims (b, l) made XLA:CPU transpose the whole
+    activation gradient first (docs/performance.md)."""
+    w_ = w[...].astype(dtype)
+    ins, out_dims = eq.split("->")
+    x_dims, w_dims = ins.split(",")
+    k = len(x_dims) - len(set(x_dims) - set(w_dims))  # contracted dims: x's last k, w's first k
+    if x_dims[-k:] != w_dims[:k] or out_dims != x_dims[:-k] + w_dims[k:]:
+        raise ValueError(f"project: {eq!r} must contract x's trailing dims with w's leading dims, in order")
+    lead, rest = x.shape[:-k], w_.shape[k:]
+    y = jnp.dot(x.reshape(-1, math.prod(x.shape[-k:])), w_.reshape(math.prod(w_.shape[:k]), -1))
+    return sharding.constrain(y.reshape(*lead, *rest), out_axes)
 
 
 class DenseFFN(nnx.Module):

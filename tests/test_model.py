@@ -74,11 +74,12 @@ def test_transformer_is_causal_and_uses_stem_layers():
 
 
 def _projection_dtypes(fn, *args) -> list[str]:
-    """Output dtypes of the traced program's matmuls shaped [B, L, ...] (projections, FFN and logits; the
-    attention scores are [B, G, L, ...] and softmax-accumulated in fp32 by design)."""
+    """Output dtypes of the traced program's matmuls shaped [B, L, ...] or [B * L, ...] (projections over the
+    flattened tokens, FFN and logits; the attention scores are [B, G, L, ...] and softmax-accumulated in fp32 by
+    design)."""
     B, L = args[-1].shape
     return [dt for dt, shape in re.findall(r"(\w+)\[(\d+,\d+[\d,]*)\] = dot_general", str(jax.make_jaxpr(fn)(*args)))
-            if shape.startswith(f"{B},{L},")]
+            if shape.startswith((f"{B},{L},", f"{B * L},"))]
 
 
 def test_tied_embeddings_and_bf16_compute():
