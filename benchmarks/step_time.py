@@ -1,4 +1,4 @@
-"""Dense vs STEM-full train-step time at the tiny shape, measured in one run as paired single steps.
+"""Dense vs STEM-full train-step time at the tiny or the d512 shape, measured in one run as paired single steps.
 
     python benchmarks/step_time.py                   # tiny preset shape, fp32, all local devices
     python benchmarks/step_time.py --dtype bfloat16 --out benchmarks/step_time.md
