@@ -47,6 +47,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{[^}]*op_name=\"
 
 
 def _define(fv: flags.FlagValues, _command) -> None:
+    flags.DEFINE_enum("shape", "d512", ["tiny", "d256", "d512"], "Model shape (benchmarks/step_time.py).",
+                      flag_values=fv)
     flags.DEFINE_integer("steps", 5, "Traced steps per model.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.", flag_values=fv)
     flags.DEFINE_enum("optimizer", "dense", ["dense", "sparse"], "STEM-full's table optimizer.", flag_values=fv)
@@ -175,7 +177,7 @@ def report(runs: list[dict], cfg, args) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     _, args = cli.parse_command(argv, "python benchmarks/step_profile.py", __doc__.splitlines()[0], _define)
-    cfg = shape_config("d512", args.dtype)
+    cfg = shape_config(args.shape, args.dtype)
     stem = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, ffn="stem", stem_layers="full"),
                                train=dataclasses.replace(cfg.train, stem_optimizer=args.optimizer))
     rng = np.random.default_rng(0)

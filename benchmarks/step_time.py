@@ -30,10 +30,15 @@ from stem_jax.trainer import Trainer
 
 
 def shape_config(shape: str, dtype: str = "float32", vocab: int = 8192):
-    """The tiny preset's config at ``shape``: ``tiny`` (d 128, 6 layers, batch 16 x 128) or ``d512`` (d 512,
-    4 layers, d_ff 2048, 8 query / 4 KV heads, batch 8 x 256), with ``dtype`` and ``vocab``."""
+    """The tiny preset's config at ``shape``: ``tiny`` (d 128, 6 layers, batch 16 x 128), ``d256`` (d 256,
+    4 layers, d_ff 1024, 4/4 heads, batch 8 x 256; the torch comparison's) or ``d512`` (d 512, 4 layers,
+    d_ff 2048, 8 query / 4 KV heads, batch 8 x 256), with ``dtype`` and ``vocab``."""
     cfg = tiny.get_config()
     cfg.model = dataclasses.replace(cfg.model, dtype=dtype, vocab_size=vocab)
+    if shape == "d256":
+        cfg.model = dataclasses.replace(cfg.model, d_model=256, d_ff=1024, n_layers=4, n_heads=4, n_kv_heads=4,
+                                        seq_len=256)
+        cfg.train = dataclasses.replace(cfg.train, batch_size=8)
     if shape == "d512":
         cfg.model = dataclasses.replace(cfg.model, d_model=512, d_ff=2048, n_layers=4, n_heads=8, n_kv_heads=4,
                                         seq_len=256)

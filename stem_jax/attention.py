@@ -1,13 +1,13 @@
 """Causal self-attention kernels behind ``model.attention``, all on the [B, L, H, K] layout.
 
-- ``xla``: ``jax.nn.dot_product_attention``'s XLA implementation; it materialises [B, H, L, L] scores.
-- ``cudnn``: the same call with cuDNN's fused flash attention (GPU, bf16).
+- ``xla``: ``grouped``, plain batched matmuls and a softmax; it materialises [B, H, L, L] scores.
+- ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused flash attention (GPU, bf16).
 - ``splash``: the Pallas TPU splash kernel (``jax.experimental.pallas.ops.tpu.splash_attention``), one
   causal mask per local head, vmapped over each device's batch inside a ``shard_map``. Scores never leave
   VMEM. On CPU it runs only in Pallas' interpret mode (the tests' reference check).
 
 Packed documents (``segments_BxL``, one id per token; ``data.packing``): a query attends only to earlier keys
-of its own segment. splash takes the ids as the kernel's ``SegmentIds``; xla ANDs a [B, 1, L, L] same-segment
+of its own segment. splash takes the ids as the kernel's ``SegmentIds``; xla ANDs a [B, 1, 1, L, L] same-segment
 mask with the causal one; cudnn falls back to xla then (see ``causal``).
 
 ``auto`` picks by the platform of the mesh's devices (``resolve``), so an ahead-of-time compile for a TPU
@@ -59,11 +59,30 @@ def causal(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array, imp
     L = q_BxLxHxK.shape[1]
     if impl == "splash" and L % 128 == 0:
         return splash(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments_BxL=segments_BxL)
-    if segments_BxL is None:
-        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True,
-                                            implementation="cudnn" if impl == "cudnn" else None)
-    same_Bx1xLxL = (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=same_Bx1xLxL, is_causal=True)
+    if impl == "cudnn" and segments_BxL is None:
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True, implementation="cudnn")
+    return grouped(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segments_BxL)
+
+
+def grouped(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+            segments_BxL: jax.Array | None = None) -> jax.Array:
+    """The ``xla`` kernel: scores as one batched matmul per (batch, kv head) over the R = H / G query heads
+    that share it, [B*G, R*L, K] x [B*G, K, L], so that XLA sees leading batch dims; softmax in fp32.
+    (``jax.nn.dot_product_attention``'s XLA path vmaps einsums with the heads inside and paid for the layout
+    copies: docs/performance.md.)"""
+    B, L, H, K = q_BxLxHxK.shape
+    G = k_BxLxGxK.shape[2]
+    R = H // G
+    q_NxRLxK = (q_BxLxHxK * K ** -0.5).reshape(B, L, G, R, K).transpose(0, 2, 3, 1, 4).reshape(B * G, R * L, K)
+    k_NxLxK = k_BxLxGxK.transpose(0, 2, 1, 3).reshape(B * G, L, K)
+    v_NxLxK = v_BxLxGxK.transpose(0, 2, 1, 3).reshape(B * G, L, K)
+    s_BxGxRxLxL = jnp.matmul(q_NxRLxK, k_NxLxK.transpose(0, 2, 1)).reshape(B, G, R, L, L).astype(jnp.float32)
+    ok_LxL = jnp.tril(jnp.ones((L, L), bool))
+    if segments_BxL is not None:
+        ok_LxL = ok_LxL & (segments_BxL[:, :, None] == segments_BxL[:, None, :])[:, None, None]
+    p = jax.nn.softmax(jnp.where(ok_LxL, s_BxGxRxLxL, -1e30), axis=-1).astype(q_BxLxHxK.dtype)
+    o_NxRLxK = jnp.matmul(p.reshape(B * G, R * L, L), v_NxLxK)
+    return o_NxRLxK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
 def _splash_kernel(heads: int, length: int, interpret: bool):

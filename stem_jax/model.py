@@ -195,11 +195,15 @@ class Transformer(nnx.Module):
         dtype = DTYPES[self.cfg.dtype]
         with jax.named_scope("lm_head"):
             x_BxLxD = self.final_norm(x_BxLxD)
-            if self.head is None:
-                logits = jnp.einsum("bld,vd->blv", x_BxLxD, self.embed[...].astype(dtype))
+            out_axes = ("batch", "length", "act_vocab")
+            if self.head is None:  # tied: contract with the embedding's trailing dim, over the flattened tokens
+                B, L, D = x_BxLxD.shape
+                logits = jax.lax.dot_general(x_BxLxD.reshape(B * L, D), self.embed[...].astype(dtype),
+                                             (((1,), (1,)), ((), ())))
+                logits = sharding.constrain(logits.reshape(B, L, -1), out_axes)
             else:
-                logits = jnp.einsum("bld,dv->blv", x_BxLxD, self.head[...].astype(dtype))
-        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+                logits = project(x_BxLxD, self.head, "bld,dv->blv", dtype, out_axes)
+        return sharding.constrain(logits.astype(jnp.float32), out_axes)
 
 
 def doc_segments(ids_BxL: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]:
@@ -219,8 +223,12 @@ def doc_segments(ids_BxL: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
     with jax.named_scope("loss"):
-        logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1))
+        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+        # logsumexp minus the target's logit: the backward is softmax minus one-hot, with no [B, L, V]
+        # log-probabilities kept for it.
+        lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+        target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+        return jnp.mean(lse_BxL - target_BxL)
 
 
 def token_metrics(logits_BxLxV: jax.Array, batch_BxL1: jax.Array) -> dict:

@@ -5,6 +5,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from conftest import tiny_config
@@ -116,6 +117,20 @@ def test_cross_entropy_matches_numpy():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp, targets[..., None], -1).mean()
     np.testing.assert_allclose(float(cross_entropy(jnp.asarray(logits), jnp.asarray(targets))), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_head_and_loss_backward_copy_no_token_by_vocab_array(tie):
+    """The LM head is one 2-D matmul over the flattened tokens, like ``layers.project``: with an einsum,
+    XLA:CPU transposed the [B, L, V] logits gradient before the head's weight gradient (docs/performance.md)."""
+    cfg = tiny_config(tie_embeddings=tie, n_layers=1, ffn="dense").model
+    graphdef, params = nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))
+    ids = jnp.zeros((4, 17), jnp.int32)
+    loss = lambda p: cross_entropy(nnx.merge(graphdef, p)(ids[:, :-1]), ids[:, 1:])
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    V = cfg.vocab_size
+    assert f"f32[4,16,{V}]" in hlo or f"f32[64,{V}]" in hlo  # the pattern below can see the logits
+    assert not re.findall(rf"= f32\[(?:4,16,{V}|64,{V}|{V},4,16|{V},64)\]\{{[\d,]+\}} (?:transpose|copy)\(", hlo)
 
 
 def test_init_std_zero_uses_fan_in():
