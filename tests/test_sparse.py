@@ -136,9 +136,12 @@ def _assert_same_training(got, want, loss_rtol: float, norm_rtol: float) -> None
     np.testing.assert_allclose(l_got, l_want, rtol=loss_rtol)
     for k in ("stem_grad_norm", "backbone_grad_norm", "param_norm"):
         np.testing.assert_allclose(m_got[k], m_want[k], rtol=norm_rtol, err_msg=k)
+    # Adam's m / (sqrt(v) + eps) turns float32 rounding in a gradient near eps (one table entry's gradient was
+    # 4.6e-8 against a typical 2.5e-4, differing by 0.4 % between meshes) into a ~6e-6 parameter difference. A
+    # wrong or dropped row moves whole rows by ~lr (1e-2), and double counting shows in the grad norms above.
     flat_got = dict(jax.tree_util.tree_flatten_with_path(p_got)[0])
     for path, a in jax.tree_util.tree_flatten_with_path(p_want)[0]:
-        np.testing.assert_allclose(flat_got[path], a, rtol=2e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(flat_got[path], a, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def _adversarial_batches(cfg, rng):
