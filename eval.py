@@ -17,6 +17,11 @@ flags.DEFINE_string("text_file", None, "Report val_loss/val_ppl on this UTF-8 te
                     "held-out split.")
 flags.DEFINE_list("mc_jsonl", [], "Multiple-choice JSONL files (question, choices, label per line); the task "
                   "name is the file stem.")
+flags.DEFINE_string("mc_template", "qa", "Prompt of the --mc_jsonl questions: qa ('Question: {question}\\n"
+                    "Answer:'), cloze ('{question}') or any string holding {question}; a line's 'template' key "
+                    "overrides it.")
+flags.DEFINE_string("mc_target_delimiter", " ", "Put before every choice, as lm-eval's target_delimiter; use '' when "
+                    "the choices start with a space. A line's 'target_delimiter' key overrides it.")
 flags.DEFINE_list("tfds_tasks", [], "TFDS multiple-choice tasks: ai2_arc/ARC-Easy, ai2_arc/ARC-Challenge, "
                   "openbookqa, piqa, hellaswag, bool_q, winogrande (prepared under --tfds_data_dir).")
 flags.DEFINE_string("tfds_data_dir", None, "data_dir holding the prepared TFDS tasks (default: TFDS's own).")
@@ -50,7 +55,8 @@ def main(argv):
     except ValueError:
         cli.die(f"--niah_depths={','.join(f.niah_depths)}: expected numbers in [0, 1]")
     options = evaluate.EvalOptions(
-        text_file=f.text_file, mc_jsonl=f.mc_jsonl, tfds_tasks=f.tfds_tasks, tfds_data_dir=f.tfds_data_dir,
+        text_file=f.text_file, mc_jsonl=f.mc_jsonl, mc_template=f.mc_template,
+        mc_target_delimiter=f.mc_target_delimiter, tfds_tasks=f.tfds_tasks, tfds_data_dir=f.tfds_data_dir,
         niah_lengths=_niah_lengths(f.niah, seq_len), niah_depths=depths, limit=f.limit, eval_batch=f.eval_batch)
     mesh = cli.run_user_errors(sharding.parse_mesh, f.mesh)  # before any work
     cli.run_user_errors(evaluate.evaluate_workdir, f.workdir, mesh, f.step, f.eval_batches, options)

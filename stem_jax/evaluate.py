@@ -25,6 +25,8 @@ class EvalOptions:
     """What to evaluate besides the checkpoint's validation loss (all optional)."""
     text_file: str | None = None              # loss/ppl on this file instead of the held-out split
     mc_jsonl: Sequence[str] = ()              # multiple-choice JSONL files; task name = file stem
+    mc_template: str = "qa"                   # their prompt: tasks.TEMPLATES name or a string with {question}
+    mc_target_delimiter: str = " "            # put before every choice (lm-eval's target_delimiter)
     tfds_tasks: Sequence[str] = ()            # keys of tasks.TFDS_TASKS, e.g. "ai2_arc/ARC-Easy"
     tfds_data_dir: str | None = None
     niah_lengths: Sequence[int] = ()          # needle-in-a-haystack context lengths in tokens
@@ -79,7 +81,8 @@ def evaluate_workdir(workdir: str | Path, mesh_shape: Sequence[int] | str = "aut
     if eval_batches is not None:
         cfg.train.eval_batches = eval_batches
     # Tasks are read before the checkpoint so a bad file fails fast.
-    mc = {Path(p).stem: tasks.load_jsonl(p, opts.limit) for p in opts.mc_jsonl}
+    mc = {Path(p).stem: tasks.load_jsonl(p, opts.limit, opts.mc_template, opts.mc_target_delimiter)
+          for p in opts.mc_jsonl}
     for name in opts.tfds_tasks:
         mc[name] = tasks.load_tfds(name, opts.tfds_data_dir, opts.limit)
     corpus = None if opts.text_file else data.open_corpus(cfg, log)
@@ -102,6 +105,7 @@ def evaluate_workdir(workdir: str | Path, mesh_shape: Sequence[int] | str = "aut
         result["tasks"] = {}
         for name, examples in mc.items():
             result["tasks"][name] = tasks.score_mc(scorer.loglikelihood, examples)
+            result["tasks"][name]["first_request"] = list(examples[0].pairs()[0])  # the prompt as scored
             r = result["tasks"][name]
             log(f"{name}: acc {r['acc']:.4f}, acc_norm {r['acc_norm']:.4f} over {r['n']} (chance {r['chance']:.3f})")
     if opts.niah_lengths:

@@ -8,11 +8,12 @@ through this module, which registers the model first:
         --include_path tasks_dir --tasks tiny_mc
 
 model_args: ``workdir`` (required), ``step`` (default: latest checkpoint), ``batch_size`` (rows per forward;
-takes precedence over the CLI's ``--batch_size``, whose default is 1), ``mesh`` (``data:fsdp:tensor``,
-default ``-1:1:1``; colons because model_args are comma-separated).
+takes precedence over the CLI's ``--batch_size``, whose default is 1, and ``main`` reports it as lm-eval's
+batch size), ``mesh`` (``data:fsdp:tensor``, default ``-1:1:1``; colons because model_args are comma-separated).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 try:  # the optional lmeval extra
@@ -51,6 +52,7 @@ class StemJaxLM(LM):
             shape = sharding.parse_mesh(str(mesh).replace("x", ",").replace(":", ","))
             scorer = Scorer.from_workdir(workdir, _int_or_none(step), shape, _int_or_none(batch_size))
         self.scorer = scorer
+        self.batch_sizes = {"forward": scorer.eval_batch}  # lm-eval reports these beside its own batch_size
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "StemJaxLM":
@@ -86,9 +88,29 @@ class StemJaxLM(LM):
         return out
 
 
+def _batch_size_from_model_args(argv: list[str]) -> list[str]:
+    """``argv`` whose ``--batch_size`` is model_args' ``batch_size`` when that is given (it is the one used), so
+    lm-eval's header and results report the batch size of the forward, not the CLI's default of 1."""
+    def value_after(flag):
+        for i, a in enumerate(argv):
+            if a == flag and i + 1 < len(argv):
+                return i, 2, argv[i + 1]
+            if a.startswith(flag + "="):
+                return i, 1, a.split("=", 1)[1]
+        return None
+    found = value_after("--model_args")
+    size = found and simple_parse_args_string(found[2]).get("batch_size")
+    if size is None or not str(size).strip():
+        return argv
+    old = value_after("--batch_size")
+    rest = argv if old is None else argv[:old[0]] + argv[old[0] + old[1]:]
+    return rest + ["--batch_size", str(size)]
+
+
 def main() -> None:
     """The lm_eval CLI with ``stem_jax`` registered."""
     cli.enable_compilation_cache()
+    sys.argv = _batch_size_from_model_args(sys.argv)
     cli_evaluate()
 
 

@@ -1,8 +1,9 @@
 """Multiple-choice tasks (local JSONL, or the TFDS builders of the paper's suite) scored as lm-eval does,
 and a synthetic needle-in-a-haystack task.
 
-Multiple choice: every choice is a continuation ``" " + choice`` of the example's context; ``acc`` takes the
-argmax of the summed log-probability, ``acc_norm`` the argmax of the log-probability divided by the choice's
+Multiple choice: every choice is a continuation ``target_delimiter + choice`` of the example's context (lm-eval's
+convention: the delimiter defaults to one space, and a task whose choices already start with a space sets it to
+``""``); ``acc`` takes the argmax of the summed log-probability, ``acc_norm`` the argmax of the log-probability divided by the choice's
 length in characters (lm-eval's ``acc_norm``; ties go to the first choice, as ``np.argmax``).
 """
 from __future__ import annotations
@@ -30,26 +31,44 @@ class MCExample:
     choices: tuple[str, ...]
     label: int
     contexts: tuple[str, ...] | None = None
+    delimiter: str = " "
 
     def pairs(self) -> list[tuple[str, str]]:
-        """(context, continuation) requests, one per choice; the leading space is lm-eval's target delimiter."""
+        """(context, continuation) requests, one per choice."""
         contexts = self.contexts or (self.context,) * len(self.choices)
-        return [(c, " " + choice) for c, choice in zip(contexts, self.choices)]
+        return [(c, self.delimiter + choice) for c, choice in zip(contexts, self.choices)]
 
 
-def question_prompt(question: str) -> str:
-    """The prompt of the JSONL tasks, ARC and PIQA in lm-eval."""
-    return f"Question: {question}\nAnswer:"
+# The JSONL tasks' prompt templates by name; any other template is a string holding ``{question}``.
+TEMPLATES = {"qa": "Question: {question}\nAnswer:", "cloze": "{question}"}
+
+
+def question_prompt(question: str, template: str = "qa") -> str:
+    """``template`` (a name in TEMPLATES or a string holding ``{question}``) filled with ``question``. ``qa`` is
+    the prompt of ARC and PIQA in lm-eval."""
+    text = TEMPLATES.get(template, template) if isinstance(template, str) else template
+    if not isinstance(text, str) or "{question}" not in text:
+        raise TaskError(f"template {template!r} has no {{question}} placeholder (or use one of {sorted(TEMPLATES)})")
+    return text.replace("{question}", question)
 
 
 # -- local JSONL ----------------------------------------------------------------------------------------
 
-def load_jsonl(path: str | Path, limit: int | None = None) -> list[MCExample]:
+def load_jsonl(path: str | Path, limit: int | None = None, template: str = "qa",
+               target_delimiter: str = " ") -> list[MCExample]:
     """One JSON object per line with ``question`` (str), ``choices`` (non-empty list of str) and ``label``
-    (int index into choices); blank lines are skipped. Errors name the file and line."""
+    (int index into choices), and optionally ``template`` and ``target_delimiter`` that override the file's
+    (the arguments) for that line; blank lines are skipped. Errors name the file and line.
+
+    A choice that starts with whitespace under a delimiter that ends with it is refused rather than scored
+    with two spaces: set the delimiter to ``""``, as lm-eval task files do for such choices."""
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"{path}: no such task file")
+    try:
+        question_prompt("", template)
+    except TaskError as e:
+        raise TaskError(f"{path}: {e}") from None
     examples = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -73,7 +92,18 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[MCExample]:
             raise TaskError(f"{where}: 'choices' is empty")
         if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
             raise TaskError(f"{where}: 'label' {label!r} is not an index into the {len(choices)} choices")
-        examples.append(MCExample(question_prompt(q), tuple(choices), label))
+        line_template, delim = obj.get("template", template), obj.get("target_delimiter", target_delimiter)
+        if not isinstance(delim, str):
+            raise TaskError(f"{where}: 'target_delimiter' must be a string")
+        doubled = [c for c in choices if delim[-1:].isspace() and c[0].isspace()]
+        if doubled:
+            raise TaskError(f"{where}: choice {doubled[0]!r} starts with whitespace and target_delimiter is "
+                            f"{delim!r}, so it would be scored with both; set target_delimiter to \"\"")
+        try:
+            prompt = question_prompt(q, line_template)
+        except TaskError as e:
+            raise TaskError(f"{where}: {e}") from None
+        examples.append(MCExample(prompt, tuple(choices), label, delimiter=delim))
         if limit and len(examples) >= limit:
             break
     if not examples:

@@ -141,13 +141,15 @@ def test_empty_requests_are_clear_errors(scorer_and_model):
 def test_eval_cli_with_tasks_and_niah_writes_json_and_markdown(tmp_path, cache_dir):
     work, cfg = make_workdir(tmp_path, cache_dir)
     r = run_script("eval.py", f"--workdir={work}", f"--mc_jsonl={DATA / 'tiny_mc.jsonl'}", "--niah=32,64",
-                   "--limit=2", "--eval_batches=1", cache_dir=cache_dir, cwd=tmp_path)
+                   "--limit=2", "--eval_batches=1", "--mc_template=Q: {question} A:", "--mc_target_delimiter=",
+                   cache_dir=cache_dir, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     ev = json.loads((work / "eval.json").read_text())
     assert ev["step"] == 1 and math.isfinite(ev["val_loss"])
     assert ev["val_ppl"] == pytest.approx(math.exp(ev["val_loss"]))
     mc = ev["tasks"]["tiny_mc"]
     assert mc["n"] == 2 and 0 <= mc["acc"] <= 1 and 0 <= mc["acc_norm"] <= 1
+    assert mc["first_request"] == ["Q: What color is the clear daytime sky? A:", "blue"]  # the flags reached it
     niah = ev["niah"]
     assert niah["n"] == 2 * 3 * 2 and set(niah["by_length"]) == {"32", "64"}
     assert niah["chance"] == pytest.approx(0.1)

@@ -1,4 +1,5 @@
 """lm-evaluation-harness on our model, offline: its acc equals tasks.py's on the same JSONL."""
+import json
 import os
 import sys
 import tempfile
@@ -69,11 +70,26 @@ def workdir(tmp_path_factory, cache_dir):
     return work
 
 
+# The same questions under the other prompt conventions eval.py supports: a cloze prompt, and choices that
+# already start with a space under target_delimiter "" (lm-eval's spelling; tasks.load_jsonl's too).
+# name: (doc_to_text, data file, extra YAML, tasks.load_jsonl arguments)
+VARIANTS = {"tiny_mc_cloze": ("{{{{question}}}}", "tiny_mc.jsonl", "", dict(template="cloze")),
+            "tiny_mc_spaced": (None, "spaced.jsonl", 'target_delimiter: ""\n', dict(target_delimiter=""))}
+
+
 @pytest.fixture(scope="module")
 def task_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("lm_eval_tasks")
+    (d / "tiny_mc.jsonl").write_text((DATA / "tiny_mc.jsonl").read_text())
+    rows = [json.loads(x) for x in (DATA / "tiny_mc.jsonl").read_text().splitlines() if x.strip()]
+    (d / "spaced.jsonl").write_text("".join(json.dumps({**x, "choices": [" " + c for c in x["choices"]]}) + "\n"
+                                            for x in rows))
     for name, text in TASKS_YAML.items():
         (d / f"{name}.yaml").write_text(text.format(data=DATA / "tiny_mc.jsonl"))
+    qa = "Question: {{{{question}}}}\\nAnswer:"
+    for name, (prompt, data, extra, _) in VARIANTS.items():
+        text = TASKS_YAML["tiny_mc"].replace("task: tiny_mc", f"task: {name}").replace(qa, prompt or qa) + extra
+        (d / f"{name}.yaml").write_text(text.format(data=d / data))
     return d
 
 
@@ -97,12 +113,18 @@ def test_simple_evaluate_offline_matches_our_tasks(workdir, task_dir):
     lm = StemJaxLM.create_from_arg_string(f"workdir={workdir},batch_size=8", {"batch_size": 1, "device": None})
     assert lm.scorer.eval_batch == 8 and lm.scorer.step == 1
     tm = TaskManager(include_path=str(task_dir), include_defaults=False)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_gen", "tiny_ppl"], task_manager=tm,
+    out = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc", "tiny_gen", "tiny_ppl", *VARIANTS], task_manager=tm,
                                   log_samples=True)
     res = out["results"]
-    ours = tasks.score_mc(lm.scorer.loglikelihood, tasks.load_jsonl(DATA / "tiny_mc.jsonl"))
-    assert res["tiny_mc"]["acc,none"] == pytest.approx(ours["acc"])
-    assert res["tiny_mc"]["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert out["config"]["batch_sizes"] == [8]
+    for name, data, kwargs in [("tiny_mc", DATA / "tiny_mc.jsonl", {}),
+                               *[(n, task_dir / d, kw) for n, (_, d, _, kw) in VARIANTS.items()]]:
+        examples = tasks.load_jsonl(data, **kwargs)
+        theirs = sorted(out["samples"][name], key=lambda x: x["doc_id"])
+        assert [[tuple(r) for r in x["arguments"]] for x in theirs] == [e.pairs() for e in examples], name
+        ours = tasks.score_mc(lm.scorer.loglikelihood, examples)
+        assert res[name]["acc,none"] == pytest.approx(ours["acc"])
+        assert res[name]["acc_norm,none"] == pytest.approx(ours["acc_norm"])
     assert 0 <= res["tiny_gen"]["exact_match,none"] <= 1
     sample = out["samples"]["tiny_ppl"][0]
     text = sample["arguments"][0][0] if isinstance(sample["arguments"][0], (list, tuple)) else sample["arguments"][0]
@@ -120,4 +142,5 @@ def test_cli_wrapper_registers_the_model(tmp_path, workdir, task_dir, monkeypatc
     lm_eval_model.main()
     printed = capsys.readouterr().out
     assert "tiny_mc" in printed and "acc_norm" in printed
+    assert "batch_size: 8" in printed  # model_args' batch size is the one used, not the CLI's default of 1
     assert list((tmp_path / "out").rglob("results_*.json"))

@@ -28,6 +28,10 @@ def test_jsonl_fixture_loads_with_lm_eval_prompt():
     ('{"question": "q", "choices": [], "label": 0}', "'choices' is empty"),
     ('{"question": "q", "choices": "ab", "label": 0}', "'choices' must be a list"),
     ('["q", ["a"], 0]', "expected a JSON object"),
+    ('{"question": "q", "choices": [" a", "b"], "label": 0}', "choice ' a' starts with whitespace and target_del"),
+    ('{"question": "q", "choices": ["a"], "label": 0, "template": "Q: {q}"}', "'Q: {q}' has no {question} place"),
+    ('{"question": "q", "choices": ["a"], "label": 0, "template": ["qa"]}', "has no {question} placeholder"),
+    ('{"question": "q", "choices": ["a"], "label": 0, "target_delimiter": 1}', "'target_delimiter' must be a str"),
 ])
 def test_malformed_jsonl_names_file_and_line(tmp_path, line, msg):
     good = '{"question": "q", "choices": ["a", "b"], "label": 1}'
@@ -36,6 +40,21 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, msg):
     with pytest.raises(TaskError) as e:
         tasks.load_jsonl(path)
     assert f"{path}:4: " in str(e.value) and msg in str(e.value)
+
+
+def test_templates_and_target_delimiter_per_file_and_per_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    lines = [{"question": "Paris is in", "choices": [" France", " Spain"], "label": 0},
+             {"question": "Rome?", "choices": ["Italy"], "label": 0, "template": "qa", "target_delimiter": " -> "},
+             {"question": "x", "choices": ["y"], "label": 0, "template": "[{question}] {question}."}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    ex = tasks.load_jsonl(path, template="cloze", target_delimiter="")
+    assert [e.pairs() for e in ex] == [[("Paris is in", " France"), ("Paris is in", " Spain")],
+                                       [("Question: Rome?\nAnswer:", " -> Italy")], [("[x] x.", "y")]]
+    with pytest.raises(TaskError, match=f"^{path}:1: choice ' France' starts with whitespace"):
+        tasks.load_jsonl(path, template="cloze")  # the default delimiter " " would double the space
+    with pytest.raises(TaskError, match=f"^{path}: template 'Q:' has no {{question}} placeholder"):
+        tasks.load_jsonl(path, template="Q:")  # before any line is read
 
 
 def test_acc_and_acc_norm_by_hand():
