@@ -12,8 +12,13 @@ override is an argument of the jitted forward, so a new edit does not re-trace. 
     right_pad    n_s > n_t: the target, then pad rows; n_s < n_t: the first n_s target tokens
     auto         one_to_one when the lengths match, else average
 
-The pad row is that of ``<|endoftext|>`` (the tokenizer has no other pad token). Injection writes rows into a
-copy of the tables and saves it as a new workdir, with a report of every row that changed.
+The pad row is that of ``<|endoftext|>`` (the tokenizer has no other pad token). ``positions='last'`` edits
+only the source's last token, which takes the target's last token's row. Two controls that are not STEM edits
+measure how much of a fact lives outside the rows (``swap``): ``stem+embedding`` also puts the target's tokens
+in the prompt (the input embedding changes too), ``embedding`` puts them in the prompt but keeps the source's
+STEM rows. Injection writes rows into a copy of the tables and saves it as a new workdir, with a report of every
+row that changed. Both commands also take a JSONL file of edits and run them all in one process
+(``edit_batch.py``).
 
 A STEM row belongs to a token id, not to a word: a source that splits into several tokens (``' Xqzzy'`` ->
 ``' X', 'q', 'zz', 'y'``) owns none of its rows, every other word made of those pieces reads them too. Both
@@ -32,11 +37,14 @@ from absl import flags
 
 from stem_jax import cli, workdir as workdir_lib
 from stem_jax.config import stem_indices
+from stem_jax.corpus import EOS
 from stem_jax.sampling import Sampler, SamplingConfig
 from stem_jax.stem import RowEdit
 from stem_jax.workdir import load_run_config, load_tokenizer
 
 MODES = ("auto", "one_to_one", "average", "copy", "left_pad", "right_pad")
+POSITIONS = ("all", "last")
+SWAPS = ("stem", "stem+embedding", "embedding")
 
 
 class EditError(ValueError):
@@ -100,7 +108,8 @@ def plan_rows(n_source: int, target: Sequence[int], mode: str, pad_id: int) -> l
 
 @dataclasses.dataclass
 class Edit:
-    """A prepared edit of one prompt: the arrays the forward takes, and what they mean."""
+    """A prepared edit of one prompt: the arrays the forward takes, and what they mean. ``input_ids`` is the
+    prompt as fed under the edit: ``prompt_ids`` except under the embedding controls."""
     prompt_ids: list[int]
     source_positions: list[int]
     source_ids: list[int]
@@ -108,9 +117,37 @@ class Edit:
     ids_LxM: np.ndarray
     weights_LxM: np.ndarray
     on_S: np.ndarray        # per STEM layer
+    input_ids: list[int]
 
     def arrays(self) -> RowEdit:
         return RowEdit(self.ids_LxM[None], self.weights_LxM[None], self.on_S)
+
+
+def plan_edit(tokenizer: Any, pad_id: int, prompt: str, source: str, target: str, mode: str = "auto",
+              positions: str = "all", swap: str = "stem") -> tuple:
+    """(prompt ids, edited positions, source ids, target ids, rows per edited position, input ids) from the
+    tokenizer alone, so a batch of edits is checked before any weights are read."""
+    if positions not in POSITIONS:
+        raise EditError(f"unknown positions {positions!r}; choose from {POSITIONS}")
+    if swap not in SWAPS:
+        raise EditError(f"unknown swap {swap!r}; choose from {SWAPS}")
+    prompt_ids = tokenizer.encode(prompt).ids
+    pos, src = entity_positions(tokenizer, prompt, source)
+    if not target.strip():
+        raise EditError("the target entity string is empty")
+    tgt = target_ids(tokenizer, prompt, source, target)
+    if positions == "last":
+        pos, rows = pos[-1:], [[(tgt[-1], 1.0)]]
+    else:
+        rows = plan_rows(len(pos), tgt, mode, pad_id)
+    input_ids = list(prompt_ids)
+    if swap != "stem":
+        if any(len(r) != 1 for r in rows):
+            raise EditError(f"swap={swap!r} writes one target token into each source position, but mode {mode!r} "
+                            "mixes several rows; use one_to_one, copy, left_pad or right_pad")
+        for p, r in zip(pos, rows):
+            input_ids[p] = r[0][0]
+    return prompt_ids, pos, src, tgt, rows, input_ids
 
 
 class Editor:
@@ -131,41 +168,40 @@ class Editor:
         return cls(Sampler.from_workdir(workdir, step, mesh_shape), stem_indices(cfg.model))
 
     def prepare(self, prompt: str, source: str, target: str, mode: str = "auto",
-                layers: Sequence[int] | None = None) -> Edit:
+                layers: Sequence[int] | None = None, positions: str = "all", swap: str = "stem") -> Edit:
         bad = [i for i in (layers or ()) if i not in self.stem_layers]
         if bad:
             raise EditError(f"layers {bad} are not STEM layers; the STEM layers are {list(self.stem_layers)}")
-        prompt_ids = self.tokenizer.encode(prompt).ids
-        pos, src = entity_positions(self.tokenizer, prompt, source)
-        if not target.strip():
-            raise EditError("the target entity string is empty")
-        tgt = target_ids(self.tokenizer, prompt, source, target)
-        rows = plan_rows(len(pos), tgt, mode, self.sampler.eos)
+        prompt_ids, pos, src, tgt, rows, input_ids = plan_edit(self.tokenizer, self.sampler.eos, prompt, source,
+                                                               target, mode, positions, swap)
         M = -(-max(len(r) for r in rows) // 4) * 4  # a multiple of 4 (zero weights): fewer distinct shapes to compile
         ids_LxM = np.zeros((len(prompt_ids), M), np.int32)
         w_LxM = np.zeros((len(prompt_ids), M), np.float32)
-        ids_LxM[:, 0], w_LxM[:, 0] = prompt_ids, 1.0  # every other position keeps its own row
+        ids_LxM[:, 0], w_LxM[:, 0] = input_ids, 1.0  # every other position keeps its own row
         for p, r in zip(pos, rows):
+            if swap == "embedding":  # the control: the target's tokens in the prompt, the source's STEM rows
+                ids_LxM[p, 0] = prompt_ids[p]
+                continue
             ids_LxM[p], w_LxM[p] = 0, 0.0
             for m, (t, w) in enumerate(r):
                 ids_LxM[p, m], w_LxM[p, m] = t, w
         on_S = np.array([layers is None or i in layers for i in self.stem_layers])
-        return Edit(prompt_ids, pos, src, tgt, ids_LxM, w_LxM, on_S)
+        return Edit(prompt_ids, pos, src, tgt, ids_LxM, w_LxM, on_S, input_ids)
 
     def compare(self, prompt: str, source: str, target: str, mode: str = "auto", layers=None, k: int = 5,
-                sampling: SamplingConfig = SamplingConfig(max_new_tokens=16)) -> dict:
-        """Before/after top-k next tokens and generations for one edit."""
-        e = self.prepare(prompt, source, target, mode, layers)
+                sampling: SamplingConfig = SamplingConfig(max_new_tokens=16), positions: str = "all",
+                swap: str = "stem") -> dict:
+        """Before/after top-k next tokens and generations (none when ``sampling.max_new_tokens`` is 0)."""
+        e = self.prepare(prompt, source, target, mode, layers, positions, swap)
         tok = lambda ids: [self.tokenizer.decode([i]) for i in ids]
         out = {"prompt": prompt, "source": source, "target": target, "mode": mode,
                "layers": [i for i, on in zip(self.stem_layers, e.on_S) if on],
                "source_tokens": tok(e.source_ids), "target_tokens": tok(e.target_ids),
                "source_positions": e.source_positions}
-        for name, edit in (("before", None), ("after", e.arrays())):
-            ids = self.sampler.generate_ids([e.prompt_ids], sampling, edit)[0].tolist()
-            ids = ids[:ids.index(self.sampler.eos)] if self.sampler.eos in ids else ids
-            out[name] = {"top_k": self.sampler.next_token_topk(e.prompt_ids, k, edit),
-                         "generation": self.tokenizer.decode(ids)}
+        for name, ids, edit in (("before", e.prompt_ids, None), ("after", e.input_ids, e.arrays())):
+            new = self.sampler.generate_ids([ids], sampling, edit)[0].tolist() if sampling.max_new_tokens else []
+            new = new[:new.index(self.sampler.eos)] if self.sampler.eos in new else new
+            out[name] = {"top_k": self.sampler.next_token_topk(ids, k, edit), "generation": self.tokenizer.decode(new)}
         return out
 
 
@@ -194,12 +230,13 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
     ``source`` and each of ``targets`` are tokenized as given (include the leading space of a mid-sentence
     word, e.g. ``" Spain"``). ``copy``: source token i takes the rows of target token i mod n_t (of the first
     target); ``average``: every source token takes the mean row of all target tokens, so several example
-    strings set a token's rows from their average. A source of several tokens is refused (EditError) unless
-    ``allow_shared_rows``: every word containing those pieces reads the same rows. (A single-token source is
-    its own row, though words that contain that token as a piece read it too.) Multi-token targets need no
-    permission: their rows are only read. Returns the diff report (also written to ``<out>/injection.json``)."""
-    if mode not in ("copy", "average"):
-        raise EditError(f"unknown injection mode {mode!r}; choose 'copy' or 'average'")
+    strings set a token's rows from their average; the other modes align the first target as ``plan_rows``
+    does. A source of several tokens is refused (EditError) unless ``allow_shared_rows``: every word
+    containing those pieces reads the same rows. (A single-token source is its own row, though words that
+    contain that token as a piece read it too.) Multi-token targets need no permission: their rows are only
+    read. Returns the diff report (also written to ``<out>/injection.json``)."""
+    if mode not in MODES:
+        raise EditError(f"unknown injection mode {mode!r}; choose from {MODES}")
     tok = load_tokenizer(workdir)
     src = tok.encode(source).ids
     tgts = [tok.encode(t).ids for t in targets]
@@ -207,30 +244,45 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
         raise EditError("the source and every target must be non-empty strings")
     if len(src) > 1 and not allow_shared_rows:  # before reading any weights
         raise shared_rows_error(source, pieces(tok, src))
-    cfg, arrays, step = workdir_lib.read_params(workdir, step)
+    if mode == "average":
+        every = [t for ids in tgts for t in ids]
+        rows = [[(t, 1.0 / len(every)) for t in every]] * len(src)
+    else:
+        rows = plan_rows(len(src), tgts[0], mode, tok.token_to_id(EOS))
+    report = {"source": source, "targets": list(targets), "mode": mode, "source_ids": src, "target_ids": tgts,
+              "source_tokens": pieces(tok, src), "target_tokens": [pieces(tok, t) for t in tgts],
+              "allow_shared_rows": allow_shared_rows}
+    return write_injection(workdir, out, dict(zip(src, rows)), report, layers, step)
+
+
+def write_injection(workdir: str | Path, out: str | Path, writes: dict[int, list[tuple[int, float]]],
+                    report: dict, layers: Sequence[int] | None = None, step: int | None = None) -> dict:
+    """Token id -> weighted rows of other tokens, every row read from the checkpoint before any is written,
+    at every STEM layer (or ``layers``); saved as a new workdir whose ``injection.json`` is ``report`` plus
+    the source checkpoint and every changed row."""
+    cfg = load_run_config(workdir)
     stem = stem_indices(cfg.model)
     if cfg.model.ffn != "stem" or not stem:
         raise EditError(f"{workdir} has no STEM layers (model.ffn={cfg.model.ffn!r}): nothing to inject into")
     bad = [i for i in (layers or ()) if i not in stem]
     if bad:
         raise EditError(f"layers {bad} are not STEM layers; the STEM layers are {list(stem)}")
+    workdir_lib.check_new_workdir(Path(out))
+    tok = load_tokenizer(workdir)
+    cfg, arrays, step = workdir_lib.read_params(workdir, step)
     changed = []
     for layer in (layers or stem):
         key = ("blocks", layer, "ffn", "table")
         before = arrays[key]
         table = before.copy()
-        if mode == "copy":
-            for i, s in enumerate(src):
-                table[s] = before[tgts[0][i % len(tgts[0])]]
-        else:
-            table[src] = np.mean([before[t] for ids in tgts for t in ids], axis=0)
+        for s, rows in writes.items():
+            ids, w = [t for t, _ in rows], np.array([w for _, w in rows], np.float32)
+            same = np.all(w == w[0]) and abs(w[0] * len(w) - 1) < 1e-6  # copy or a plain mean: exact as np.mean
+            table[s] = before[ids].mean(axis=0) if same else (w[:, None] * before[ids]).sum(axis=0)
         arrays[key] = table[:cfg.model.vocab_size]
-        rows = np.flatnonzero(np.any(table != before, axis=1))
-        changed += [{"layer": layer, "token_id": int(r), "token": tok.decode([int(r)])} for r in rows]
-    report = {"from": str(workdir), "step": step, "source": source, "targets": list(targets), "mode": mode,
-              "source_ids": src, "target_ids": tgts, "source_tokens": pieces(tok, src),
-              "target_tokens": [pieces(tok, t) for t in tgts], "allow_shared_rows": allow_shared_rows,
-              "changed_rows": changed}
+        rows_changed = np.flatnonzero(np.any(table != before, axis=1))
+        changed += [{"layer": layer, "token_id": int(r), "token": tok.decode([int(r)])} for r in rows_changed]
+    report = {"from": str(workdir), "step": step, **report, "changed_rows": changed}
     workdir_lib.write_workdir(out, cfg, arrays, Path(workdir) / "tokenizer.json",
                               f"injection into {workdir} step {step}",
                               command=f"stem_jax.editing inject from {workdir}",
@@ -275,32 +327,45 @@ COMMANDS = {"edit": "before/after top-k and generations for a row swap (no weigh
 def _define(fv: flags.FlagValues, command: str) -> None:
     flags.DEFINE_string("workdir", None, "A STEM workdir written by train.py.", required=True, flag_values=fv)
     flags.DEFINE_string("layers", "", "Comma-separated STEM layers (default: all).", flag_values=fv)
+    flags.DEFINE_string("source", None, "Entity in the prompt (its last occurrence)." if command == "edit" else
+                        'Token string whose rows change, e.g. " Spain".', flag_values=fv)
+    flags.DEFINE_string("edits", None, 'JSONL file of {"prompt", "source", "target"} lines, run in one process '
+                        + ('("expect": the answer to check), instead of the single-edit flags.' if command == "edit"
+                           else "(prompt optional: source and target are read as in it), written atomically."),
+                        flag_values=fv)
     if command == "edit":
-        flags.DEFINE_string("prompt", None, "The prompt.", required=True, flag_values=fv)
-        flags.DEFINE_string("source", None, "Entity in the prompt (its last occurrence).", required=True,
-                            flag_values=fv)
-        flags.DEFINE_string("target", None, "The entity whose rows replace the source's.", required=True,
-                            flag_values=fv)
+        flags.DEFINE_string("prompt", None, "The prompt.", flag_values=fv)
+        flags.DEFINE_string("target", None, "The entity whose rows replace the source's.", flag_values=fv)
         flags.DEFINE_enum("mode", "auto", MODES, "Multi-token alignment.", flag_values=fv)
+        flags.DEFINE_enum("positions", "all", POSITIONS, "Edit every source token, or its last only.",
+                          flag_values=fv)
         flags.DEFINE_integer("k", 5, "Next tokens shown.", flag_values=fv)
-        flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated before and after.", flag_values=fv)
+        flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated before and after (single edit).",
+                             flag_values=fv)
         flags.DEFINE_string("json", "", "Also write the result here.", flag_values=fv)
         cli.define_mesh_flag(fv)
     else:
         flags.DEFINE_string("out", None, "The new workdir.", required=True, flag_values=fv)
-        flags.DEFINE_string("source", None, 'Token string whose rows change, e.g. " Spain".', required=True,
-                            flag_values=fv)
         flags.DEFINE_multi_string("target", None, "Target string; repeat to average several examples.",
-                                  required=True, flag_values=fv)
-        flags.DEFINE_enum("mode", "copy", ("copy", "average"), "How source tokens take the target rows.",
-                          flag_values=fv)
+                                  flag_values=fv)
+        flags.DEFINE_enum("mode", "copy", MODES, "How source tokens take the target rows: copy (token i takes "
+                          "target token i mod n_t), average, or an edit alignment.", flag_values=fv)
         flags.DEFINE_bool("allow_shared_rows", False, "Inject into a source of several tokens: those pieces' rows "
                           "change for every word that uses them (targets are only read and need no flag).",
                           flag_values=fv)
 
 
+def _one_or_batch(f, single: Sequence[str]) -> None:
+    given = [name for name in single if getattr(f, name)]
+    if f.edits and given:
+        cli.die(f"--edits replaces --{', --'.join(given)}: give one or the other")
+    if not f.edits and len(given) < len(single):
+        cli.die(f"give --edits FILE, or --{', --'.join(single)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m stem_jax.editing edit|inject ...``"""
+    from stem_jax import edit_batch  # it builds on this module
     command, f = cli.parse_command(argv, "python -m stem_jax.editing", "STEM knowledge editing.", _define, COMMANDS)
     layers = cli.int_list(f.layers, "layers")
 
@@ -308,21 +373,42 @@ def main(argv: list[str] | None = None) -> None:
         _print_edit_tokens(f.workdir, f.prompt, f.source, f.target)
         editor = Editor.from_workdir(f.workdir, mesh_shape=f.mesh)
         r = editor.compare(f.prompt, f.source, f.target, f.mode, layers, f.k,
-                           SamplingConfig(max_new_tokens=f.max_new_tokens))
+                           SamplingConfig(max_new_tokens=f.max_new_tokens), f.positions)
         print(format_comparison(r))
         if f.json:
             Path(f.json).write_text(json.dumps(r, indent=1) + "\n")
 
+    def run_edits():
+        requests = edit_batch.read_edits(f.edits)
+        edit_batch.check_edits(load_tokenizer(f.workdir), requests, f.mode, f.positions, "stem")  # before the restore
+        editor = Editor.from_workdir(f.workdir, mesh_shape=f.mesh)
+        r = edit_batch.run_edits(editor, requests, f.mode, layers, f.k, f.positions)
+        print(edit_batch.format_edit_table(r))
+        if f.json:
+            Path(f.json).write_text(json.dumps(r, indent=1) + "\n")
+
     def run_inject():
-        _print_inject_tokens(f.workdir, f.source, f.target)
-        r = inject(f.workdir, f.out, f.source, f.target, f.mode, layers, allow_shared_rows=f.allow_shared_rows)
+        if f.edits:
+            r = edit_batch.inject_edits(f.workdir, f.out, edit_batch.read_edits(f.edits, need_prompt=False), f.mode,
+                                        layers, allow_shared_rows=f.allow_shared_rows)
+            what = f"{len(r['edits'])} edits ({r['mode']})"
+        else:
+            _print_inject_tokens(f.workdir, f.source, f.target)
+            r = inject(f.workdir, f.out, f.source, f.target, f.mode, layers, allow_shared_rows=f.allow_shared_rows)
+            what = f"{r['source']!r} <- {r['targets']} ({r['mode']})"
         rows = r["changed_rows"]
         n_tokens = len({c["token_id"] for c in rows})
-        print(f"injected {r['source']!r} <- {r['targets']} ({r['mode']}): {len(rows)} rows changed "
-              f"({n_tokens} token{'' if n_tokens == 1 else 's'}) -> {f.out} (report: {Path(f.out) / 'injection.json'})")
+        print(f"injected {what}: {len(rows)} rows changed ({n_tokens} token{'' if n_tokens == 1 else 's'}) -> "
+              f"{f.out} (report: {Path(f.out) / 'injection.json'})")
         if rows:
             print(format_changed_rows(rows))
-    cli.run_user_errors(run_edit if command == "edit" else run_inject)
+
+    if command == "edit":
+        _one_or_batch(f, ("prompt", "source", "target"))
+        cli.run_user_errors(run_edits if f.edits else run_edit)
+    else:
+        _one_or_batch(f, ("source", "target"))
+        cli.run_user_errors(run_inject)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,26 @@ def stem_workdir(tmp_path_factory, cache_dir):
     return make_workdir(tmp_path_factory.mktemp("stem_work"), cache_dir)[0]
 
 
+EDIT_WORDS = "The capital of Spain is Madrid . Germany Berlin France Paris Zorvania Quelmar Tiberon Ostravel".split()
+
+
+@pytest.fixture(scope="session")
+def tiny_editor():
+    """(Editor, Setup, params): an untrained tiny STEM model (layers 1, 2) with a tokenizer of EDIT_WORDS, for
+    checks of edits against copies of the parameters."""
+    import numpy as np
+    from stem_jax import corpus as corpus_lib
+    from stem_jax.editing import Editor
+    from stem_jax.sampling import Sampler
+    from stem_jax.trainer import Trainer
+    rng = np.random.default_rng(0)
+    tok = corpus_lib.train_tokenizer([" ".join(rng.choice(EDIT_WORDS, 20000))], 600)
+    cfg = tiny_config(seq_len=32, stem_layers="1,2")
+    s = Trainer.create(cfg, mesh_of((1, 1, 1)))
+    params = s.init_state()["params"]
+    return Editor(Sampler(s.ctx.graphdef, params, tok, s.ctx.mesh, cfg.model.seq_len), (1, 2)), s, params
+
+
 def tiny_config(**model_overrides):
     """A model small enough to compile in a few seconds; vocab 1000 needs padding to 1024 table rows."""
     from stem_jax.config import Config, ModelConfig, TrainConfig

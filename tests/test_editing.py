@@ -8,23 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import mesh_of, tiny_config
-from stem_jax import corpus as corpus_lib, editing, sharding, workdir as workdir_lib
+from stem_jax import editing, sharding, workdir as workdir_lib
 from stem_jax.editing import EditError, Editor, entity_positions, format_comparison, inject, plan_rows
-from stem_jax.sampling import Sampler, SamplingConfig
-from stem_jax.trainer import Trainer
-
-WORDS = "The capital of Spain is Madrid . Germany Berlin France Paris Zorvania Quelmar Tiberon Ostravel".split()
-
+from stem_jax.sampling import SamplingConfig
 
 @pytest.fixture(scope="module")
-def editor():
-    rng = np.random.default_rng(0)
-    tok = corpus_lib.train_tokenizer([" ".join(rng.choice(WORDS, 20000))], 600)
-    cfg = tiny_config(seq_len=32, stem_layers="1,2")
-    s = Trainer.create(cfg, mesh_of((1, 1, 1)))
-    params = s.init_state()["params"]
-    return Editor(Sampler(s.ctx.graphdef, params, tok, s.ctx.mesh, cfg.model.seq_len), (1, 2)), s, params
+def editor(tiny_editor):
+    return tiny_editor
 
 
 def _logits(s, params, ids, edit=None):
@@ -68,6 +58,32 @@ def test_one_to_one_edit_equals_swapped_rows_in_a_copy_of_the_params(editor):
     e2 = ed.prepare(prompt, "Spain", "Germany", mode="one_to_one", layers=[2])
     want2 = _logits(s, _swapped(params, [(a, [b]) for a, b in zip(e.source_ids, e.target_ids)], (2,)), e.prompt_ids)
     np.testing.assert_allclose(_logits(s, params, e.prompt_ids, e2.arrays()), want2, rtol=1e-5, atol=1e-5)
+
+
+def test_last_position_edit_and_the_embedding_controls_equal_copies_of_the_params(editor):
+    ed, s, params = editor
+    tok = ed.tokenizer
+    prompt = "The capital of Zorvania Quelmar is"
+    e = ed.prepare(prompt, "Zorvania Quelmar", "Spain", positions="last")
+    src = entity_positions(tok, prompt, "Zorvania Quelmar")
+    assert len(src[0]) > 1 and e.source_positions == src[0][-1:] and e.prompt_ids.count(src[1][-1]) == 1
+    want = _logits(s, _swapped(params, [(src[1][-1], e.target_ids[-1:])]), e.prompt_ids)
+    np.testing.assert_allclose(_logits(s, params, e.input_ids, e.arrays()), want, rtol=1e-5, atol=1e-5)
+
+    prompt = "The capital of Spain is"
+    both = ed.prepare(prompt, "Spain", "Germany", swap="stem+embedding")  # = the prompt about Germany
+    assert both.input_ids == tok.encode("The capital of Germany is").ids != both.prompt_ids
+    np.testing.assert_allclose(_logits(s, params, both.input_ids, both.arrays()), _logits(s, params, both.input_ids),
+                               rtol=1e-5, atol=1e-5)
+    emb = ed.prepare(prompt, "Spain", "Germany", swap="embedding")  # Germany's embedding, Spain's STEM rows
+    assert emb.input_ids == both.input_ids and emb.input_ids.count(emb.target_ids[0]) == 1
+    want = _logits(s, _swapped(params, [(emb.target_ids[0], emb.source_ids)]), emb.input_ids)
+    np.testing.assert_allclose(_logits(s, params, emb.input_ids, emb.arrays()), want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want, _logits(s, params, emb.input_ids), atol=1e-5)
+    with pytest.raises(EditError, match="mode 'average' mixes several rows"):
+        ed.prepare("The capital of Spain is", "Spain", "Zorvania Quelmar", mode="average", swap="embedding")
+    with pytest.raises(EditError, match="unknown positions 'first'"):
+        ed.prepare(prompt, "Spain", "Germany", positions="first")
 
 
 def test_average_edit_equals_mean_rows_in_a_copy(editor):
