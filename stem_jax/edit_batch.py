@@ -123,7 +123,7 @@ def format_edit_table(result: dict) -> str:
         b, a = x["before"][0], x["after"][0]
         check = "" if "hit" not in x else f"{x['expect_token']!r} {'yes' if x['hit'] else 'no'}"
         st = f"{x['source_tokens']} -> {x['target_tokens']}"
-        lines.append(f"{x['where'][-20:]:<20} {st:<36} {f'{b[0]!r} {b[1]:.2f}':<22} {f'{a[0]!r} {a[1]:.2f}':<22} "
+        lines.append(f"{Path(x['where']).name:<20} {st:<36} {f'{b[0]!r} {b[1]:.2f}':<22} {f'{a[0]!r} {a[1]:.2f}':<22} "
                      f"{check}")
     if result["with_expect"]:
         hits = sum(x["hit"] for x in result["edits"] if "hit" in x)
