@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from stem_jax.corpus import EOS
-from stem_jax.editing import (EditError, Editor, entity_positions, pieces, plan_edit, plan_rows, shared_rows_error,
-                              target_ids, write_injection)
+from stem_jax.editor import (EditError, Editor, entity_positions, pieces, plan_edit, plan_rows, shared_rows_error,
+                             target_ids, write_injection)
 from stem_jax.workdir import load_tokenizer
 
 KEYS = ("prompt", "source", "target", "expect")

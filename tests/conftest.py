@@ -50,7 +50,7 @@ def tiny_editor():
     checks of edits against copies of the parameters."""
     import numpy as np
     from stem_jax import corpus as corpus_lib
-    from stem_jax.editing import Editor
+    from stem_jax.editor import Editor
     from stem_jax.sampling import Sampler
     from stem_jax.trainer import Trainer
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import pytest
 
 from stem_jax import edit_batch, editing, workdir as workdir_lib
 from stem_jax.edit_batch import EditRequest, inject_edits, read_edits, run_edits
-from stem_jax.editing import EditError
+from stem_jax.editor import EditError
 from stem_jax.sampling import SamplingConfig
 
 

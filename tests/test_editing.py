@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from stem_jax import editing, sharding, workdir as workdir_lib
-from stem_jax.editing import EditError, Editor, entity_positions, format_comparison, inject, plan_rows
+from stem_jax.editor import EditError, Editor, entity_positions, format_comparison, inject, plan_rows
 from stem_jax.sampling import SamplingConfig
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ LAYERS = [
      "data"),
     ("optim", "sparse", "steps", "offload", "checkpoint", "lock", "preemption", "writer"),
     ("trainer", "cli"),
-    ("workdir", "scoring", "sampling", "hotrows", "editing", "tasks", "evaluate", "lm_eval_model", "hf",
-     "analysis", "aot", "data_prep"),
+    ("workdir", "scoring", "sampling", "hotrows", "editor", "edit_batch", "editing", "tasks", "evaluate",
+     "lm_eval_model", "hf", "analysis", "aot", "data_prep"),
     ("experiments.compare", "experiments.knowledge"),
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -36,7 +36,7 @@ from flax import nnx
 from configs import tiny
 from stem_jax import cli, edit_batch
 from stem_jax.edit_batch import EditRequest, run_edits
-from stem_jax.editing import EditError, Editor, format_comparison
+from stem_jax.editor import EditError, Editor, format_comparison
 from stem_jax.trainer import train_and_evaluate
 from stem_jax.writer import log
 
