@@ -10,7 +10,6 @@ well defined; two edits that write different rows into the same token are refuse
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +18,7 @@ import numpy as np
 from stem_jax.corpus import EOS
 from stem_jax.editor import (EditError, Editor, entity_positions, pieces, plan_edit, plan_rows, shared_rows_error,
                              target_ids, write_injection)
+from stem_jax.sources import json_objects
 from stem_jax.workdir import load_tokenizer
 
 KEYS = ("prompt", "source", "target", "expect")
@@ -39,16 +39,7 @@ def read_edits(path: str | Path, need_prompt: bool = True) -> list[EditRequest]:
     if not path.is_file():
         raise EditError(f"{path}: no such edits file")
     edits = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EditError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise EditError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in json_objects(path, EditError):
         unknown = sorted(set(obj) - set(KEYS))
         missing = [k for k in (("prompt", "source", "target") if need_prompt else ("source", "target")) if k not in obj]
         if unknown or missing:

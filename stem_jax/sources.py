@@ -68,6 +68,22 @@ def held_out(text: str, val_every: int) -> bool:
     return doc_hash(text) % val_every == 0
 
 
+def json_objects(path: Path, error: type[Exception]) -> Iterator[tuple[str, dict]]:
+    """``(file:line, object)`` for each non-blank line of a small JSONL file of objects (task and edit files);
+    a line that is not a JSON object raises ``error`` naming its file and line."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise error(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield where, obj
+
+
 # --- the embedded default corpus -------------------------------------------------------------------------------
 
 def _kjv_books(lo: int = 0, hi: int = 66) -> Iterator[str]:

@@ -9,12 +9,13 @@ length in characters (lm-eval's ``acc_norm``; ties go to the first choice, as ``
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from stem_jax.sources import json_objects
 
 LogLikelihood = Callable[[list[tuple[str, str]]], list[tuple[float, bool]]]
 
@@ -70,16 +71,7 @@ def load_jsonl(path: str | Path, limit: int | None = None, template: str = "qa",
     except TaskError as e:
         raise TaskError(f"{path}: {e}") from None
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise TaskError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for where, obj in json_objects(path, TaskError):
         missing = [k for k in ("question", "choices", "label") if k not in obj]
         if missing:
             raise TaskError(f"{where}: missing key(s) {missing} (have {sorted(obj)})")
