@@ -18,6 +18,7 @@ import numpy as np
 from stem_jax.corpus import EOS
 from stem_jax.editor import (EditError, Editor, entity_positions, pieces, plan_edit, plan_rows, shared_rows_error,
                              target_ids, write_injection)
+from stem_jax.sampling import top_tokens
 from stem_jax.sources import json_objects
 from stem_jax.workdir import load_tokenizer
 
@@ -89,7 +90,7 @@ def run_edits(editor: Editor, requests: Sequence[EditRequest], mode: str = "auto
         row = {"where": r.where, "prompt": r.prompt, "source": r.source, "target": r.target,
                "source_tokens": pieces(editor.tokenizer, e.source_ids),
                "target_tokens": pieces(editor.tokenizer, e.target_ids),
-               "before": _topk(editor.tokenizer, before[key], k), "after": _topk(editor.tokenizer, after, k)}
+               "before": top_tokens(editor.tokenizer, before[key], k), "after": top_tokens(editor.tokenizer, after, k)}
         if r.expect is not None:
             want = expected_id(editor.tokenizer, r.prompt, r.expect)
             row.update(expect=r.expect, expect_token=editor.tokenizer.decode([want]),
@@ -99,12 +100,6 @@ def run_edits(editor: Editor, requests: Sequence[EditRequest], mode: str = "auto
     return {"mode": mode, "positions": positions, "swap": swap,
             "layers": [i for i in editor.stem_layers if layers is None or i in layers], "edits": rows,
             "n": len(rows), "with_expect": len(hits), "success": float(np.mean(hits)) if hits else None}
-
-
-def _topk(tokenizer: Any, logits_V: np.ndarray, k: int) -> list[tuple[str, float]]:
-    p = np.exp(logits_V - logits_V.max())
-    p /= p.sum()
-    return [(tokenizer.decode([int(t)]), float(p[t])) for t in np.argsort(-p)[:k]]
 
 
 def format_edit_table(result: dict) -> str:

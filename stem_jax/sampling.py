@@ -125,6 +125,13 @@ class Generation:
     stop: str  # "eos" or "max_tokens"
 
 
+def top_tokens(tokenizer: Any, logits_V: np.ndarray, k: int) -> list[tuple[str, float]]:
+    """The ``k`` most likely tokens of ``logits_V`` as (string, probability)."""
+    probs = np.exp(logits_V - logits_V.max())
+    probs /= probs.sum()
+    return [(tokenizer.decode([int(t)]), float(probs[t])) for t in np.argsort(-probs)[:k]]
+
+
 class Sampler:
     """Generation and next-token views from a model's graphdef + params and its tokenizer."""
 
@@ -259,10 +266,7 @@ class Sampler:
                         ) -> list[tuple[str, float]]:
         """The ``k`` most likely next tokens after ``prompt`` (text or ids) with their probabilities."""
         logits_V = self.next_token_logits(self.encode(prompt) if isinstance(prompt, str) else prompt, edit)
-        probs = np.exp(logits_V - logits_V.max())
-        probs /= probs.sum()
-        top = np.argsort(-probs)[:k]
-        return [(self.tokenizer.decode([int(t)]), float(probs[t])) for t in top]
+        return top_tokens(self.tokenizer, logits_V, k)
 
     def next_token_logits(self, prompt_ids: Sequence[int], edit: RowEdit | None = None) -> np.ndarray:
         """[V] logits of the token after ``prompt_ids`` (with an optional STEM row edit)."""
