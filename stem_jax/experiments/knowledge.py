@@ -107,7 +107,7 @@ def _last_logits_fn(graphdef):
     return f
 
 
-def VARIANTS(stem_layers: tuple[int, ...]) -> list[tuple[str, dict]]:
+def edit_variants(stem_layers: tuple[int, ...]) -> list[tuple[str, dict]]:
     """(label, run_edits arguments) of the edits measured: where in the model a fact can be moved from."""
     half = len(stem_layers) // 2 or 1
     return [("STEM rows, every source token, auto", {}),
@@ -177,7 +177,7 @@ def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
         others = np.arange(n) != i
         local_kept += int(np.sum(after[others] == base[others]))
         local_total += int(others.sum())
-    variants = {label: _variant(editor, facts, prompts, kw) for label, kw in VARIANTS(editor.stem_layers)}
+    variants = {label: _variant(editor, facts, prompts, kw) for label, kw in edit_variants(editor.stem_layers)}
     per_fact = [{"country": c, "capital": k, "answer_id": int(a), "predicted_id": int(b)}
                 for (c, k), a, b in zip(facts, answer, base)]
     return {"facts": n, "recall": float(np.mean(base == answer)), "per_fact": per_fact,
