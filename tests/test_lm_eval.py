@@ -1,4 +1,5 @@
 """lm-evaluation-harness on our model, offline: its acc equals tasks.py's on the same JSONL."""
+import functools
 import json
 import os
 import sys
@@ -135,7 +136,11 @@ def test_simple_evaluate_offline_matches_our_tasks(workdir, task_dir):
 
 
 def test_cli_wrapper_registers_the_model(tmp_path, workdir, task_dir, monkeypatch, capsys):
+    import lm_eval.tasks
     from stem_jax import lm_eval_model
+    # The CLI indexes lm-eval's thousands of built-in task files (about 20 s here); this test runs only its own.
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", functools.partial(lm_eval.tasks.TaskManager,
+                                                                        include_defaults=False))
     monkeypatch.setattr(sys, "argv", ["lm_eval", "run", "--model", "stem_jax", "--model_args",
                                       f"workdir={workdir},batch_size=8", "--include_path", str(task_dir),
                                       "--tasks", "tiny_mc", "--output_path", str(tmp_path / "out")])
