@@ -135,7 +135,7 @@ def plan_edit(tokenizer: Any, pad_id: int, prompt: str, source: str, target: str
         raise EditError("the target entity string is empty")
     tgt = target_ids(tokenizer, prompt, source, target)
     if positions == "last":
-        pos, rows = pos[-1:], [[(tgt[-1], 1.0)]]
+        pos, src, rows = pos[-1:], src[-1:], [[(tgt[-1], 1.0)]]
     else:
         rows = plan_rows(len(pos), tgt, mode, pad_id)
     input_ids = list(prompt_ids)

@@ -66,7 +66,8 @@ def test_last_position_edit_and_the_embedding_controls_equal_copies_of_the_param
     prompt = "The capital of Zorvania Quelmar is"
     e = ed.prepare(prompt, "Zorvania Quelmar", "Spain", positions="last")
     src = entity_positions(tok, prompt, "Zorvania Quelmar")
-    assert len(src[0]) > 1 and e.source_positions == src[0][-1:] and e.prompt_ids.count(src[1][-1]) == 1
+    assert len(src[0]) > 1 and e.source_positions == src[0][-1:] and e.source_ids == src[1][-1:]
+    assert e.prompt_ids.count(src[1][-1]) == 1
     want = _logits(s, _swapped(params, [(src[1][-1], e.target_ids[-1:])]), e.prompt_ids)
     np.testing.assert_allclose(_logits(s, params, e.input_ids, e.arrays()), want, rtol=1e-5, atol=1e-5)
 
