@@ -77,8 +77,8 @@ def check_edits(tokenizer: Any, requests: Sequence[EditRequest], mode: str, posi
 
 def run_edits(editor: Editor, requests: Sequence[EditRequest], mode: str = "auto", layers=None, k: int = 5,
               positions: str = "all", swap: str = "stem") -> dict:
-    """Top-k next tokens before and after each edit, and whether the top-1 after is the ``expect`` token."""
-    check_edits(editor.tokenizer, requests, mode, positions, swap)
+    """Top-k next tokens before and after each edit, and whether the top-1 after is the ``expect`` token. An edit
+    that cannot be made is an EditError naming its line (``check_edits`` finds it without any forward)."""
     before: dict[tuple, np.ndarray] = {}
     rows = []
     for r in requests:

@@ -28,11 +28,11 @@ def _print_edit_tokens(workdir: str, prompt: str, source: str, target: str) -> N
     if len(src) > 1:
         print(f"note: the source is {len(src)} pieces whose rows every word containing them shares; this edit "
               "swaps them at the source's positions in this prompt only (inject would need --allow_shared_rows)")
-        print(MULTI_TOKEN_NOTE)
+        print(f"note: {MULTI_TOKEN_NOTE}")
 
 
 # Measured by experiments/knowledge.py (docs/generation.md#where-a-fact-sits), printed for multi-token sources.
-MULTI_TOKEN_NOTE = ("note: STEM-only edits rarely move facts about multi-token names: on the knowledge benchmark "
+MULTI_TOKEN_NOTE = ("STEM-only edits rarely move facts about multi-token names: on the knowledge benchmark "
                     "they succeeded for 6% of two-word names against 84% of one-token names, while swapping only "
                     "the input embedding succeeded for 84% of the two-word names (3% of the one-token ones): such "
                     "a name is mostly identified by attention over its tokens' embeddings, not by their STEM rows")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         print(edit_batch.format_edit_table(r))
         multi = sum(len(x["source_tokens"]) > 1 for x in r["edits"])
         if multi:
-            print(f"{multi} of {len(requests)} sources are several tokens. {MULTI_TOKEN_NOTE[6:]}")
+            print(f"{multi} of {len(requests)} sources are several tokens. {MULTI_TOKEN_NOTE}")
         if f.json:
             Path(f.json).write_text(json.dumps(r, indent=1) + "\n")
 
