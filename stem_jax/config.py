@@ -157,6 +157,11 @@ class TrainConfig:
     # step, fp32 sums) before one update. Must divide the per-device batch; data, update and checkpoints
     # do not depend on it.
     microbatches: int = 1
+    # The loss over chunks of this many sequence positions (model.chunked_metrics), so no [B, L, V] float32
+    # logits exist at once. Training (0 = the whole sequence): each chunk's logits are recomputed in the
+    # backward (one more LM-head matmul). Validation and eval.py always chunk, and run in train.microbatches.
+    loss_chunk: int = 0
+    eval_loss_chunk: int = 1024
     seed: int = 0
     log_every: int = 20
     eval_batches: int = 16          # validation batches at the end of training (0 = whole split)
@@ -259,6 +264,9 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
     if t.batch_size % t.microbatches:
         raise ConfigError(f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}")
+    if t.loss_chunk < 0 or t.eval_loss_chunk < 0:
+        raise ConfigError(f"train.loss_chunk={t.loss_chunk} and train.eval_loss_chunk={t.eval_loss_chunk} must "
+                          "be >= 0 (sequence positions per chunk of the loss; 0 = the whole sequence)")
     if t.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be >= 0 (0 = last step only)")
     if t.warmup_steps < 0:

@@ -125,7 +125,8 @@ def validate(run: workdir_lib.Run, corpus) -> dict:
     batch_sh = sharding.batch_sharding(run.mesh, run.cfg.train.batch_size)
     param_sh = jax.tree.map(lambda a: a.sharding, run.params)
     eval_step = steps.eval_step_fn(run.graphdef, param_sh, batch_sh,
-                                   eos_id=corpus.eos_id if run.cfg.data.packing else None)
+                                   eos_id=corpus.eos_id if run.cfg.data.packing else None,
+                                   microbatches=run.cfg.train.microbatches, chunk=run.cfg.train.eval_loss_chunk)
 
     def metrics_of(local_BxL1):
         with jax.set_mesh(run.mesh):

@@ -1,6 +1,8 @@
 """Llama-style decoder whose FFN is dense SwiGLU or STEM per layer (Flax NNX)."""
 from __future__ import annotations
 
+from typing import Callable
+
 import chex
 import flax
 import jax
@@ -157,12 +159,18 @@ class Transformer(nnx.Module):
         """``rows``: pre-gathered STEM rows, read instead of the tables; ``edit``: a STEM row override
         (``stem.StemRows``, ``stem.RowEdit``). Packed documents: ``segments_BxL`` keeps attention within each
         segment and ``positions_BxL`` gives the RoPE positions (``doc_segments`` makes both)."""
+        return self.logits(self.hidden(ids_BxL, rows, edit, segments_BxL, positions_BxL))
+
+    def hidden(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None,
+               segments_BxL: jax.Array | None = None, positions_BxL: jax.Array | None = None) -> jax.Array:
+        """The last block's output [B, L, D] (before the final norm): ``logits`` of any slice of its positions
+        equals that slice of ``model(ids)``, which is how the loss avoids holding every position's logits."""
         x_BxLxD = self._embed(ids_BxL)
         packing = (segments_BxL, positions_BxL)
         for block in self.blocks:
             x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit, *packing) if self.cfg.remat == "none" else \
                 _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit, *packing)
-        return self._logits(x_BxLxD)
+        return x_BxLxD
 
     def decode(self, ids_BxT: jax.Array, cache: KVCache, rows: StemRows | None = None,
                edit: RowEdit | None = None) -> tuple[jax.Array, KVCache]:
@@ -174,7 +182,7 @@ class Transformer(nnx.Module):
             x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, rows, edit)
             ks.append(k)
             vs.append(v)
-        return self._logits(x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
+        return self.logits(x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
 
     def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         K = self.cfg.d_model // self.cfg.n_heads
@@ -191,7 +199,8 @@ class Transformer(nnx.Module):
             x_BxLxD = jnp.take(self.embed[...], ids_BxL, axis=0).astype(dtype)
         return sharding.constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
-    def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+        """Final norm and LM head: [B, L, D] hidden states -> [B, L, V] float32 logits."""
         dtype = DTYPES[self.cfg.dtype]
         with jax.named_scope("lm_head"):
             x_BxLxD = self.final_norm(x_BxLxD)
@@ -223,15 +232,57 @@ def doc_segments(ids_BxL: jax.Array, eos_id: int) -> tuple[jax.Array, jax.Array]
 def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
     with jax.named_scope("loss"):
-        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
-        # logsumexp minus the target's logit: the backward is softmax minus one-hot, with no [B, L, V]
-        # log-probabilities kept for it.
-        lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-        target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-        return jnp.mean(lse_BxL - target_BxL)
+        return jnp.mean(_nll(logits_BxLxV, targets_BxL))
 
 
-def token_metrics(logits_BxLxV: jax.Array, batch_BxL1: jax.Array) -> dict:
-    """Mean loss and next-token top-1 accuracy of ``logits`` for ``batch[:, :-1]``."""
-    acc = jnp.mean((jnp.argmax(logits_BxLxV, axis=-1) == batch_BxL1[:, 1:]).astype(jnp.float32))
-    return {"loss": cross_entropy(logits_BxLxV, batch_BxL1[:, 1:]), "acc": acc}
+def _nll(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    # logsumexp minus the target's logit: the backward is softmax minus one-hot, with no [B, L, V]
+    # log-probabilities kept for it.
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    return lse_BxL - jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+
+
+def chunk_size(length: int, chunk: int) -> int:
+    """The largest divisor of ``length`` that is at most ``chunk`` (``chunk`` <= 0: the whole length)."""
+    if chunk <= 0 or chunk >= length:
+        return length
+    return max(d for d in range(1, chunk + 1) if length % d == 0)
+
+
+def chunked_metrics(logits_of: Callable[[jax.Array], jax.Array], x_BxLxD: jax.Array, targets_BxL: jax.Array,
+                    chunk: int, *, recompute: bool = False, acc: bool = True) -> dict:
+    """``{"loss", "acc"}`` (means over all B x L positions) of ``logits_of(x)`` computed ``chunk`` positions
+    of the sequence at a time (``chunk_size``), so at most [B, chunk, V] float32 logits exist at once. Sums
+    are float32. ``recompute``: the backward recomputes each chunk's logits from its [B, chunk, D] input
+    instead of keeping them (a training loss: memory of one chunk, one more LM-head matmul). ``acc=False``:
+    the loss only (no argmax over the logits)."""
+    B, L, D = x_BxLxD.shape
+    c = chunk_size(L, chunk)
+    with jax.named_scope("loss"):
+        if c == L:  # one chunk: no scan, the program of an unchunked loss
+            logits_BxLxV = logits_of(x_BxLxD)
+            out = {"loss": jnp.mean(_nll(logits_BxLxV, targets_BxL))}
+            return {**out, "acc": _hits(logits_BxLxV, targets_BxL) / (B * L)} if acc else out
+        xs_NxBxCxD = sharding.constrain(x_BxLxD.reshape(B, L // c, c, D).swapaxes(0, 1),
+                                        (None, "batch", "length", "act_embed"))
+        ts_NxBxC = targets_BxL.reshape(B, L // c, c).swapaxes(0, 1)
+
+        def sums(x_BxCxD, t_BxC):
+            logits_BxCxV = logits_of(x_BxCxD)
+            return jnp.sum(_nll(logits_BxCxV, t_BxC)), _hits(logits_BxCxV, t_BxC) if acc else jnp.zeros(())
+
+        if recompute:
+            sums = jax.checkpoint(sums, policy=jax.checkpoint_policies.nothing_saveable)
+
+        def body(carry, xt):
+            nll, hits = sums(*xt)
+            return (carry[0] + nll, carry[1] + hits), None
+
+        (nll, hits), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+                                      (xs_NxBxCxD, ts_NxBxC))
+        return {"loss": nll / (B * L), "acc": hits / (B * L)} if acc else {"loss": nll / (B * L)}
+
+
+def _hits(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+    return jnp.sum((jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32))

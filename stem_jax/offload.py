@@ -207,7 +207,7 @@ class Offloader:
         rows, inv_BxL, _, _ = sparse.fetch_rows(staged, at_BxL, self.ctx.cfg.model.stem_capacity)
         params = nnx.merge_state(backbone, self.ctx.tables.abstract)  # abstract tables: rows only
         return steps.eval_metrics(self.ctx.graphdef, params, batch_BxL1, rows=StemRows(tuple(rows), inv_BxL, True),
-                                  eos_id=self.ctx.eos_id)
+                                  eos_id=self.ctx.eos_id, chunk=self.ctx.cfg.train.eval_loss_chunk)
 
     def eval_metrics(self, params: nnx.State, local_BxL1: np.ndarray) -> dict:
         tables, backbone = sparse.split_tables(params)

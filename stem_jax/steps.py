@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from stem_jax import accounting, attention, data, sharding, sparse
 from stem_jax.config import Config, ConfigError
-from stem_jax.model import Transformer, cross_entropy, doc_segments, token_metrics
+from stem_jax.model import Transformer, chunked_metrics, doc_segments
 from stem_jax.optim import group_norms, make_optimizer, schedule
 from stem_jax.stem import StemRows
 
@@ -99,25 +99,33 @@ def make_context(cfg: Config, mesh: Mesh, *, eos_id: int | None = None) -> StepC
                        accounting.count_params(abstract_params, cfg.model), eos_id)
 
 
+def init_fn(ctx: StepContext) -> Callable[[], dict]:
+    """The jitted ``() -> state`` that initialises a fresh train state directly into its shardings (call and
+    lower it under ``jax.set_mesh(ctx.mesh)``)."""
+    return jax.jit(lambda: _init(ctx.cfg, ctx.tx), out_shardings=ctx.state_shardings)
+
+
 def init_state(ctx: StepContext) -> dict:
     """A fresh train state, initialised directly into its shardings."""
     with jax.set_mesh(ctx.mesh):
-        return jax.jit(lambda: _init(ctx.cfg, ctx.tx), out_shardings=ctx.state_shardings)()
+        return init_fn(ctx)()
 
 
-def forward(model: Transformer, ids_BxL: jax.Array, rows: StemRows | None = None,
-            eos_id: int | None = None) -> jax.Array:
-    """``model(ids)``; with ``eos_id``, as packed documents (segments and positions from the ids themselves)."""
+def hidden(model: Transformer, ids_BxL: jax.Array, rows: StemRows | None = None,
+           eos_id: int | None = None) -> jax.Array:
+    """``model.hidden(ids)``; with ``eos_id``, as packed documents (segments and positions from the ids)."""
     if eos_id is None:
-        return model(ids_BxL, rows=rows)
+        return model.hidden(ids_BxL, rows=rows)
     segments_BxL, positions_BxL = doc_segments(ids_BxL, eos_id)
-    return model(ids_BxL, rows=rows, segments_BxL=segments_BxL, positions_BxL=positions_BxL)
+    return model.hidden(ids_BxL, rows=rows, segments_BxL=segments_BxL, positions_BxL=positions_BxL)
 
 
 def loss(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None,
-         eos_id: int | None = None) -> jax.Array:
+         eos_id: int | None = None, chunk: int = 0) -> jax.Array:
+    """Mean next-token loss; ``chunk``: over chunks of that many positions (``model.chunked_metrics``)."""
     model = nnx.merge(graphdef, params)
-    return cross_entropy(forward(model, batch_BxL1[:, :-1], rows, eos_id), batch_BxL1[:, 1:])
+    x_BxLxD = hidden(model, batch_BxL1[:, :-1], rows, eos_id)
+    return chunked_metrics(model.logits, x_BxLxD, batch_BxL1[:, 1:], chunk, recompute=True, acc=False)["loss"]
 
 
 def microbatches(x_Bx: jax.Array, k: int) -> jax.Array:
@@ -148,7 +156,7 @@ def accumulate(loss_and_grads: Callable, k: int, shardings: Any, *batch_major: j
 
 def dense_step(ctx: StepContext, state: dict, batch_BxL1: jax.Array) -> tuple[dict, dict]:
     loss_and_grads = lambda b: jax.value_and_grad(loss, argnums=1)(ctx.graphdef, state["params"], b,
-                                                                   eos_id=ctx.eos_id)
+                                                                   eos_id=ctx.eos_id, chunk=ctx.cfg.train.loss_chunk)
     loss_value, grads = accumulate(loss_and_grads, ctx.cfg.train.microbatches,
                                    (None, _plain(ctx.state_shardings["params"])), batch_BxL1)
     with jax.named_scope("optimizer"):
@@ -181,7 +189,9 @@ def _row_loss_grads(ctx: StepContext, backbone: nnx.State, rows: list[jax.Array]
         def of(backbone, rows):
             model = rows_model(ctx.graphdef, backbone, ctx.tables.abstract)
             stem_rows = StemRows(tuple(rows), inv_BxL, per_device=True)
-            return cross_entropy(forward(model, batch_BxL1[:, :-1], stem_rows, ctx.eos_id), batch_BxL1[:, 1:])
+            x_BxLxD = hidden(model, batch_BxL1[:, :-1], stem_rows, ctx.eos_id)
+            return chunked_metrics(model.logits, x_BxLxD, batch_BxL1[:, 1:], ctx.cfg.train.loss_chunk,
+                                   recompute=True, acc=False)["loss"]
         return jax.value_and_grad(of, argnums=(0, 1))(backbone, list(rows))
 
     back = sparse.split_tables(_plain(ctx.state_shardings["params"]))[1]
@@ -255,18 +265,33 @@ def train_step_fn(ctx: StepContext) -> Callable:
 # ---- evaluation ----
 
 def eval_metrics(graphdef: Any, params: nnx.State, batch_BxL1: jax.Array, rows: StemRows | None = None,
-                 eos_id: int | None = None) -> dict:
+                 eos_id: int | None = None, chunk: int = 0) -> dict:
     """Mean loss and next-token top-1 accuracy (the accuracy the tiny comparison's ROI uses); ``eos_id``:
-    packed documents (``forward``)."""
-    return token_metrics(forward(nnx.merge(graphdef, params), batch_BxL1[:, :-1], rows, eos_id), batch_BxL1)
+    packed documents (``hidden``); ``chunk``: positions per chunk of the loss (``model.chunked_metrics``)."""
+    model = nnx.merge(graphdef, params)
+    return chunked_metrics(model.logits, hidden(model, batch_BxL1[:, :-1], rows, eos_id), batch_BxL1[:, 1:], chunk)
+
+
+def eval_microbatches(k: int, global_batch: int, mesh: Mesh) -> int:
+    """The most microbatches, at most ``k``, that divide the per-device batch of ``global_batch`` on ``mesh``
+    (a tool's mesh may split the batch over fewer or more devices than training did)."""
+    per_device = global_batch // sharding.axis_size("batch", mesh)
+    return max(d for d in range(1, min(k, per_device) + 1) if per_device % d == 0)
 
 
 def eval_step_fn(graphdef: Any, param_shardings: Any, batch_sharding: NamedSharding, *,
-                 eos_id: int | None = None) -> Callable:
-    """The jitted ``(params, batch) -> {"loss", "acc"}``, replicated outputs; ``eos_id``: packed documents."""
-    return jax.jit(lambda params, batch: eval_metrics(graphdef, params, batch, eos_id=eos_id),
-                   in_shardings=(param_shardings, batch_sharding),
-                   out_shardings=sharding.replicated(batch_sharding.mesh))
+                 eos_id: int | None = None, microbatches: int = 1, chunk: int = 0) -> Callable:
+    """The jitted ``(params, batch) -> {"loss", "acc"}``, replicated outputs; ``eos_id``: packed documents.
+    The batch runs as ``microbatches`` forward passes (``accumulate``; at most ``eval_microbatches`` of them)
+    and the loss over ``chunk`` positions at a time: no program holds the whole batch's logits."""
+    mesh = batch_sharding.mesh
+
+    def metrics(params, batch_BxL1):
+        k = eval_microbatches(microbatches, batch_BxL1.shape[0], mesh)
+        return accumulate(lambda b: eval_metrics(graphdef, params, b, eos_id=eos_id, chunk=chunk), k,
+                          {"loss": None, "acc": None}, batch_BxL1)
+    return jax.jit(metrics, in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=sharding.replicated(mesh))
 
 
 def validation(metrics_of: Callable[[np.ndarray], dict], batches: Iterable[np.ndarray]) -> dict:

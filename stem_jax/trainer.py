@@ -32,7 +32,8 @@ class Trainer:
         if self.offloader is None:
             self.train_step = steps.train_step_fn(ctx)
             self.eval_step = steps.eval_step_fn(ctx.graphdef, ctx.state_shardings["params"], ctx.batch_sharding,
-                                                eos_id=ctx.eos_id)
+                                                eos_id=ctx.eos_id, microbatches=ctx.cfg.train.microbatches,
+                                                chunk=ctx.cfg.train.eval_loss_chunk)
 
     @classmethod
     def create(cls, cfg: Config, mesh: Mesh, eos_id: int | None = None) -> "Trainer":

@@ -10,7 +10,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from stem_jax.layers import rope
-from stem_jax.model import Attention, Transformer, cross_entropy, doc_segments
+from stem_jax.model import Attention, Transformer, chunk_size, chunked_metrics, cross_entropy, doc_segments
 
 
 EOS = 3  # the packed documents' end token in these tests
@@ -117,6 +117,43 @@ def test_cross_entropy_matches_numpy():
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp, targets[..., None], -1).mean()
     np.testing.assert_allclose(float(cross_entropy(jnp.asarray(logits), jnp.asarray(targets))), want, rtol=1e-6)
+
+
+def test_chunk_size_is_the_largest_divisor_not_above_the_chunk():
+    assert [chunk_size(12, c) for c in (0, 1, 4, 5, 12, 99)] == [12, 1, 4, 4, 12, 12]
+    assert chunk_size(4096, 1024) == 1024 and chunk_size(7, 3) == 1
+
+
+@pytest.mark.parametrize("chunk", [0, 4, 5])
+def test_chunked_loss_and_accuracy_match_numpy_and_the_whole_loss_gradient(chunk):
+    """Loss and top-1 accuracy over chunks of the sequence (5 -> chunks of 4 of L=12) equal numpy's over the
+    whole [B, L, V] logits; so do the gradients, with the logits recomputed chunk by chunk in the backward."""
+    rng = np.random.default_rng(1)
+    B, L, D, V = 3, 12, 8, 11
+    x = rng.normal(size=(B, L, D)).astype(np.float32)
+    w = rng.normal(size=(D, V)).astype(np.float32)
+    t = rng.integers(0, V, (B, L))
+    t[0, :5] = np.argmax(x[0, :5] @ w, -1)  # some hits, so the accuracy is not trivially 0
+    logits = x @ w
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    want_loss = -np.take_along_axis(logp, t[..., None], -1).mean()
+    want_acc = (logits.argmax(-1) == t).mean()
+    got = chunked_metrics(lambda xc: xc @ jnp.asarray(w), jnp.asarray(x), jnp.asarray(t), chunk)
+    np.testing.assert_allclose(float(got["loss"]), want_loss, rtol=1e-6)
+    assert float(got["acc"]) == pytest.approx(want_acc) and want_acc > 0
+
+    def grads(fn):
+        return jax.grad(lambda x_, w_: fn(x_, w_), argnums=(0, 1))(jnp.asarray(x), jnp.asarray(w))
+    want_g = grads(lambda x_, w_: cross_entropy(x_ @ w_, jnp.asarray(t)))
+    got_g = grads(lambda x_, w_: chunked_metrics(lambda xc: xc @ w_, x_, jnp.asarray(t), chunk, recompute=True,
+                                                 acc=False)["loss"])
+    for g, wg in zip(got_g, want_g):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(wg), rtol=1e-5, atol=1e-7)
+    if chunk:  # the backward keeps no stack of the chunks' logits: [L / 4 chunks, B, 4, V]
+        loss = lambda x_, w_: chunked_metrics(lambda xc: xc @ w_, x_, jnp.asarray(t), chunk, recompute=True,
+                                              acc=False)["loss"]
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(jnp.asarray(x), jnp.asarray(w)).compile().as_text()
+        assert f"f32[{L // 4},{B},4,{V}]" not in hlo and f"f32[{B},4,{V}]" in hlo
 
 
 @pytest.mark.parametrize("tie", [True, False])

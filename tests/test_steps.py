@@ -2,6 +2,7 @@
 steps themselves are checked sharded against unsharded in test_trainer.py, test_sparse.py and test_offload.py)."""
 import dataclasses
 import functools
+import re
 
 import jax
 import numpy as np
@@ -113,3 +114,28 @@ def test_packing_reaches_every_step_and_the_eval_step_only_when_asked():
                 with jax.set_mesh(mesh):
                     jaxpr = str(jax.make_jaxpr(f)(ctx.abstract_state, batch))
                 assert ("cummax" in jaxpr) == (eos_id is not None), (optimizer, name, eos_id)
+
+
+def test_validation_runs_in_microbatches_and_chunks_and_never_holds_the_batch_logits():
+    """The eval step over 2 microbatches and loss chunks of 4 positions equals one whole-batch pass (loss and
+    accuracy, on a 2x4 mesh), and its compiled program has no float32 logits of the whole per-device batch,
+    nor of a whole microbatch: the largest logits array is [rows of a microbatch x chunk, V]."""
+    cfg = tiny_config(stem_layers="1", seq_len=24)
+    cfg.train.batch_size = 16
+    ctx = steps.make_context(cfg, mesh_of((2, 4, 1)))
+    params = steps.init_state(ctx)["params"]
+    batch = np.random.default_rng(0).zipf(1.3, (16, cfg.model.seq_len + 1)) % cfg.model.vocab_size
+    batch = jax.device_put(batch.astype(np.int32), ctx.batch_sharding)
+    whole = steps.eval_step_fn(ctx.graphdef, ctx.state_shardings["params"], ctx.batch_sharding)
+    parts = steps.eval_step_fn(ctx.graphdef, ctx.state_shardings["params"], ctx.batch_sharding, microbatches=2,
+                               chunk=4)
+    with jax.set_mesh(ctx.mesh):
+        want, got = jax.device_get(whole(params, batch)), jax.device_get(parts(params, batch))
+        hlo = parts.lower(params, batch).compile().as_text()
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=2e-6)
+    np.testing.assert_allclose(got["acc"], want["acc"], rtol=1e-6)
+    V, L = cfg.model.vocab_size, cfg.model.seq_len  # per device: 2 rows, 1 per microbatch, chunks of 4
+    logits = set(re.findall(rf"f32\[([\d,]*),{V}\]", hlo))
+    assert logits & {"1,4", "4"}, logits  # a chunk's logits
+    assert not logits & {f"2,{L}", f"{2 * L}", f"1,{L}", f"{L}"}, logits  # never a batch's or microbatch's
+    assert steps.eval_microbatches(4, 16, ctx.mesh) == 2  # 2 rows per device: at most 2 microbatches
