@@ -7,27 +7,38 @@
     shards/NNNNN.val.bin      the unit's held-out documents, the same way
     shards/NNNNN.json         the unit's counts, written after its shards: a unit with it is finished
     store.json                the store's description, written last: a store with it is complete
+    .build.lock               held (``flock``) by the one process that builds; the others wait on it
 
 ``build_store`` tokenizes the source's units (``sources.py``) in worker processes, one per core by default,
 with a progress bar. Every file is written under a temporary name and renamed, so an interrupted build leaves
 no half-written shard, and a rerun keeps the finished units. ``python -m stem_jax.data_prep`` builds a store
 ahead of training; ``train.py`` builds one in ``data.cache_dir`` on first use (``open_corpus``).
+
+One process builds a store at a time: the builder holds ``.build.lock``, and every other process that wants the
+store (the other processes of a multi-process run) waits on that lock and then finds ``store.json``. The kernel
+releases the lock when its holder dies, so a waiter then takes the build over and resumes it. Temporary files
+carry the host name and pid of their writer; a build removes only those of its own host whose pid has exited.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import functools
 import hashlib
 import json
 import multiprocessing
 import os
 import queue as queue_lib
+import re
+import socket
 import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from stem_jax import sources
@@ -35,10 +46,12 @@ from stem_jax import sources
 STORE_VERSION = "2"
 EOS = "<|endoftext|>"  # the trained tokenizer's end-of-document token, id 0
 EOS_NAMES = (EOS, "<|end_of_text|>", "</s>", "<eos>")  # looked up in a user's tokenizer, in this order
+ADD_SPECIAL_TOKENS = False  # documents skip the tokenizer's template (e.g. a Llama-3 BOS): the EOS alone separates them
 MIN_BPE_VOCAB = 257  # byte-level BPE: 256 byte tokens + <|endoftext|>
 TOKENIZER_SAMPLE_CHARS = 1 << 30  # a BPE is trained on at most this much training text (the first units')
 ENCODE_BATCH = 64  # documents per encode call
 PROGRESS_LINE_SECONDS = 30  # without a terminal for the progress bar, a progress line this often
+BUILD_LOCK = ".build.lock"  # in a store's folder: held by the process that builds it
 
 
 class StoreError(ValueError):
@@ -85,6 +98,12 @@ def eos_id(tok: Tokenizer, eos_token: str = "", where: str = "the tokenizer") ->
             return i
     raise StoreError(f"{where} has no end-of-document token {' or '.join(names)}; documents need one between "
                      f"them (and data.packing finds documents by it): set data.eos_token to one it has")
+
+
+def encode_text(tok: Tokenizer, text: str) -> Encoding:
+    """``text`` encoded as training encodes a document (``_tokenize_unit``): without the tokenizer's
+    special-token template, so no BOS that training never saw; the tools encode prompts with this."""
+    return tok.encode(text, add_special_tokens=ADD_SPECIAL_TOKENS)
 
 
 def _tokenizer_spec(data, vocab_size: int) -> str:
@@ -205,8 +224,18 @@ def fingerprint(data, vocab_size: int, ident: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def _host() -> str:
+    """This host's name as temporary file names carry it (no dots, so the name splits back)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def _tmp_path(path: Path) -> Path:
+    """Where this process writes ``path`` before renaming it: ``.NAME.HOST.PID.tmp``."""
+    return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _tmp_path(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -269,7 +298,7 @@ def _tokenize_unit(index: int, unit: sources.Unit, force_val: int | None = None)
     tok, eos, dtype, report = w["tok"], w["eos"], w["dtype"], w["progress"]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets: 30 % more tokens/s
     stem = w["dir"] / f"{index:05d}"
-    tmp = {s: stem.with_name(f".{stem.name}.{s}.bin.{os.getpid()}.tmp") for s in ("train", "val")}
+    tmp = {s: _tmp_path(stem.with_name(f"{stem.name}.{s}.bin")) for s in ("train", "val")}
     counts = {"index": index, "train": 0, "val": 0, "train_documents": 0, "val_documents": 0, "min_hash": None}
     prog, last, sent = sources.Progress(), time.monotonic(), [0, 0, 0]
     files = {s: open(p, "wb") for s, p in tmp.items()}
@@ -277,7 +306,7 @@ def _tokenize_unit(index: int, unit: sources.Unit, force_val: int | None = None)
         docs: dict[str, list[str]] = {"train": [], "val": []}
 
         def flush(split: str) -> None:
-            for enc in encode(docs[split], add_special_tokens=False):
+            for enc in encode(docs[split], add_special_tokens=ADD_SPECIAL_TOKENS):
                 ids = np.asarray(enc.ids + [eos], dtype)
                 files[split].write(ids.tobytes())
                 counts[split] += ids.size
@@ -322,19 +351,74 @@ def build_store(data, vocab_size: int, out: str | Path, workers: int = 0, log: C
     ident, units = planned or sources.plan(data, log)
     out = Path(out).expanduser()
     fp = fingerprint(data, vocab_size, ident)
-    plan = {"fingerprint": fp, "source": ident, "units": [dataclasses.asdict(u) for u in units]}
+    _check_folder(out, fp, start_over=False)  # before anything is written: a folder of the user's stays untouched
+    with _one_builder(out, log):
+        if (out / "store.json").is_file() and _check_folder(out, fp, start_over=False):
+            log(f"the token store at {out} is complete")  # built by the process this one waited for
+            return out
+        return _build(data, vocab_size, out, fp, ident, units, workers, log, progress)
+
+
+def _check_folder(out: Path, fp: str, start_over: bool) -> bool:
+    """Whether ``out`` holds (part of) the store ``fp``; a StoreError if it holds anything else. With
+    ``start_over``, a build of another fingerprint that stopped before any unit is cleared."""
     if (out / "plan.json").is_file():
         before = json.loads((out / "plan.json").read_text())
-        if before.get("fingerprint") != fp:
-            if (out / "store.json").exists() or any((out / "shards").glob("*.json")):
-                raise StoreError(f"{str(out)!r} holds (part of) a store of another source or tokenizer "
-                                 f"({before.get('source')}); choose another folder")
+        if before.get("fingerprint") == fp:
+            return True
+        if (out / "store.json").exists() or any((out / "shards").glob("*.json")):
+            raise StoreError(f"{str(out)!r} holds (part of) a store of another source or tokenizer "
+                             f"({before.get('source')}); choose another folder")
+        if start_over:
             (out / "tokenizer.json").unlink(missing_ok=True)  # a build that stopped before any unit: start over
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != BUILD_LOCK for p in out.iterdir()):
         raise StoreError(f"{str(out)!r} is not empty and is not a token store; choose another folder")
+    return False
+
+
+@contextlib.contextmanager
+def _one_builder(out: Path, log: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``out``'s build lock for the block; while another process holds it, wait (blocked in ``flock``,
+    woken by the kernel when it is released, also when its holder dies). The file names the holder."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _lock(fd, out, log)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, out: Path, log: Callable[[str], None]) -> None:
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            log(f"waiting for {holder} to finish building the token store at {out} ...")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        raise StoreError(f"cannot lock {out / BUILD_LOCK} ({os.strerror(e.errno)}): this filesystem has no file "
+                         f"locks, so concurrent builds could not be kept apart; build the store once with "
+                         f"`python -m stem_jax.data_prep` and train with --config.data.store") from None
+
+
+def _build(data, vocab_size: int, out: Path, fp: str, ident: str, units: list, workers: int,
+           log: Callable[[str], None], progress: bool | None) -> Path:
+    """``build_store`` under the build lock."""
+    _check_folder(out, fp, start_over=True)
+    plan = {"fingerprint": fp, "source": ident, "units": [dataclasses.asdict(u) for u in units]}
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "plan.json", json.dumps(plan, indent=1))
+    _remove_orphans(out)
     _remove_orphans(out / "shards")
+    _write_atomic(out / "plan.json", json.dumps(plan, indent=1))
     spec = sources.Spec(data.source, data.text_key, data.tfds_data_dir, data.skip_bad_records)
     tok = _tokenizer(data, vocab_size, units, spec, out, log)
     eos = eos_id(tok, data.eos_token)
@@ -383,10 +467,12 @@ def _running(pid: int) -> bool:
 
 
 def _remove_orphans(folder: Path) -> None:
-    """Delete the temporary files of writers that are no longer running (their pid is in the name)."""
+    """Delete the temporary files (``.NAME.HOST.PID.tmp``) of this host's writers that are no longer running.
+    Another host's files are never touched: its pids cannot be checked from here."""
+    host = _host()
     for tmp in folder.glob(".*.tmp"):
-        pid = tmp.name.split(".")[-2]
-        if pid.isdigit() and not _running(int(pid)):
+        parts = tmp.name.split(".")
+        if len(parts) >= 5 and parts[-3] == host and parts[-2].isdigit() and not _running(int(parts[-2])):
             tmp.unlink(missing_ok=True)
 
 

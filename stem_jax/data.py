@@ -129,7 +129,7 @@ class ProcessRows(grain.MapDataset):
 def eval_batches(tokens: Tokens, seq_len: int, global_batch: int, vocab_size: int,
                  max_batches: int = 0, name: str = "val split") -> Iterator[np.ndarray]:
     """Windows in order (no shuffle); at most ``max_batches`` (0 = all) full batches, this process's block
-    of rows of each (as in ``train_dataset``)."""
+    of rows of each (as in ``train_dataset``): a process reads only its own windows."""
     ds = grain.MapDataset.source(Windows(tokens, seq_len, name))
     n_batches = len(ds) // global_batch
     if n_batches == 0:
@@ -138,9 +138,9 @@ def eval_batches(tokens: Tokens, seq_len: int, global_batch: int, vocab_size: in
     if max_batches:
         n_batches = min(n_batches, max_batches)
     local = _local_batch(global_batch)
-    lo = jax.process_index() * local
-    for batch in ds[: n_batches * global_batch].batch(global_batch):
-        yield check_ids(batch[lo:lo + local], vocab_size, name)
+    rows = ProcessRows(ds[: n_batches * global_batch], global_batch, local, jax.process_index() * local)
+    for batch in rows.batch(local):
+        yield check_ids(batch, vocab_size, name)
 
 
 def to_global(local_BxL1: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

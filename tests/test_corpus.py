@@ -1,4 +1,5 @@
 """The token store: built in parallel, resumable, the same split for any cut of the source, the user's tokenizer."""
+import hashlib
 import json
 import os
 import re
@@ -6,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,7 +56,9 @@ def test_text_files_build_a_store_in_the_cache(tmp_path):
     logs.clear()
     again = corpus.load_corpus(cfg, vocab_size=300, log=logs.append)
     assert not logs and again.path == c.path  # opened from the cache
-    assert sorted(p.name for p in c.path.iterdir()) == ["plan.json", "shards", "store.json", "tokenizer.json"]
+    assert sorted(p.name for p in c.path.iterdir()) == [".build.lock", "plan.json", "shards", "store.json",
+                                                        "tokenizer.json"]
+    assert (c.path / ".build.lock").read_text() == ""  # no holder left behind
     assert not [p for p in (c.path / "shards").iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -106,13 +110,19 @@ def test_an_interrupted_build_resumes_and_never_reads_a_partial_store(tmp_path, 
     assert done >= 3 and not (out / "store.json").exists(), p.stderr.read().decode()[-2000:]
     with pytest.raises(corpus.StoreError, match="is not a finished token store"):
         corpus.open_store(out)
+    dead = p.pid  # a pid that has exited: on another host that proves nothing, its files stay
+    others = {out / "shards" / f".00000.train.bin.other-host.{dead}.tmp",  # another host's live writer
+              out / "shards" / f".00009.val.bin.{corpus._host()}.{os.getpid()}.tmp"}  # a live writer here
+    for o in others:
+        o.write_bytes(b"live")
     logs = []
     monkeypatch.setattr(sources, "UNIT_BYTES", 3000)
     cfg = DataConfig(source="jsonl", files=f, val_every=5)
     resumed = corpus.open_store(corpus.build_store(cfg, 300, out, workers=2, log=logs.append))
     n_units = len(resumed.meta["shards"])
     assert f"resuming the token store at {out}: {done} of {n_units} units already done" in logs
-    assert not [p for p in (out / "shards").iterdir() if p.name.startswith(".")]  # orphaned temporary files removed
+    # the killed build's temporary files are removed; those of live writers and of other hosts are kept
+    assert {p for p in (out / "shards").iterdir() if p.name.startswith(".")} == others
     clean = corpus.open_store(corpus.build_store(cfg, 300, tmp_path / "clean", workers=2, **QUIET))
     for split in ("train", "val"):
         np.testing.assert_array_equal(_tokens(getattr(resumed, split)), _tokens(getattr(clean, split)))
@@ -123,6 +133,48 @@ def test_an_interrupted_build_resumes_and_never_reads_a_partial_store(tmp_path, 
     with pytest.raises(corpus.StoreError, match="is not empty and is not a token store"):
         corpus.build_store(cfg, 300, tmp_path / "mine", **QUIET)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+_SHARED_BUILD = """
+import hashlib, sys
+from stem_jax import corpus
+from stem_jax.config import DataConfig
+cfg = DataConfig(source="jsonl", files=sys.argv[1], val_every=5, cache_dir=sys.argv[2], workers=1)
+print("ready", flush=True)
+sys.stdin.readline()  # the go: all processes ask for the store at once
+c = corpus.load_corpus(cfg, 300)
+h = hashlib.sha256(c.tokenizer.to_str().encode())
+for split in (c.train, c.val):
+    h.update(split.read(0, len(split)).tobytes())
+print("opened", c.path, h.hexdigest(), flush=True)
+"""
+
+
+def test_processes_sharing_a_cache_build_the_store_once_and_open_the_same_one(tmp_path):
+    """Four processes of a run (what open_corpus does in each: jax.distributed plays no part in it) ask for the
+    store in one cache folder at the same moment: one builds, the others wait for it and open it."""
+    f = _write_jsonl(tmp_path / "a.jsonl", 600)
+    procs = [subprocess.Popen([sys.executable, "-c", _SHARED_BUILD, f, str(tmp_path / "cache")], cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    for p in procs:
+        assert p.stdout.readline() == "ready\n", p.stderr.read()[-2000:]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    logs = "".join(out for out, _ in outs)
+    assert logs.count("tokenizing 1 unit(s)") == 1, logs  # one build ...
+    opened = [out.splitlines()[-1].split()[1:] for out, _ in outs]  # [path, hash of tokenizer and tokens]
+    ref = corpus.open_store(corpus.build_store(DataConfig(source="jsonl", files=f, val_every=5), 300,
+                                               tmp_path / "alone", workers=1, **QUIET))
+    h = hashlib.sha256(ref.tokenizer.to_str().encode())
+    for split in (ref.train, ref.val):
+        h.update(_tokens(split).tobytes())
+    assert all(o == opened[0] for o in opened) and opened[0][1] == h.hexdigest()  # ... the same store for all
+    assert not [p for p in Path(opened[0][0]).rglob(".*.tmp")]
 
 
 def _user_tokenizer(path, texts, vocab=320, eos="</s>"):

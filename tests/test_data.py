@@ -108,3 +108,27 @@ def test_lookahead_state_is_the_position_before_the_peeked_batch():
     fresh.set_state(state)
     for w in [peeked] + want:
         np.testing.assert_array_equal(next(fresh), w)
+
+
+@pytest.mark.parametrize("processes", [2, 4])
+def test_each_process_reads_only_its_rows_of_the_validation_batches(monkeypatch, processes):
+    seq, global_batch, n_batches = 16, 8, 2
+    tokens = np.arange(seq * 20 + 1, dtype=np.uint16)  # 20 windows: 2 full batches of 8, capped to 2
+    windows = np.stack([tokens[i * seq:i * seq + seq + 1] for i in range(n_batches * global_batch)])
+    reads = []
+
+    def open_shard(k):
+        reads.append(k)  # Windows reads one window per open_shard call
+        return tokens
+    split = corpus.Split("val", [len(tokens)], open_shard)
+    local = global_batch // processes
+    monkeypatch.setattr(data.jax, "process_count", lambda: processes)
+    for p in range(processes):
+        monkeypatch.setattr(data.jax, "process_index", lambda p=p: p)
+        reads.clear()
+        got = list(data.eval_batches(split, seq, global_batch, vocab_size=1000, max_batches=n_batches))
+        assert len(reads) == n_batches * global_batch // processes  # its own windows, nothing more
+        want = [windows[b * global_batch:(b + 1) * global_batch][p * local:(p + 1) * local] for b in range(n_batches)]
+        assert len(got) == n_batches
+        for g, w in zip(got, want):  # the rows the old whole-batch slicing gave this process
+            np.testing.assert_array_equal(g, w)
