@@ -14,7 +14,10 @@ A device whose unique rows for some owner exceed ``C`` sends the rest in further
 ``max over devices of ceil(count / C)`` rounds (one scalar ``pmax``), so nothing is dropped, whatever the
 batch. The backward pass (a ``custom_vjp``) sums each unique row's cotangents locally, sends them to the
 owners by the same routing, and each owner scatter-adds into its own table slice: the table gradient stays
-local and no collective is larger than ``N x C`` rows. Per device, one round moves ``N x C ~ capacity x T``
+local and no collective is larger than ``N x C`` rows per table. Cotangents are summed in the table's dtype
+(float32), never in the bfloat16 of the compute: a bf16 sum stops registering a frequent token's additions.
+``exchange_rows`` looks up every table layer of a model at once (one route, one loop each way, one stacked
+``all_to_all`` per round), so the train step's collectives do not grow with the number of STEM layers. Per device, one round moves ``N x C ~ capacity x T``
 rows each way, independent of N. ``fetch`` and ``send_back`` are the same two halves for the sparse table
 optimizer, which exchanges the ids once for all table layers.
 
@@ -79,7 +82,9 @@ def _varying(x: jax.Array, axes) -> jax.Array:
 def fetch(tables: list[jax.Array], rt: Route, v: int, axes, capacity: float,
           dtype) -> tuple[list[jax.Array], jax.Array]:
     """``([T, F] unique rows of every [v, F] table block in dtype, [v] which of my rows anyone asked for)``.
-    The id exchange of each round serves every table (with no table: only the ids move)."""
+    Each round moves the ids once and every table's rows in one ``all_to_all`` of the stacked [k, N, C, F]
+    rows (with no table: only the ids move), so the program has the same collectives for 1 or 16 tables.
+    Rows are gathered in the tables' dtype and cast after, for the trip."""
     t, n = rt.uniq_T.shape[0], jax.lax.axis_size(axes)
     c = slots(t, n, capacity)
     mesh_axes = jax.sharding.get_abstract_mesh().axis_names
@@ -89,13 +94,13 @@ def fetch(tables: list[jax.Array], rt: Route, v: int, axes, capacity: float,
         pos_NxC, used_NxC = _round_slots(rt, r, c)
         want_NxC = _requests(rt, pos_NxC, used_NxC, v, axes)
         asked_v = asked_v.at[jnp.where(want_NxC >= 0, want_NxC, v)].set(True, mode="drop")
-        out = []
-        for table_vxf, rows_TxF in zip(tables, rows):
-            served = jnp.take(table_vxf, jnp.clip(want_NxC, 0, v - 1), axis=0)
-            served = jnp.where((want_NxC >= 0)[..., None], served, 0).astype(dtype)
-            got_NxCxF = jax.lax.all_to_all(served, axes, 0, 0, tiled=True)
-            out.append(rows_TxF.at[jnp.where(used_NxC, pos_NxC, t)].set(got_NxCxF, mode="drop"))
-        return out, asked_v
+        if not tables:
+            return rows, asked_v
+        served_KxNxCxF = jnp.stack([jnp.take(tb, jnp.clip(want_NxC, 0, v - 1), axis=0) for tb in tables])
+        served_KxNxCxF = jnp.where((want_NxC >= 0)[None, ..., None], served_KxNxCxF, 0).astype(dtype)
+        got_KxNxCxF = jax.lax.all_to_all(served_KxNxCxF, axes, 1, 1, tiled=True)
+        at_NxC = jnp.where(used_NxC, pos_NxC, t)
+        return [rows_TxF.at[at_NxC].set(got, mode="drop") for rows_TxF, got in zip(rows, got_KxNxCxF)], asked_v
 
     init = ([_varying(jnp.zeros((t, tb.shape[1]), dtype), mesh_axes) for tb in tables],
             _varying(jnp.zeros(v, bool), axes))
@@ -105,7 +110,8 @@ def fetch(tables: list[jax.Array], rt: Route, v: int, axes, capacity: float,
 def send_back(grads: list[jax.Array], rt: Route, axes, capacity: float, v: int, slot_v: jax.Array, size: int,
               dtype) -> list[jax.Array]:
     """Each table's [T, F] unique-row gradients summed on their owners into ``[size, F]`` accumulators in
-    ``dtype``; owner-local row i lands in slot ``slot_v[i]`` (out of range: dropped)."""
+    ``dtype`` (the gradients travel in it too: a float32 sum of bfloat16 cotangents stays float32); owner-local
+    row i lands in slot ``slot_v[i]`` (out of range: dropped). One stacked ``all_to_all`` per round."""
     t, n = rt.uniq_T.shape[0], jax.lax.axis_size(axes)
     c = slots(t, n, capacity)
     mesh_axes = jax.sharding.get_abstract_mesh().axis_names
@@ -114,42 +120,44 @@ def send_back(grads: list[jax.Array], rt: Route, axes, capacity: float, v: int, 
         pos_NxC, used_NxC = _round_slots(rt, r, c)
         want_NxC = _requests(rt, pos_NxC, used_NxC, v, axes)
         at_NxC = jnp.where(want_NxC >= 0, slot_v[jnp.clip(want_NxC, 0, v - 1)], size)
-        out = []
-        for g_TxF, acc in zip(grads, accs):
-            send = jnp.where(used_NxC[..., None], g_TxF[jnp.clip(pos_NxC, 0, t - 1)], 0)
-            got_NxCxF = jax.lax.all_to_all(send, axes, 0, 0, tiled=True)
-            out.append(acc.at[at_NxC].add(got_NxCxF.astype(dtype), mode="drop"))
-        return out
+        send_KxNxCxF = jnp.stack([g_TxF.astype(dtype)[jnp.clip(pos_NxC, 0, t - 1)] for g_TxF in grads])
+        send_KxNxCxF = jnp.where(used_NxC[None, ..., None], send_KxNxCxF, 0)
+        got_KxNxCxF = jax.lax.all_to_all(send_KxNxCxF, axes, 1, 1, tiled=True)
+        return [acc.at[at_NxC].add(got, mode="drop") for acc, got in zip(accs, got_KxNxCxF)]
 
     init = [_varying(jnp.zeros((size, g.shape[1]), dtype), mesh_axes) for g in grads]
     return jax.lax.fori_loop(0, rt.rounds, one_round, init)
 
 
-def _forward(table_vxf, rows_bxl, axes, capacity, dtype):
-    rt = route(rows_bxl.reshape(-1), table_vxf.shape[0], axes, capacity)
-    (rows_TxF,), _ = fetch([table_vxf], rt, table_vxf.shape[0], axes, capacity, dtype)
-    return jnp.take(rows_TxF, rt.inv_T, axis=0).reshape(*rows_bxl.shape, -1), rt
+def _forward(tables, rows_bxl, axes, capacity, dtype):
+    v = tables[0].shape[0]
+    rt = route(rows_bxl.reshape(-1), v, axes, capacity)
+    fetched, _ = fetch(list(tables), rt, v, axes, capacity, dtype)
+    return tuple(jnp.take(r_TxF, rt.inv_T, axis=0).reshape(*rows_bxl.shape, -1) for r_TxF in fetched), rt
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def exchange_rows(table_vxf: jax.Array, rows_bxl: jax.Array, axes: tuple[str, ...], capacity: float,
-                  dtype) -> jax.Array:
-    """Rows ``table[rows]`` for this device's stored rows, inside a ``shard_map`` whose ``axes`` split both
-    the table rows and the batch. Returns [b, l, d_ff] in ``dtype``."""
-    return _forward(table_vxf, rows_bxl, axes, capacity, dtype)[0]
+def exchange_rows(tables: tuple[jax.Array, ...], rows_bxl: jax.Array, axes: tuple[str, ...], capacity: float,
+                  dtype) -> tuple[jax.Array, ...]:
+    """Rows ``table[rows]`` of every table (equal [v, F] blocks) for this device's stored rows, inside a
+    ``shard_map`` whose ``axes`` split both the table rows and the batch: one route and one exchange for all
+    tables. Returns a [b, l, F] array in ``dtype`` per table."""
+    return _forward(tables, rows_bxl, axes, capacity, dtype)[0]
 
 
-def _fwd(table_vxf, rows_bxl, axes, capacity, dtype):
-    out, rt = _forward(table_vxf, rows_bxl, axes, capacity, dtype)
-    return out, (rt, jnp.zeros((table_vxf.shape[0], 0), table_vxf.dtype))  # the table's rows and dtype
+def _fwd(tables, rows_bxl, axes, capacity, dtype):
+    out, rt = _forward(tables, rows_bxl, axes, capacity, dtype)
+    return out, (rt, tuple(jnp.zeros((tb.shape[0], 0), tb.dtype) for tb in tables))  # the tables' rows, dtype
 
 
-def _bwd(axes, capacity, dtype, saved, g_bxlxf):
-    rt, like_vx0 = saved
-    v, t = like_vx0.shape[0], rt.inv_T.shape[0]
-    g_TxF = jax.ops.segment_sum(g_bxlxf.reshape(t, -1), rt.inv_T, num_segments=t)  # duplicates summed locally
-    (grad_vxf,) = send_back([g_TxF], rt, axes, capacity, v, jnp.arange(v), v, like_vx0.dtype)
-    return grad_vxf, None
+def _bwd(axes, capacity, dtype, saved, gs):
+    rt, likes = saved
+    v, t = likes[0].shape[0], rt.inv_T.shape[0]
+    # Cast before any sum: a token's cotangents (bfloat16 under bf16 compute) add up in the table's dtype.
+    g_TxFs = [jax.ops.segment_sum(g_bxlxf.reshape(t, -1).astype(like.dtype), rt.inv_T, num_segments=t)
+              for g_bxlxf, like in zip(gs, likes)]
+    grads = send_back(g_TxFs, rt, axes, capacity, v, jnp.arange(v), v, likes[0].dtype)
+    return tuple(grads), None
 
 
 exchange_rows.defvjp(_fwd, _bwd)

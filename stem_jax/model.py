@@ -13,7 +13,7 @@ from jax.ad_checkpoint import checkpoint_name
 from stem_jax import attention, sharding
 from stem_jax.config import DTYPES, ModelConfig, moe_width, stem_indices
 from stem_jax.layers import DenseFFN, RMSNorm, matrix_std, param, project, rope
-from stem_jax.stem import RowEdit, RowLookup, StemFFN, StemRows
+from stem_jax.stem import LayerRows, RowEdit, RowLookup, StemFFN, StemRows, TableFFN, lookup_layers
 from stem_jax.variants import HashMoEFFN, StemAdditiveFFN, StemGateFFN
 
 TABLE_FFNS = {"stem": StemFFN, "stem_additive": StemAdditiveFFN, "stem_gate": StemGateFFN}
@@ -167,6 +167,9 @@ class Transformer(nnx.Module):
         equals that slice of ``model(ids)``, which is how the loss avoids holding every position's logits."""
         x_BxLxD = self._embed(ids_BxL)
         packing = (segments_BxL, positions_BxL)
+        if rows is None and edit is None:  # every table layer's rows in one exchange, outside any remat
+            with jax.named_scope("stem_lookup"):
+                rows = lookup_layers([b.ffn for b in self.blocks if isinstance(b.ffn, TableFFN)], ids_BxL)
         for block in self.blocks:
             x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit, *packing) if self.cfg.remat == "none" else \
                 _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit, *packing)

@@ -147,6 +147,18 @@ def stored_rows(ids, vocab_size: int, layout: str = "spread"):
     return xp.where(ids < base, spread, ids).astype(ids.dtype)
 
 
+def stored_token(rows, vocab_size: int, layout: str = "spread"):
+    """Inverse of ``stored_rows``: the token whose row each stored row index holds (elementwise, so a sharded
+    iota maps shard by shard). ``bitreverse7`` is its own inverse."""
+    if layout == "contiguous":
+        return rows
+    xp = np if isinstance(rows, (np.ndarray, np.generic, int, list)) else jnp
+    rows = xp.asarray(rows)
+    per = -(-vocab_size // ROW_PAD_MULTIPLE)  # V' / 128 stored rows per bit-reversed residue
+    residue = xp.asarray(_BITREV)[xp.clip(rows // per, 0, ROW_PAD_MULTIPLE - 1)]
+    return xp.where(rows < per * ROW_PAD_MULTIPLE, (rows % per) * ROW_PAD_MULTIPLE + residue, rows).astype(rows.dtype)
+
+
 def table_by_token(stored_VxF: np.ndarray, m: ModelConfig) -> np.ndarray:
     """A stored table (numpy) reordered so that row t belongs to token t."""
     return stored_VxF[stored_rows(np.arange(stored_VxF.shape[0]), m.vocab_size, m.stem_row_layout)]

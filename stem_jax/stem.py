@@ -46,6 +46,14 @@ class StemRows:
 
 
 @flax.struct.dataclass
+class LayerRows:
+    """Token rows of every table layer, looked up once before the blocks (``lookup_layers``): ``per_layer[k]``
+    is ``U_k[ids]`` [B, L, d_ff] in the compute dtype. Under remat they are inputs of the checkpointed blocks,
+    so the backward reuses them instead of running the exchange again."""
+    per_layer: tuple
+
+
+@flax.struct.dataclass
 class RowEdit:
     """A knowledge edit (``editing.py``): where ``on_S[k]``, table layer k reads ``sum_m weights[b, l, m] *
     U_k[ids[b, l, m]]`` at position (b, l) instead of ``U_k[t]``. The weights of the model are unchanged."""
@@ -78,10 +86,9 @@ def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "exchange", dty
     if mode not in LOOKUP_MODES:
         raise ValueError(f"unknown STEM lookup mode {mode!r}; choose from {LOOKUP_MODES}")
     if mode == "exchange" and batch_axes and batch_axes == vocab_axes:
-        owners = math.prod(mesh.shape[a] for a in vocab_axes)
-        if owners == 1:
+        if _exchange_axes(ids_BxL.shape, mesh) is None:  # one owner
             return jnp.take(table_VxF, ids_BxL, axis=0).astype(dtype)
-        return jax.shard_map(lambda t, i: exchange_rows(t, i, vocab_axes, capacity, dtype),
+        return jax.shard_map(lambda t, i: exchange_rows((t,), i, vocab_axes, capacity, dtype)[0],
                              in_specs=(table_spec, ids_spec), out_specs=out_spec)(table_VxF, ids_BxL)
 
     def local(table_vxf, ids_bxl):
@@ -98,6 +105,17 @@ def lookup(table_VxF: jax.Array, ids_BxL: jax.Array, mode: str = "exchange", dty
         return jax.lax.psum(rows, rest) if rest else rows
 
     return jax.shard_map(local, in_specs=(table_spec, ids_spec), out_specs=out_spec)(table_VxF, ids_BxL)
+
+
+def _exchange_axes(ids_shape: tuple[int, ...], mesh) -> tuple[str, ...] | None:
+    """The mesh axes the exchange runs over for ids of ``ids_shape``: those that split both the table rows
+    and the ids (more than one owner); None where ``lookup`` gathers another way."""
+    if mesh.empty:
+        return None
+    vocab_axes, batch_axes = sharding.mesh_axes("stem_vocab"), sharding.fitted_axes("batch", ids_shape[0], mesh)
+    if not batch_axes or batch_axes != vocab_axes or math.prod(mesh.shape[a] for a in vocab_axes) == 1:
+        return None
+    return vocab_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,18 +147,42 @@ def take_per_device(rows_UxF: jax.Array, inverse_BxL: jax.Array) -> jax.Array:
                          out_specs=sharding.spec(("batch", "length", "stem_dff")))(rows_UxF, inverse_BxL)
 
 
+INIT_ROWS_PER_DRAW = 256  # rows drawn at once by init_table: its temporaries are this many rows, not a shard
+
+
 def init_table(key: jax.Array, vocab_size: int, d_ff: int, rows: int, layout: str = "spread") -> jax.Array:
     """Xavier-normal [vocab, d_ff] (std sqrt(2/(V+F)), the official code's init), zero-padded to ``rows``
     and stored in ``layout`` (token t's row at ``sharding.stored_rows(t)``).
 
-    Padding rows exist only so each device holds an equal slice; validated ids never address them.
+    Created on its owners: stored row r is drawn from its own key ``fold_in(key, r)`` (rows are i.i.d.), so
+    each device draws just its rows, ``INIT_ROWS_PER_DRAW`` at a time, and zeroes the padding rows among
+    them by an elementwise mask (``sharding.stored_token``). No device holds more than its shard and one
+    block of draws, and the values do not depend on the mesh. Padding rows exist only so each device holds
+    an equal slice; validated ids never address them.
     """
     std = (2.0 / (vocab_size + d_ff)) ** 0.5
-    table_VxF = std * jax.random.normal(key, (vocab_size, d_ff), jnp.float32)
-    padded = jnp.pad(table_VxF, ((0, rows - vocab_size), (0, 0)))
-    if layout == "contiguous":
-        return padded
-    return jnp.zeros_like(padded).at[sharding.stored_rows(jnp.arange(rows), vocab_size, layout)].set(padded)
+
+    def draw(first_row, n_rows: int) -> jax.Array:  # stored rows first_row .. first_row + n_rows - 1
+        def one(r):  # the mask inside the loop: its output is the table, with no second [rows, F] buffer
+            row_F = std * jax.random.normal(jax.random.fold_in(key, r), (d_ff,), jnp.float32)
+            return jnp.where(sharding.stored_token(r, vocab_size, layout) < vocab_size, row_F, 0.0)
+        rows_R = first_row + jnp.arange(n_rows, dtype=jnp.int32)
+        return jax.lax.map(one, rows_R, batch_size=min(n_rows, INIT_ROWS_PER_DRAW))
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return draw(0, rows)
+    row_axes, col_axes = sharding.mesh_axes("stem_vocab"), sharding.mesh_axes("stem_dff")
+
+    def local():
+        v = rows // math.prod(mesh.shape[a] for a in row_axes)
+        block_vxF = draw(jax.lax.axis_index(row_axes) * v if row_axes else 0, v)
+        if not col_axes:
+            return block_vxF
+        f = d_ff // math.prod(mesh.shape[a] for a in col_axes)
+        return jax.lax.dynamic_slice_in_dim(block_vxF, jax.lax.axis_index(col_axes) * f, f, axis=1)
+
+    return jax.shard_map(local, in_specs=(), out_specs=sharding.spec(("stem_vocab", "stem_dff")))()
 
 
 class TableFFN(nnx.Module):
@@ -153,19 +195,24 @@ class TableFFN(nnx.Module):
                                           rows_of.layout), logical_axes=("stem_vocab", "stem_dff"))
         self.vocab_size, self.table_index, self.dtype, self.rows_of = vocab_size, table_index, dtype, rows_of
 
-    def token_rows(self, ids_BxL: jax.Array, rows: StemRows | None = None, edit: RowEdit | None = None) -> jax.Array:
+    def token_rows(self, ids_BxL: jax.Array, rows: "StemRows | LayerRows | None" = None,
+                   edit: RowEdit | None = None) -> jax.Array:
         """``U[ids]`` as [B, L, d_ff] in the compute dtype: from the table, or from pre-gathered ``rows``;
         ``edit`` swaps in other rows where it is on for this layer."""
         act = ("batch", "length", "act_mlp")
-        if rows is not None:
-            if edit is not None:
-                raise ValueError("a STEM row edit needs the table, not pre-gathered rows")
+        if rows is not None and edit is not None:
+            raise ValueError("a STEM row edit needs the table, not pre-gathered rows")
+        if isinstance(rows, LayerRows):
+            u_BxLxF = rows.per_layer[self.table_index]
+            chex.assert_shape(u_BxLxF, (*ids_BxL.shape, self.table.shape[1]))
+            return u_BxLxF
+        if rows is not None:  # gather in the rows' dtype, cast after: the gradient's sums stay float32
             rows_UxF = rows.per_layer[self.table_index]
             chex.assert_shape(rows_UxF, (None, self.table.shape[1]))
             if rows.per_device:
-                return take_per_device(rows_UxF.astype(self.dtype), rows.inverse_BxL)
-            rows_UxF = sharding.constrain(rows_UxF.astype(self.dtype), (None, "stem_dff"))
-            return sharding.constrain(jnp.take(rows_UxF, rows.inverse_BxL, axis=0), act)
+                return take_per_device(rows_UxF, rows.inverse_BxL).astype(self.dtype)
+            rows_UxF = sharding.constrain(rows_UxF, (None, "stem_dff"))
+            return sharding.constrain(jnp.take(rows_UxF, rows.inverse_BxL, axis=0).astype(self.dtype), act)
         u_BxLxF = sharding.constrain(self.rows_of(self.table[...], ids_BxL, self.vocab_size, self.dtype), act)
         if edit is None:
             return u_BxLxF
@@ -185,7 +232,7 @@ class StemFFN(TableFFN):
         self.w_down = param(rngs, (d_ff, d_model), ("mlp", "embed"), matrix_std(init_std, d_ff))
         super().__init__(rngs, vocab_size, d_ff, table_index, dtype, rows_of)
 
-    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: StemRows | None = None,
+    def __call__(self, x_BxLxD: jax.Array, ids_BxL: jax.Array, rows: "StemRows | LayerRows | None" = None,
                  edit: RowEdit | None = None) -> jax.Array:
         chex.assert_equal_shape_prefix([x_BxLxD, ids_BxL], 2)
         n_rows, width = self.table.shape
@@ -198,3 +245,25 @@ class StemFFN(TableFFN):
             u_BxLxF = self.token_rows(ids_BxL, rows, edit)
         return project(jax.nn.silu(gate_BxLxF) * u_BxLxF, self.w_down, "blf,fd->bld", self.dtype,
                        ("batch", "length", "act_embed"))
+
+
+def lookup_layers(ffns: list[TableFFN], ids_BxL: jax.Array) -> LayerRows | None:
+    """Every table layer's token rows through one exchange (one route, one loop each way: the step's
+    collectives do not grow with the number of STEM layers), or None where the layers look up their own
+    rows (no exchange on this mesh, or another lookup mode)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not ffns or ffns[0].rows_of.mode != "exchange" or _exchange_axes(ids_BxL.shape, mesh) is None:
+        return None
+    first = ffns[0]
+    if any(f.table.shape != first.table.shape or f.dtype != first.dtype for f in ffns):
+        return None
+    axes = _exchange_axes(ids_BxL.shape, mesh)
+    rows_BxL = sharding.stored_rows(ids_BxL, first.vocab_size, first.rows_of.layout)
+    table_spec = sharding.spec(("stem_vocab", "stem_dff"))
+    ids_spec = sharding.fitted_spec(("batch", "length"), ids_BxL.shape, mesh)
+    out_spec = sharding.fitted_spec(("batch", "length", "stem_dff"), (*ids_BxL.shape, first.table.shape[1]), mesh)
+    tables = tuple(f.table[...] for f in ffns)
+    per_layer = jax.shard_map(lambda ts, i: exchange_rows(ts, i, axes, first.rows_of.capacity, first.dtype),
+                              in_specs=((table_spec,) * len(ffns), ids_spec), out_specs=(out_spec,) * len(ffns))(
+        tables, rows_BxL)
+    return LayerRows(tuple(sharding.constrain(u, ("batch", "length", "act_mlp")) for u in per_layer))

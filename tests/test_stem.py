@@ -41,15 +41,22 @@ def test_dense_ffn_matches_numpy():
     np.testing.assert_allclose(np.asarray(ffn(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
 
 
-def test_table_init_is_xavier_normal_and_padding_is_zero():
+@pytest.mark.parametrize("layout", ["contiguous", "spread"])
+def test_table_init_is_xavier_normal_padding_is_zero_and_the_same_on_any_mesh(layout):
+    """Rows are drawn in stored order (row r from ``fold_in(key, r)``) on their owners: the table drawn on 4
+    vocab shards x 2 column shards equals the one drawn on one device; token rows are Xavier normal, padding
+    rows (tokens >= V, wherever the layout stores them) are zero."""
     V, F = 1000, 512
-    contiguous = np.asarray(init_table(jax.random.key(0), V, F, 1152, "contiguous"))
-    assert contiguous.shape == (1152, F)
-    np.testing.assert_allclose(contiguous[:V].std(), np.sqrt(2.0 / (V + F)), rtol=0.02)
-    assert np.all(contiguous[V:] == 0)
-    # The spread layout stores the same rows, token t's at sharding.stored_rows(t).
-    spread = np.asarray(init_table(jax.random.key(0), V, F, 1152))
-    np.testing.assert_array_equal(spread[sharding.stored_rows(np.arange(1152), V)], contiguous)
+    table = np.asarray(init_table(jax.random.key(0), V, F, 1152, layout))
+    assert table.shape == (1152, F)
+    by_token = table[sharding.stored_rows(np.arange(1152), V, layout)]
+    np.testing.assert_allclose(by_token[:V].std(), np.sqrt(2.0 / (V + F)), rtol=0.02)
+    assert np.all(by_token[V:] == 0) and np.all(by_token[:V].std(axis=1) > 0)
+    mesh = mesh_of((2, 2, 2))
+    with jax.set_mesh(mesh):
+        out = sharding.named(mesh, ("stem_vocab", "stem_dff"))
+        sharded = jax.jit(lambda k: init_table(k, V, F, 1152, layout), out_shardings=out)(jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(sharded), table)
 
 
 def test_spread_layout_puts_consecutive_ids_on_different_shards():
