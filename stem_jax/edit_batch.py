@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stem_jax.corpus import EOS
+from stem_jax import workdir as workdir_lib
+from stem_jax.corpus import encode_text
 from stem_jax.editor import (EditError, Editor, entity_positions, pieces, plan_edit, plan_rows, shared_rows_error,
                              target_ids, write_injection)
 from stem_jax.sampling import top_tokens
@@ -65,14 +66,15 @@ def _at(r: EditRequest, fn, *args):
 def expected_id(tokenizer: Any, prompt: str, expect: str) -> int:
     """The first token of ``expect`` continuing ``prompt``."""
     cont = expect if expect[:1].isspace() or prompt[-1:].isspace() else " " + expect
-    return tokenizer.encode(prompt + cont).ids[len(tokenizer.encode(prompt).ids)]
+    return encode_text(tokenizer, prompt + cont).ids[len(encode_text(tokenizer, prompt).ids)]
 
 
-def check_edits(tokenizer: Any, requests: Sequence[EditRequest], mode: str, positions: str, swap: str) -> None:
-    """Every edit planned against the tokenizer: the first that cannot be made is an EditError naming its line."""
-    pad = tokenizer.token_to_id(EOS)
+def check_edits(tokenizer: Any, requests: Sequence[EditRequest], mode: str, positions: str, swap: str,
+                eos_id: int) -> None:
+    """Every edit planned against the tokenizer (``eos_id``: the run's, the pad row): the first that cannot be
+    made is an EditError naming its line."""
     for r in requests:
-        _at(r, plan_edit, tokenizer, pad, r.prompt, r.source, r.target, mode, positions, swap)
+        _at(r, plan_edit, tokenizer, eos_id, r.prompt, r.source, r.target, mode, positions, swap)
 
 
 def run_edits(editor: Editor, requests: Sequence[EditRequest], mode: str = "auto", layers=None, k: int = 5,
@@ -125,7 +127,7 @@ def inject_edits(workdir: str | Path, out: str | Path, requests: Sequence[EditRe
     it (``edit``'s tokens); without, tokenized as given. Conflicts, unknown entities and multi-token sources
     (unless ``allow_shared_rows``) are refused before any weights are read."""
     tok = load_tokenizer(workdir)
-    pad = tok.token_to_id(EOS)
+    pad = workdir_lib.load_eos_id(workdir, tok)
     writes: dict[int, tuple[list, EditRequest]] = {}
     edits = []
     for r in requests:
@@ -133,7 +135,7 @@ def inject_edits(workdir: str | Path, out: str | Path, requests: Sequence[EditRe
             src = _at(r, entity_positions, tok, r.prompt, r.source)[1]
             tgt = _at(r, target_ids, tok, r.prompt, r.source, r.target)
         else:
-            src, tgt = tok.encode(r.source).ids, tok.encode(r.target).ids
+            src, tgt = encode_text(tok, r.source).ids, encode_text(tok, r.target).ids
         if not src or not tgt:
             raise EditError(f"{r.where}: the source and the target must tokenize to at least one token")
         if len(src) > 1 and not allow_shared_rows:

@@ -10,7 +10,8 @@ from typing import Sequence
 
 from absl import flags
 
-from stem_jax import cli, edit_batch
+from stem_jax import cli, edit_batch, workdir as workdir_lib
+from stem_jax.corpus import encode_text
 from stem_jax.editor import (MODES, POSITIONS, EditError, Editor, describe_tokens, entity_positions,
                              format_changed_rows, format_comparison, inject, pieces, target_ids)
 from stem_jax.sampling import SamplingConfig
@@ -40,9 +41,9 @@ MULTI_TOKEN_NOTE = ("STEM-only edits rarely move facts about multi-token names: 
 
 def _print_inject_tokens(workdir: str, source: str, targets: Sequence[str]) -> None:
     tok = load_tokenizer(workdir)
-    print(describe_tokens("source", source, pieces(tok, tok.encode(source).ids)))
+    print(describe_tokens("source", source, pieces(tok, encode_text(tok, source).ids)))
     for t in targets:
-        print(describe_tokens("target", t, pieces(tok, tok.encode(t).ids)))
+        print(describe_tokens("target", t, pieces(tok, encode_text(tok, t).ids)))
 
 
 COMMANDS = {"edit": "before/after top-k and generations for a row swap (no weights change)",
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def run_edits():
         requests = edit_batch.read_edits(f.edits)
-        edit_batch.check_edits(load_tokenizer(f.workdir), requests, f.mode, f.positions, "stem")  # before the restore
+        tok = load_tokenizer(f.workdir)  # every edit is checked before the restore
+        edit_batch.check_edits(tok, requests, f.mode, f.positions, "stem", workdir_lib.load_eos_id(f.workdir, tok))
         editor = Editor.from_workdir(f.workdir, mesh_shape=f.mesh)
         r = edit_batch.run_edits(editor, requests, f.mode, layers, f.k, f.positions)
         print(edit_batch.format_edit_table(r))

@@ -12,7 +12,8 @@ override is an argument of the jitted forward, so a new edit does not re-trace. 
     right_pad    n_s > n_t: the target, then pad rows; n_s < n_t: the first n_s target tokens
     auto         one_to_one when the lengths match, else average
 
-The pad row is that of ``<|endoftext|>`` (the tokenizer has no other pad token). ``positions='last'`` edits
+The pad row is that of the run's end-of-document token (``data.eos_token``; the tokenizer has no other pad
+token). Text is encoded as training encoded documents (``corpus.encode_text``: no BOS). ``positions='last'`` edits
 only the source's last token, which takes the target's last token's row. Two controls that are not STEM edits
 measure how much of a fact lives outside the rows (``swap``): ``stem+embedding`` also puts the target's tokens
 in the prompt (the input embedding changes too), ``embedding`` puts them in the prompt but keeps the source's
@@ -33,9 +34,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stem_jax import workdir as workdir_lib
+from stem_jax import corpus, workdir as workdir_lib
 from stem_jax.config import stem_indices
-from stem_jax.corpus import EOS
 from stem_jax.sampling import Sampler, SamplingConfig
 from stem_jax.stem import RowEdit
 from stem_jax.workdir import load_run_config, load_tokenizer
@@ -58,7 +58,7 @@ def entity_positions(tokenizer: Any, text: str, entity: str) -> tuple[list[int],
     if start < 0:
         raise EditError(f"{entity!r} does not occur in the prompt {text!r}")
     end = start + len(entity)
-    enc = tokenizer.encode(text)
+    enc = corpus.encode_text(tokenizer, text)
     pos = [i for i, (a, b) in enumerate(enc.offsets) if a < end and b > start]
     return pos, [enc.ids[i] for i in pos]
 
@@ -129,7 +129,7 @@ def plan_edit(tokenizer: Any, pad_id: int, prompt: str, source: str, target: str
         raise EditError(f"unknown positions {positions!r}; choose from {POSITIONS}")
     if swap not in SWAPS:
         raise EditError(f"unknown swap {swap!r}; choose from {SWAPS}")
-    prompt_ids = tokenizer.encode(prompt).ids
+    prompt_ids = corpus.encode_text(tokenizer, prompt).ids
     pos, src = entity_positions(tokenizer, prompt, source)
     if not target.strip():
         raise EditError("the target entity string is empty")
@@ -236,8 +236,8 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
     if mode not in MODES:
         raise EditError(f"unknown injection mode {mode!r}; choose from {MODES}")
     tok = load_tokenizer(workdir)
-    src = tok.encode(source).ids
-    tgts = [tok.encode(t).ids for t in targets]
+    src = corpus.encode_text(tok, source).ids
+    tgts = [corpus.encode_text(tok, t).ids for t in targets]
     if not src or not tgts or not all(tgts):
         raise EditError("the source and every target must be non-empty strings")
     if len(src) > 1 and not allow_shared_rows:  # before reading any weights
@@ -246,7 +246,7 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
         every = [t for ids in tgts for t in ids]
         rows = [[(t, 1.0 / len(every)) for t in every]] * len(src)
     else:
-        rows = plan_rows(len(src), tgts[0], mode, tok.token_to_id(EOS))
+        rows = plan_rows(len(src), tgts[0], mode, workdir_lib.load_eos_id(workdir, tok))
     report = {"source": source, "targets": list(targets), "mode": mode, "source_ids": src, "target_ids": tgts,
               "source_tokens": pieces(tok, src), "target_tokens": [pieces(tok, t) for t in tgts],
               "allow_shared_rows": allow_shared_rows}

@@ -26,7 +26,6 @@ except ModuleNotFoundError as e:  # pragma: no cover - depends on the environmen
                               "pip install -e '.[lmeval]'") from e
 
 from stem_jax import cli, sharding
-from stem_jax.corpus import EOS
 from stem_jax.scoring import Scorer
 
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task gives no max_gen_toks
@@ -77,7 +76,7 @@ class StemJaxLM(LM):
         prompts = []
         for i, r in enumerate(requests):
             context, kwargs = r.args
-            until = kwargs.get("until") or [EOS]
+            until = kwargs.get("until") or [self.scorer.tokenizer.id_to_token(self.scorer.eot_id)]
             until = [until] if isinstance(until, str) else list(until)
             groups.setdefault((tuple(until), int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))), []).append(i)
             prompts.append(context)

@@ -1,6 +1,7 @@
 """Generation from a checkpoint with a KV cache: one jitted program per (prompt bucket, settings) runs the
 prefill and then the whole decode loop on device (``lax.while_loop``), stopping when every row has emitted
-``<|endoftext|>`` or ``max_new_tokens``. Greedy, temperature, top-k and top-p (nucleus) sampling; batched
+the run's end-of-document token (``data.eos_token``) or ``max_new_tokens``. Prompts are encoded as training
+encoded documents (``corpus.encode_text``: no BOS). Greedy, temperature, top-k and top-p (nucleus) sampling; batched
 prompts of any lengths (left-padded; padding is masked out of attention and RoPE positions start at each
 row's first real token). With ``cache_rows`` the STEM tables stay in host memory and decoding reads a hot-row
 cache (``hotrows.py``); that loop runs from Python, one host round trip per token to plan the cache."""
@@ -18,9 +19,8 @@ from absl import flags
 from flax import nnx
 from jax.sharding import Mesh
 
-from stem_jax import cli, hotrows, offload, sharding, sparse, steps, workdir as workdir_lib
+from stem_jax import cli, corpus, hotrows, offload, sharding, sparse, steps, workdir as workdir_lib
 from stem_jax.config import DTYPES
-from stem_jax.corpus import EOS
 from stem_jax.stem import RowEdit, StemRows
 
 PROMPT_BUCKET = 16  # prompts are padded to a multiple of this, so nearby lengths share one compiled program
@@ -136,8 +136,11 @@ class Sampler:
     """Generation and next-token views from a model's graphdef + params and its tokenizer."""
 
     def __init__(self, graphdef: Any, params: Any, tokenizer: Any, mesh: Mesh, seq_len: int, dtype: str = "float32",
-                 cache_rows: int = 0):
-        """``cache_rows`` > 0: the STEM tables of ``params`` live in host memory (``model.stem_offload``);
+                 cache_rows: int = 0, eos_id: int | None = None):
+        """``eos_id``: the end-of-document id the model was trained with (``from_run`` passes the run's);
+        None resolves it as training does with the default ``data.eos_token`` (``corpus.eos_id``: the first of
+        ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` that the tokenizer has).
+        ``cache_rows`` > 0: the STEM tables of ``params`` live in host memory (``model.stem_offload``);
         the prompt's unique rows are fetched for the prefill, and decoding reads a device cache of that many
         hot rows per STEM layer (``hotrows.py``; its hit rate is ``self.row_cache.lfu.hit_rate``)."""
         self.graphdef, self.params, self.tokenizer, self.mesh, self.seq_len = graphdef, params, tokenizer, mesh, seq_len
@@ -157,9 +160,7 @@ class Sampler:
             self._decode_rows = jax.jit(self._decode_rows_fn)
             self._forward_rows = jax.jit(
                 lambda b, rows, inv, ids_1xL, n: self._rows_model(b)(ids_1xL, StemRows(tuple(rows), inv))[0, n - 1])
-        self.eos = tokenizer.token_to_id(EOS)
-        if self.eos is None:
-            raise SamplingError(f"the tokenizer has no {EOS} token")
+        self.eos = corpus.eos_id(tokenizer) if eos_id is None else eos_id
         self.cache_dtype = DTYPES[dtype]
         self._programs: dict[SamplingConfig, Any] = {}  # jitted generate per settings
         self._forward = jax.jit(lambda p, ids_1xL, n, edit: nnx.merge(graphdef, p)(ids_1xL, edit=edit)[0, n - 1])
@@ -179,15 +180,16 @@ class Sampler:
     @classmethod
     def from_run(cls, run: workdir_lib.Run, cache_rows: int = 0) -> "Sampler":
         m = run.cfg.model
-        return cls(run.graphdef, run.params, run.require_tokenizer(), run.mesh, m.seq_len, m.dtype, cache_rows)
+        return cls(run.graphdef, run.params, run.require_tokenizer(), run.mesh, m.seq_len, m.dtype, cache_rows,
+                   run.eos_id())
 
     def encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt).ids
+        ids = corpus.encode_text(self.tokenizer, prompt).ids
         return ids or [self.eos]  # an empty prompt starts a new document
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], cfg: SamplingConfig = SamplingConfig(),
                      edit: RowEdit | None = None) -> np.ndarray:
-        """[B, max_new_tokens] new ids per prompt (``<|endoftext|>`` after a row stops). ``edit``: a STEM row
+        """[B, max_new_tokens] new ids per prompt (``self.eos`` after a row stops). ``edit``: a STEM row
         override for the prompts, [B, L, M] with L the longest prompt's length and each row's prompt at its
         start (see ``editing.py``)."""
         cfg.check()

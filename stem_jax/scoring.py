@@ -18,8 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from stem_jax import sharding, workdir as workdir_lib
-from stem_jax.corpus import EOS
+from stem_jax import corpus, sharding, workdir as workdir_lib
 from stem_jax.sampling import Sampler, SamplingConfig
 
 TokenPair = tuple[list[int], list[int]]   # (context ids, continuation ids)
@@ -70,15 +69,15 @@ class Scorer:
     """Log-likelihoods and greedy generation from a model and its tokenizer (HF ``tokenizers``)."""
 
     def __init__(self, graphdef: Any, params: Any, tokenizer: Any, mesh: Mesh, seq_len: int,
-                 eval_batch: int | None = None, vocab_size: int | None = None):
+                 eval_batch: int | None = None, vocab_size: int | None = None, eos_id: int | None = None):
+        """``eos_id``: the end-of-document id the model was trained with (``from_run`` passes the run's);
+        None resolves it as training does with the default ``data.eos_token`` (``corpus.eos_id``)."""
         if vocab_size is not None and tokenizer.get_vocab_size() > vocab_size:
             raise ScoringError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocab is "
                                f"{vocab_size}")
         self.tokenizer = tokenizer
         self.seq_len = seq_len
-        self.eot_id = tokenizer.token_to_id(EOS)
-        if self.eot_id is None:
-            raise ScoringError(f"the tokenizer has no {EOS} token")
+        self.eot_id = corpus.eos_id(tokenizer) if eos_id is None else eos_id
         self.eval_batch = eval_batch or default_eval_batch(mesh)
         self.forward = _make_forward(graphdef, params, mesh, seq_len, self.eval_batch)
         self.forward_calls = 0  # each is one [eval_batch, seq_len] forward
@@ -91,7 +90,7 @@ class Scorer:
         """From a restored checkpoint (``workdir.restore``)."""
         m = run.cfg.model
         scorer = cls(run.graphdef, run.params, run.require_tokenizer(), run.mesh, m.seq_len, eval_batch,
-                     m.vocab_size)
+                     m.vocab_size, run.eos_id())
         scorer.step, scorer.dtype = run.step, m.dtype
         return scorer
 
@@ -104,7 +103,8 @@ class Scorer:
     # -- tokenization (lm-eval's causal-LM conventions) -------------------------------------------------
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
+        """As training encoded documents (``corpus.encode_text``: no BOS)."""
+        return corpus.encode_text(self.tokenizer, text).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
@@ -112,7 +112,7 @@ class Scorer:
     def encode_pair(self, context: str, continuation: str) -> TokenPair:
         """lm-eval's split: trailing spaces of the context move to the continuation; the continuation's ids
         are those of ``context + continuation`` past the context's, so a word keeps its usual token. An
-        empty context conditions on ``<|endoftext|>``, the document separator the model was trained with."""
+        empty context conditions on the end-of-document token (``eot_id``), the separator the model was trained with."""
         if not continuation:
             raise ScoringError(f"empty continuation for context {context[-60:]!r}: nothing to score")
         if not context:
@@ -149,7 +149,7 @@ class Scorer:
             if not cont:
                 raise ScoringError(f"request {i}: empty continuation")
             if not ctx:
-                raise ScoringError(f"request {i}: empty context (use [<|endoftext|>] to condition on nothing)")
+                raise ScoringError(f"request {i}: empty context (use [eot_id] to condition on nothing)")
             if len(cont) > L:
                 raise ScoringError(f"request {i}: the continuation has {len(cont)} tokens, more than "
                                    f"model.seq_len={L}")
@@ -175,7 +175,7 @@ class Scorer:
 
     def rolling_windows(self, ids: list[int]) -> list[TokenPair]:
         """lm-eval's disjoint rolling windows (context_len 1): every token is predicted exactly once, the first
-        given ``<|endoftext|>``, each later window with the fullest context that fits in ``seq_len``."""
+        given the end-of-document token, each later window with the fullest context that fits in ``seq_len``."""
         L, windows, done = self.seq_len, [], 0
         while done < len(ids):
             n = min(L, len(ids) - done)
@@ -201,12 +201,13 @@ class Scorer:
 
     def generate_until(self, prompts: Sequence[str], until: Sequence[str] = (), max_tokens: int = 32) -> list[str]:
         """Greedy continuation of each prompt by the KV-cache sampler (``sampling.py``), stopped at
-        ``<|endoftext|>``, at ``max_tokens`` or just before the first of the ``until`` strings. Prompt and
+        the end-of-document token, at ``max_tokens`` or just before the first of the ``until`` strings. Prompt and
         continuation must fit the context: ``max_tokens`` is capped at ``seq_len - 1`` and a prompt keeps its
         rightmost ``seq_len - max_tokens`` tokens."""
         if self.sampler is None:
             f = self.forward
-            self.sampler = Sampler(f.graphdef, f.params, self.tokenizer, f.mesh, self.seq_len, self.dtype)
+            self.sampler = Sampler(f.graphdef, f.params, self.tokenizer, f.mesh, self.seq_len, self.dtype,
+                                   eos_id=self.eot_id)
         max_tokens = max(1, min(max_tokens, self.seq_len - 1))
         prompt_ids = [(self.encode(p) or [self.eot_id])[-(self.seq_len - max_tokens):] for p in prompts]
         out_BxN = self.sampler.generate_ids(prompt_ids, SamplingConfig(max_new_tokens=max_tokens))

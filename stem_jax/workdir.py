@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
-from stem_jax import checkpoint, lock, offload, sharding
+from stem_jax import checkpoint, corpus, lock, offload, sharding
 from stem_jax.config import Config, from_dict, to_dict, validate
 from stem_jax.model import Transformer
 
@@ -42,6 +42,17 @@ def load_tokenizer(workdir: str | Path) -> Tokenizer:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the workdir has no tokenizer (written by train.py)")
     return Tokenizer.from_file(str(path))
+
+
+def eos_id(cfg: Config, tokenizer: Tokenizer, workdir: str | Path) -> int:
+    """The run's end-of-document id: its ``data.eos_token`` in its tokenizer, resolved as training resolved it
+    (``corpus.eos_id``); the tools stop generation at it and condition on it as the start of a document."""
+    return corpus.eos_id(tokenizer, cfg.data.eos_token, f"the tokenizer of {workdir}")
+
+
+def load_eos_id(workdir: str | Path, tokenizer: Tokenizer | None = None) -> int:
+    """``eos_id`` from the workdir's config.json and (unless given) its tokenizer."""
+    return eos_id(load_run_config(workdir), tokenizer or load_tokenizer(workdir), workdir)
 
 
 def check_tokenizer(workdir: str | Path, step: int, tokenizer: Tokenizer) -> None:
@@ -81,6 +92,9 @@ class Run:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.workdir)
         return self.tokenizer
+
+    def eos_id(self) -> int:
+        return eos_id(self.cfg, self.require_tokenizer(), self.workdir)
 
 
 def tool_mesh(mesh_shape: Sequence[int] | str, batch_size: int,
