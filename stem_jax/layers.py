@@ -49,18 +49,34 @@ def rope(x_BxLxHxK: jax.Array, theta: float, positions_BxL: jax.Array | None = N
     return (x * cos_LxK + rotated * sin_LxK).astype(x_BxLxHxK.dtype)
 
 
+# Platforms where ``project`` runs as one 2-D matmul over the flattened tokens. On XLA:CPU that saves the
+# weight gradient a transposed copy of the activation gradient (d512 train step 0.86x, docs/performance.md);
+# on XLA:TPU the einsum form compiles to the smaller program (stem_350m on v5p-64: the flattened form kept
+# every layer's 128-lane splash logsumexp residual until the backward, +15 GiB per chip; docs/performance.md).
+FLATTEN_ON = ("cpu",)
+
+
+def platform() -> str:
+    """The platform being traced for: the current mesh's devices (a TPU topology compiled on a CPU host is
+    'tpu'), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def project(x: jax.Array, w: nnx.Param, eq: str, dtype, out_axes: Sequence[str | None]) -> jax.Array:
     """``einsum(eq, x, w)`` with the fp32 parameter cast to the compute dtype, output constrained by logical
-    axes. ``eq`` contracts x's trailing dims with w's leading dims, in order (``bld,dhk->blhk``), and is
-    computed as one 2-D matmul over the flattened tokens: the weight gradient is then a plain [tokens, in] x
-    [tokens, out] contraction, where the einsum's two contracted dims (b, l) made XLA:CPU transpose the whole
-    activation gradient first (docs/performance.md)."""
+    axes. ``eq`` contracts x's trailing dims with w's leading dims, in order (``bld,dhk->blhk``). On the
+    platforms of ``FLATTEN_ON`` it is computed as one 2-D matmul over the flattened tokens: the weight
+    gradient is then a plain [tokens, in] x [tokens, out] contraction, where the einsum's two contracted dims
+    (b, l) made XLA:CPU transpose the whole activation gradient first."""
     w_ = w[...].astype(dtype)
     ins, out_dims = eq.split("->")
     x_dims, w_dims = ins.split(",")
     k = len(x_dims) - len(set(x_dims) - set(w_dims))  # contracted dims: x's last k, w's first k
     if x_dims[-k:] != w_dims[:k] or out_dims != x_dims[:-k] + w_dims[k:]:
         raise ValueError(f"project: {eq!r} must contract x's trailing dims with w's leading dims, in order")
+    if platform() not in FLATTEN_ON:
+        return sharding.constrain(jnp.einsum(eq, x, w_), out_axes)
     lead, rest = x.shape[:-k], w_.shape[k:]
     y = jnp.dot(x.reshape(-1, math.prod(x.shape[-k:])), w_.reshape(math.prod(w_.shape[:k]), -1))
     return sharding.constrain(y.reshape(*lead, *rest), out_axes)

@@ -1,4 +1,5 @@
-"""layers.project against numpy, forward and weight gradient, and the HLO of its backward on a CPU."""
+"""layers.project against numpy, forward and weight gradient, the HLO of its backward on a CPU, and its form
+per platform."""
 import re
 
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from stem_jax import layers
 from stem_jax.layers import project
 
 
@@ -42,3 +44,30 @@ def test_weight_gradient_needs_no_transposed_copy_of_the_activation_gradient():
     loss = lambda w: jnp.sum(jax.nn.silu(project(x, nnx.Param(w), "bld,df->blf", jnp.float32, (None,) * 3)) ** 2)
     hlo = jax.jit(jax.grad(loss)).lower(w).compile().as_text()
     assert not re.findall(r"= f32\[\d+,\d+,\d+\]\{[\d,]+\} (?:transpose|copy)\(", hlo)
+
+
+def abstract_mesh(platform: str) -> jax.sharding.AbstractMesh:
+    """A mesh of one device of ``platform``, abstract: tracing for a TPU needs no TPU (nor libtpu)."""
+    from jax._src.mesh import AbstractDevice  # public AbstractMesh takes it; the class itself is not exported
+    return jax.sharding.AbstractMesh((1, 1, 1), ("data", "fsdp", "tensor"),
+                                     axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                                     abstract_device=AbstractDevice(platform.upper(), None, platform))
+
+
+@pytest.mark.parametrize("platform, flat", [("cpu", True), ("tpu", False), (None, True)])
+def test_project_flattens_only_where_it_pays(platform, flat):
+    """One 2-D matmul over the flattened tokens on the CPU (the mesh's platform, or the default backend
+    without a mesh); the einsum's dot_general on TPU, whose compiled step the flattening made larger."""
+    x, w = jnp.ones((2, 3, 4)), jnp.ones((4, 2, 3))
+    f = lambda x, w: project(x, nnx.Param(w), "bld,dhk->blhk", jnp.float32, (None,) * 4)
+    if platform is None:
+        jaxpr = jax.make_jaxpr(f)(x, w)
+    else:
+        with jax.sharding.use_abstract_mesh(abstract_mesh(platform)):
+            assert layers.platform() == platform
+            jaxpr = jax.make_jaxpr(f)(x, w)
+    prims = [e.primitive.name for e in jaxpr.eqns]
+    dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 1
+    assert dots[0].invars[0].aval.shape == ((6, 4) if flat else (2, 3, 4))
+    assert ("reshape" in prims) == flat
