@@ -26,7 +26,7 @@ from absl import flags
 from flax import nnx
 from matplotlib.figure import Figure  # the object API: files only, no pyplot state or display
 
-from stem_jax import checkpoint, cli, data
+from stem_jax import checkpoint, cli, corpus as corpus_lib, data
 from stem_jax.config import stem_indices, validate
 from stem_jax.workdir import load_run_config, load_tokenizer, restore
 
@@ -282,7 +282,7 @@ def activated_vs_context(workdir=None, config=None, text_file=None, max_len=None
         if not path.is_file():
             raise FileNotFoundError(f"--text_file {path} is not a readable file")
         tok = load_tokenizer(workdir) if workdir is not None else open_workdir_corpus(where, cfg).tokenizer
-        tokens, source = np.asarray(tok.encode(path.read_text(encoding="utf-8", errors="replace")).ids), str(path)
+        tokens, source = np.asarray(corpus_lib.encode_text(tok, path.read_text(encoding="utf-8", errors="replace")).ids), str(path)
     else:
         val = open_workdir_corpus(where, cfg).val
         tokens, source = val.read(0, HELD_OUT_TOKENS), "held-out split"

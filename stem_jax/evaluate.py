@@ -56,7 +56,7 @@ def accounting_block(model: ModelConfig, workdir: Path) -> dict:
 
 def text_file_loss(scorer: Scorer, path: str | Path) -> dict:
     """Mean next-token loss over every token of a text file (rolling windows of seq_len; the first token is
-    predicted from ``<|endoftext|>``)."""
+    predicted from the run's EOS)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--text_file {path} is not a readable file")

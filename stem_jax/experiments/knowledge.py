@@ -34,7 +34,7 @@ from absl import app, flags
 from flax import nnx
 
 from configs import tiny
-from stem_jax import cli, edit_batch
+from stem_jax import cli, corpus as corpus_lib, edit_batch
 from stem_jax.edit_batch import EditRequest, run_edits
 from stem_jax.editor import EditError, Editor, format_comparison
 from stem_jax.trainer import train_and_evaluate
@@ -144,7 +144,7 @@ def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
     last_logits = _last_logits_fn(sampler.graphdef)
 
     def top1(params, prompts: list[str]) -> np.ndarray:
-        ids = [tok.encode(p).ids for p in prompts]
+        ids = [corpus_lib.encode_text(tok, p).ids for p in prompts]
         L = max(len(i) for i in ids)
         ids_BxL = np.zeros((len(ids), L), np.int32)
         for b, i in enumerate(ids):
@@ -153,7 +153,7 @@ def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
             out = last_logits(params, jnp.asarray(ids_BxL), jnp.asarray([len(i) - 1 for i in ids]))
         return np.asarray(jnp.argmax(out, axis=-1))
 
-    answer = np.array([tok.encode(PROMPT.format(c=c) + " " + k).ids[len(tok.encode(PROMPT.format(c=c)).ids)]
+    answer = np.array([corpus_lib.encode_text(tok, PROMPT.format(c=c) + " " + k).ids[len(corpus_lib.encode_text(tok, PROMPT.format(c=c)).ids)]
                        for c, k in facts])
     prompts = [PROMPT.format(c=c) for c, _ in facts]
     base = top1(sampler.params, prompts)
@@ -184,7 +184,7 @@ def measure(workdir: Path, facts: list[tuple[str, str]]) -> dict:
             "recall_heldout_template": float(np.mean(heldout == answer)),
             "edit_success": edit_hits / n, "locality": local_kept / local_total,
             "single_token_countries": single / n, "prompt": PROMPT, "heldout_prompt": HELDOUT_PROMPT,
-            "country_tokens": float(np.mean([len(tok.encode(" " + c).ids) for c, _ in facts])), "variants": variants,
+            "country_tokens": float(np.mean([len(corpus_lib.encode_text(tok, " " + c).ids) for c, _ in facts])), "variants": variants,
             "example": editor.compare(prompts[0], facts[0][0], facts[1][0], k=3)}
 
 
