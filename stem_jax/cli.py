@@ -8,6 +8,7 @@ import importlib.util
 import logging as pylogging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -15,6 +16,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
+from stem_jax import peers
 from stem_jax.checkpoint import CheckpointError
 from stem_jax.lock import WorkdirLockedError
 from stem_jax.config import Config, ConfigError, suggest_key, validate
@@ -27,6 +29,10 @@ DEFAULT_CONFIG = str(REPO / "configs" / "tiny.py")
 
 
 def die(msg: str, code: int = 2):
+    """``error: msg`` and exit. In a multi-process run the exit skips JAX's shutdown barrier, which would wait
+    (up to its timeout, then abort) for peers that are blocked in a collective with this process."""
+    if jax.distributed.is_initialized():
+        peers.exit_now(f"error: {msg}", code)
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -144,6 +150,16 @@ def define_distributed_flags() -> None:
                         "(default $JAX_COORDINATOR_ADDRESS).")
     flags.DEFINE_integer("num_processes", None, "Processes in the run (default $JAX_NUM_PROCESSES).")
     flags.DEFINE_integer("process_id", None, "This process's index (default $JAX_PROCESS_ID).")
+    flags.DEFINE_integer("heartbeat_timeout", HEARTBEAT_TIMEOUT_S, "Seconds without a heartbeat after which a "
+                         "process counts as dead; then every process of the run exits with a one-line error.")
+
+
+HEARTBEAT_TIMEOUT_S = 30  # JAX's default is 100 s; a lost host should stop the others well within a minute
+
+
+def _peer_died(what: str) -> None:
+    peers.exit_now(f"\nerror: {what}; this process of the multi-process run exits too. Rerun the same command "
+                   "on every process to resume from the newest checkpoint", 1)
 
 
 def init_distributed() -> None:
@@ -164,8 +180,15 @@ def init_distributed() -> None:
     if missing and not f.distributed:
         die(f"a multi-process run needs --coordinator_address, --num_processes and --process_id (or "
             f"--distributed for cluster auto-detection); missing: {', '.join('--' + k for k in missing)}")
+    if f.heartbeat_timeout < 1:
+        die(f"--heartbeat_timeout={f.heartbeat_timeout}: give a number of seconds >= 1")
     try:
-        jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
+        if missing:  # cluster auto-detection decides who is process 0: JAX's heartbeats alone catch a death
+            jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None},
+                                       heartbeat_timeout_seconds=f.heartbeat_timeout)
+        else:
+            peers.initialize(jax.distributed.initialize, heartbeat_timeout=f.heartbeat_timeout,
+                             on_peer_death=_peer_died, **given)
     except (ValueError, TypeError, RuntimeError) as e:
         die(f"jax.distributed.initialize failed: {e}")
 
@@ -226,8 +249,21 @@ def run_user_errors(fn, *args, **kwargs):
     quiet_library_noise()
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, MeshError, TokenIdError, CheckpointError, WorkdirLockedError, FloatingPointError,
-            OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - sorted below
         if os.environ.get("STEM_JAX_TRACEBACK"):
             raise
-        die(f"{type(e).__name__}: {e}", code=1)
+        multi = jax.distributed.is_initialized()
+        if multi and any(s in str(e) for s in PEER_GONE):  # the main thread saw it before the hub said so
+            _peer_died(f"a collective failed, so another process of the run died or failed "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})")
+        if isinstance(e, USER_ERRORS):
+            die(f"{type(e).__name__}: {e}", code=1)
+        if not multi:
+            raise
+        traceback.print_exc()  # a multi-process run must not exit through the shutdown barrier (see die)
+        die(f"{type(e).__name__} (traceback above)", code=1)
+
+
+USER_ERRORS = (ConfigError, MeshError, TokenIdError, CheckpointError, WorkdirLockedError, FloatingPointError,
+               OSError, ValueError, KeyError)
+PEER_GONE = ("Gloo", "Connection reset by peer", "Socket closed")  # a collective's error when a peer is gone
