@@ -1,5 +1,8 @@
 """The paper's recipe on TPU slices: for each preset at global batch 512 x 4096, the cheapest rematerialization
-policy and microbatch count that fit, found by ahead-of-time compiles of the real train step (no TPU).
+policy and microbatch count that fit, found by ahead-of-time compiles of the real train step (no TPU), and
+then every other program of a run at that setting (``python -m stem_jax.aot``: init, eval, the sampler's
+prefill and decode). Rerun it whenever the model, a step or the loss changes: each row names the commit it was
+compiled at.
 
     pip install -e ".[tpu]"
     python benchmarks/tpu_fit.py --dump benchmarks/tpu_fit.json --out benchmarks/tpu_fit.md
@@ -63,11 +66,21 @@ def devices_of(topology: str) -> int:
     return math.prod(int(d) for d in re.search(r"[:=_]((?:\d+x)+\d+)", topology).group(1).split("x"))
 
 
-def run(preset: str, topology: str, remat: str, k: int, timeout: int) -> dict:
+OTHER_PROGRAMS = ("init", "eval", "prefill", "decode")  # compiled once, at the setting the search found
+
+
+def commit() -> str:
+    """``git rev-parse HEAD``, with ``+local`` when the package or the presets differ from it."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "stem_jax", "configs"], cwd=REPO).returncode
+    return (head or "?") + ("+local" if dirty else "")
+
+
+def run(preset: str, topology: str, remat: str, k: int, timeout: int, programs: str = "train") -> dict:
     args = [f"--config=configs/{preset}.py", f"--topology={topology}", *MESH, f"--config.model.remat={remat}",
-            f"--config.train.microbatches={k}"]
+            f"--config.train.microbatches={k}", f"--programs={programs}"]
     r = {"cmd": ["python", "-m", "stem_jax.aot", *args], "preset": preset, "topo": topology, "remat": remat,
-         "microbatches": k}
+         "microbatches": k, "commit": commit()}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "fit.json"
         t0 = time.perf_counter()
@@ -79,6 +92,8 @@ def run(preset: str, topology: str, remat: str, k: int, timeout: int) -> dict:
         r["wall_s"] = round(time.perf_counter() - t0, 1)
         if p.returncode == 0:
             return {**r, **json.loads(out.read_text()), "status": "fits"}
+        if out.exists():  # some programs compiled, others ran out of memory
+            r = {**r, **json.loads(out.read_text())}
     err = (p.stderr.strip().splitlines() or ["?"])[-1]
     r["status"] = "OOM" if "out of memory" in err else "error"
     r["error"] = err.split("RESOURCE_EXHAUSTED:", 1)[-1].strip() if r["status"] == "OOM" else err
@@ -97,6 +112,15 @@ def next_microbatches(r: dict, k: int) -> int:
         return 2 * k
     need, avail = float(m.group(1)) * _UNIT[m.group(2)], float(m.group(3)) * _UNIT[m.group(4)]
     return max(2 * k, 2 ** math.ceil(math.log2(k * need / (0.8 * avail))))
+
+
+def other_programs(winner: dict, timeout: int) -> dict:
+    """The run's other programs (``OTHER_PROGRAMS``) compiled at the winner's setting: name -> figures (or
+    ``status`` OOM), each with the commit it was compiled at."""
+    r = run(winner["preset"], winner["topo"], winner["remat"], winner["microbatches"], timeout,
+            ",".join(OTHER_PROGRAMS))
+    progs = r.get("programs") or {name: {"status": r["status"], "error": r.get("error", "")} for name in OTHER_PROGRAMS}
+    return {name: {**p, "commit": r["commit"]} for name, p in progs.items()}
 
 
 def search(preset: str, topology: str, batch: int, min_headroom: float, timeout: int, log) -> list[dict]:
@@ -166,14 +190,44 @@ def estimate(r: dict) -> dict:
             "mfu": model / (step * peak) if peak else float("nan")}
 
 
+def _commit(r: dict) -> str:
+    c = r.get("commit", "?")
+    return c[:12] + c[40:] if len(c) >= 40 else c
+
+
 def row(r: dict) -> str:
     head = f"| {r['preset']} | {r['topo']} | {r['remat']} | {r['microbatches']} |"
     if r["status"] != "fits":
-        return f"{head} no: {r['status']} | {r.get('error', '')} | ({r['wall_s']:.0f} wall) | | | | | |"
+        return (f"{head} no: {r['status']} | {r.get('error', '')} | ({r['wall_s']:.0f} wall) | | | | | | "
+                f"{_commit(r)} |")
     m, e = r["memory_per_device"], estimate(r)
     return (f"{head} **yes** | {m['total'] / GiB:.2f} of {r['hbm_per_device'] / GiB:.0f} GiB ({headroom(r):.0%} "
             f"free) | {r['compile_s']:.0f} | {r['attention']} | {e['model'] / 1e12:.0f} / {e['program'] / 1e12:.0f} | "
-            f"{e['bytes'] / 2 ** 40:.2f} | {e['step_s']:.2f} | {e['mfu']:.0%} |")
+            f"{e['bytes'] / 2 ** 40:.2f} | {e['step_s']:.2f} | {e['mfu']:.0%} | {_commit(r)} |")
+
+
+def program_rows(r: dict, min_headroom: float) -> list[str]:
+    """One row per program of a fitting setting: the train step (from the search) and ``r["other"]``."""
+    hbm, out = r["hbm_per_device"], []
+    progs = {**({"train": {**r["programs"]["train"], "commit": r.get("commit", "?")}}
+                if "train" in r.get("programs", {}) else {}), **r.get("other", {})}
+    for name in ("init", "train", *OTHER_PROGRAMS[1:]):
+        p = progs.get(name)
+        head = f"| {r['preset']} | {r['topo']} | {r['remat']} / {r['microbatches']} | {name} |"
+        if p is None:
+            out.append(f"{head} not compiled | | | | | | | | |")
+        elif p["status"] != "compiled":
+            out.append(f"{head} no: {p['status']} | {p.get('error', '')[:200]} | | | | | | | {_commit(p)} |")
+        else:
+            m, big = p["memory_per_device"], p["largest_collective"]
+            free = 1 - m["total"] / hbm
+            ratio = f"; {p['peak_over_state']:.2f} x state" if "peak_over_state" in p else ""
+            out.append(f"{head} {'**yes**' if free >= min_headroom else 'no: < headroom'} | "
+                       f"{m['argument'] / GiB:.2f} | {m['temp'] / GiB:.2f} | {m['total'] / GiB:.2f} ({free:.0%} free"
+                       f"{ratio}) | {p['cost_per_device']['flops'] / 1e12:.1f} | "
+                       f"{big['kind'] or '-'} {big['bytes'] / 2 ** 20:,.0f} MiB | {p['all_to_all']} | "
+                       f"{p['compile_s']:.0f} | {_commit(p)} |")
+    return out
 
 
 def _version(package: str) -> str:
@@ -187,6 +241,8 @@ def _define(fv: flags.FlagValues, _command) -> None:
     flags.DEFINE_string("presets", ",".join(PRESETS), "Comma-separated presets (configs/NAME.py).", flag_values=fv)
     flags.DEFINE_string("topologies", ",".join(TOPOLOGIES), "Comma-separated TPU topologies.", flag_values=fv)
     flags.DEFINE_float("headroom", 0.15, "Fraction of HBM a fit must leave free.", flag_values=fv)
+    flags.DEFINE_bool("programs", True, "Also compile the run's other programs at each fitting setting.",
+                      flag_values=fv)
     flags.DEFINE_integer("timeout", 1500, "Seconds per compile before it counts as too slow.", flag_values=fv)
     flags.DEFINE_string("dump", "", "Also write the raw results as JSON here.", flag_values=fv)
     flags.DEFINE_string("from_dump", "", "Render the table from --dump files (comma-separated); compile nothing.",
@@ -200,7 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     results = [r for f in args.from_dump.split(",") if f for r in json.loads(Path(f).read_text())]
     for preset in [] if args.from_dump else args.presets.split(","):
         for topo in args.topologies.split(","):
-            results += search(preset, topo, 512, args.headroom, args.timeout, lambda r: print(row(r), flush=True))
+            tries = search(preset, topo, 512, args.headroom, args.timeout, lambda r: print(row(r), flush=True))
+            if args.programs and tries[-1]["status"] == "fits":
+                tries[-1]["other"] = other_programs(tries[-1], args.timeout)
+                print("\n".join(program_rows(tries[-1], args.headroom)), flush=True)
+            results += tries
             if args.dump:
                 Path(args.dump).write_text(json.dumps(results, indent=1))
     versions = ", ".join(f"{p} {_version(p)}" for p in ("jax", "jaxlib", "libtpu"))
@@ -218,9 +278,25 @@ def main(argv: list[str] | None = None) -> None:
         "and overlap; est. MFU = model FLOPs / (roofline x peak).",
         "",
         "| preset | topology | remat | microbatches | fits | per-device memory, or the compiler's message | compile s "
-        "| attention | model / program TFLOP per device | bytes TiB (lower bound) | roofline step s | est. MFU |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| attention | model / program TFLOP per device | bytes TiB (lower bound) | roofline step s | est. MFU "
+        "| commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *map(row, results),
+        "",
+        "## Every program of a run at the setting found",
+        "",
+        "Per device, from `python -m stem_jax.aot --programs=...` at the last fitting row of each pair: the sharded "
+        "init (its peak against the device's share of parameters and optimizer state), the train step, the "
+        "validation/eval step (`train.microbatches`, `train.eval_loss_chunk`), and the sampler's prefill (prompts "
+        "of the global batch, `seq_len - 32` tokens) and one decode step (a `seq_len`-slot KV cache). fits = at "
+        f"least {args.headroom:.0%} of HBM free. TFLOP: XLA's estimate for the compiled program (a loop body "
+        "counts once).",
+        "",
+        "| preset | topology | remat / microbatches | program | fits | arguments GiB | temp GiB | total GiB "
+        "| TFLOP | largest collective | all-to-alls | compile s | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *(line for r in results if r["status"] == "fits" and r.get("other")
+          for line in program_rows(r, args.headroom)),
         "",
         "## The program's FLOPs against the accounting",
         "",

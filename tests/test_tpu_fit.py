@@ -50,3 +50,34 @@ def test_a_fit_without_headroom_doubles_the_microbatches(monkeypatch):
     monkeypatch.setattr(tpu_fit, "run", run)
     tpu_fit.search("stem_350m", "v5p:4x4x2", 512, 0.15, 60, lambda r: None)
     assert calls == [("none", 1), ("none", 2)]
+
+
+def program(total_gib, **extra):
+    mem = {"argument": GiB, "output": 0, "temp": total_gib * GiB - GiB, "alias": 0, "total": total_gib * GiB}
+    return {"status": "compiled", "memory_per_device": mem, "cost_per_device": {"flops": 2e12, "bytes": 1.0},
+            "largest_collective": {"kind": "all-gather", "bytes": 64 * 2**20}, "all_to_all": 3, "compile_s": 5.0,
+            **extra}
+
+
+def test_the_other_programs_compile_at_the_winning_setting_and_render_with_their_commit(monkeypatch):
+    seen = []
+
+    def run(preset, topology, remat, k, timeout, programs="train"):
+        seen.append((remat, k, programs))
+        return {"status": "OOM", "error": "eval: RESOURCE_EXHAUSTED", "commit": "c" * 40 + "+local",
+                "programs": {"init": program(20, peak_over_state=1.1, state_per_device=18 * GiB),
+                             "eval": {"status": "OOM", "error": "RESOURCE_EXHAUSTED: eval"},
+                             "prefill": program(90), "decode": program(30)}}
+    monkeypatch.setattr(tpu_fit, "run", run)
+    winner = {"preset": "stem_1b", "topo": "v5p:4x4x2", "remat": "dots", "microbatches": 2, "status": "fits",
+              "hbm_per_device": 100 * GiB, "commit": "a" * 40, "programs": {"train": program(50)}}
+    winner["other"] = tpu_fit.other_programs(winner, 60)
+    assert seen == [("dots", 2, "init,eval,prefill,decode")]
+    rows = tpu_fit.program_rows(winner, 0.15)
+    assert [r.split(" | ")[3] for r in rows] == ["init", "train", "eval", "prefill", "decode"]
+    init, train, ev, prefill, decode = rows
+    assert "**yes**" in init and "20.00 (80% free; 1.10 x state)" in init and init.endswith(f"| {'c' * 12}+local |")
+    assert "**yes**" in train and train.endswith(f"| {'a' * 12} |")  # the search's own commit
+    assert "no: OOM" in ev and "RESOURCE_EXHAUSTED: eval" in ev
+    assert "no: < headroom" in prefill  # 10 % free against 15 %
+    assert "all-gather 64 MiB | 3 |" in decode
