@@ -5,7 +5,13 @@ and ``meta`` (step, resolved config, tokenizer fingerprint, table rows, process 
 Saves are async and atomic (orbax writes a temporary directory and renames it), and older steps are
 deleted only after a newer one has landed. Restore targets always carry the *current* mesh's shardings,
 so any checkpoint restores onto any mesh; STEM tables whose padded row count differs between meshes are
-padded or cut at the end, where only all-zero padding rows live."""
+padded or cut at the end, where only all-zero padding rows live.
+
+Only the holder of the workdir's lock (``lock.hold``: train.py, the params-only writers) writes: its manager
+cleans the temporary folders of a killed save. Tools open checkpoints read-only (``reader``) and never create,
+move or delete anything, so they can read next to a run that is saving. With several processes, process 0's
+list of steps is the one tried, every process confirms it can read a step before any uses it, and the
+pre-save space check's outcome is shared: all processes restore the same step and raise the same errors."""
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from stem_jax import sharding
+from stem_jax import lock, sharding
 from stem_jax.config import Config, ConfigError, to_dict
 
 
@@ -33,9 +39,18 @@ def directory(workdir: str | Path) -> Path:
 
 
 def manager(workdir: str | Path, keep: int = 3, create: bool = True) -> ocp.CheckpointManager:
+    """The writer's manager. It deletes the temporary folders of a killed save only while this run holds the
+    workdir's lock: anyone else's cleanup would delete the save a live run is writing."""
     return ocp.CheckpointManager(directory(workdir), options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=create, enable_async_checkpointing=True,
-        cleanup_tmp_directories=True))  # leftovers of a save that was killed
+        cleanup_tmp_directories=lock.holds(workdir)))
+
+
+def reader(workdir: str | Path) -> ocp.CheckpointManager:
+    """A read-only manager for tools: orbax skips saves, deletions, temporary-folder cleanup and directory or
+    metadata creation (``read_only``), and lists steps without reading their metadata files."""
+    return ocp.CheckpointManager(directory(workdir), options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, lightweight_initialize=True))
 
 
 def fingerprint(text: str) -> str:
@@ -71,9 +86,12 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_iter: Any, meta: dict) -
     where = Path(mngr.directory)
     need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes")) * SPACE_MARGIN
     free = free_bytes(where)
-    if free < need:
+    fits, free_mib = _gather(np.array([free >= need, free / 2**20], np.float32)).T  # all raise, or none does
+    if not fits.all():
+        k = int(np.argmin(free_mib))
+        on = f" on process {k}" if jax.process_count() > 1 else ""
         raise CheckpointError(f"checkpoint step {step} needs about {need / 2**20:,.1f} MiB in {where}, but only "
-                              f"{free / 2**20:,.1f} MiB are free")
+                              f"{free_mib[k]:,.1f} MiB are free{on}")
     try:
         mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.PyTreeSave(state["params"]),
@@ -138,13 +156,24 @@ def _table_rows(abstract_params: Any) -> int | None:
     return rows[0] if rows else None
 
 
+def _restore_items(mngr: ocp.CheckpointManager, step: int, **items: Any) -> dict:
+    """Restore ``items`` (name -> orbax restore args) of checkpoint ``step`` on this process alone. The item
+    handlers hold no barrier (orbax's ``Checkpointer.restore`` ends with one), so a process that fails here
+    leaves the collectives of the others in step, and ``_on_every_process`` shares the outcome."""
+    handler = ocp.CompositeCheckpointHandler()
+    try:
+        return handler.restore(Path(mngr.directory) / str(step), args=ocp.args.Composite(**items))
+    finally:
+        handler.close()
+
+
 def read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
-    return dict(mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    return dict(_restore_items(mngr, step, meta=ocp.args.JsonRestore())["meta"])
 
 
 def read_step_meta(workdir: str | Path, step: int) -> dict:
-    """The ``meta`` item of checkpoint ``step`` of ``workdir``."""
-    mngr = manager(workdir, create=False)
+    """The ``meta`` item of checkpoint ``step`` of ``workdir`` (read-only)."""
+    mngr = reader(workdir)
     try:
         return read_meta(mngr, step)
     finally:
@@ -154,16 +183,27 @@ def read_step_meta(workdir: str | Path, step: int) -> dict:
 def restore_state(mngr: ocp.CheckpointManager, step: int, meta: dict, abstract_state: dict,
                   shardings: dict, data_iter: Any) -> dict:
     """The train state of ``step`` on the new shardings; ``data_iter`` is moved to the saved position."""
+    return {**_restore_arrays(mngr, step, meta, abstract_state, shardings, data_iter),
+            "step": _step_array(step, shardings)}
+
+
+def _restore_arrays(mngr: ocp.CheckpointManager, step: int, meta: dict, abstract_state: dict,
+                    shardings: dict, data_iter: Any) -> dict:
+    """``params`` and ``opt_state`` of ``step``, and the data position; no collective, so one process can fail
+    it alone."""
     rows = _table_rows(abstract_state["params"])
     resize = rows is not None and meta.get("table_rows") not in (None, rows)
     if resize and meta["table_rows"] < meta["config"]["model"]["vocab_size"]:
         raise CheckpointError(f"step {step}: saved tables have {meta['table_rows']} rows, fewer than the vocab")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=_restore_args(abstract_state["params"], shardings["params"], resize),
-        opt_state=_restore_args(abstract_state["opt_state"], shardings["opt_state"], resize),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    step_array = jax.device_put(np.asarray(step, np.int32), shardings["step"])
-    return {"params": out["params"], "opt_state": out["opt_state"], "step": step_array}
+    out = _restore_items(mngr, step,
+                         params=_restore_args(abstract_state["params"], shardings["params"], resize),
+                         opt_state=_restore_args(abstract_state["opt_state"], shardings["opt_state"], resize),
+                         data=grain.checkpoint.CheckpointRestore(data_iter))
+    return {"params": out["params"], "opt_state": out["opt_state"]}
+
+
+def _step_array(step: int, shardings: dict) -> jax.Array:
+    return jax.device_put(np.asarray(step, np.int32), shardings["step"])  # collective with several processes
 
 
 def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], abstract_state: dict,
@@ -174,18 +214,19 @@ def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], a
     propagates. A checkpoint that fails to read (a kill during a save on a filesystem without atomic
     rename, truncated or corrupted files) is skipped with a warning for the next older one; skipped
     newer ones are moved to ``checkpoints_unreadable/`` (kept, never deleted) so their step numbers can
-    be written again. If none restores, nothing is moved and CheckpointError names every failure."""
+    be written again. If none restores, nothing is moved and CheckpointError names every failure.
+    Collective: every process gets the same step and moves the same steps aside; process 0 warns."""
     def load(step: int, meta: dict, _) -> dict:
-        return restore_state(mngr, step, meta, abstract_state, shardings, data_iter)
+        return _restore_arrays(mngr, step, meta, abstract_state, shardings, data_iter)
 
     steps = sorted(mngr.all_steps(), reverse=True)
     state, step, _, failures = newest_readable(mngr, steps, lambda s, meta: check(meta), load)
     if step is not None:
-        for bad, err in failures:
+        for bad, err in failures if jax.process_index() == 0 else ():
             log(f"WARNING: checkpoint step {bad} is unreadable ({type(err).__name__}: {_short(err)}); "
                 f"resuming from step {step}")
         _set_aside(mngr, [bad for bad, _ in failures])
-        return state, step
+        return {**state, "step": _step_array(step, shardings)}, step
     if failures:
         raise CheckpointError(f"no checkpoint under {mngr.directory} can be restored: " + "; ".join(
             f"step {s}: {type(e).__name__}: {_short(e)}" for s, e in failures))
@@ -197,22 +238,74 @@ def newest_readable(mngr: ocp.CheckpointManager, steps: list[int], prepare: Call
     """``(load(step, meta, prepare(step, meta)), step, meta, failures)`` for the first of ``steps`` whose meta
     and arrays read, with ``failures`` the ``(step, error)`` of those before it that did not; step None when
     none reads. ``prepare``'s errors (a checkpoint this run must refuse) and ConfigError / CheckpointError from
-    ``load`` propagate: they are about the request, not about damaged files."""
+    ``load`` propagate: they are about the request, not about damaged files.
+
+    With several processes the steps are process 0's, and a step is used only when every process read it;
+    otherwise all go on to the next older one together, with the same ``failures``. ``load`` must hold no
+    collective (a process that failed would not join it)."""
     failures = []
-    for step in steps:
-        try:
-            meta = read_meta(mngr, step)
-        except Exception as e:  # noqa: BLE001 - any read failure means this step is unusable
-            failures.append((step, e))
+    everything = lambda e: True  # noqa: E731
+    request = lambda e: isinstance(e, (ConfigError, CheckpointError))  # noqa: E731
+    for step in _from_process_0(steps):
+        meta, err = _on_every_process(lambda: read_meta(mngr, step), refuses=lambda e: False)
+        if err is not None:  # any read failure means this step is unusable
+            failures.append((step, err))
             continue
-        prepared = prepare(step, meta)
-        try:
-            return load(step, meta, prepared), step, meta, failures
-        except (ConfigError, CheckpointError):
-            raise
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt array files
-            failures.append((step, e))
+        prepared, _ = _on_every_process(lambda: prepare(step, meta), refuses=everything)
+        out, err = _on_every_process(lambda: load(step, meta, prepared), refuses=request)
+        if err is None:
+            return out, step, meta, failures
+        failures.append((step, err))  # truncated or corrupt array files
     return None, None, None, failures
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+    """``x`` of every process, stacked ``[processes, ...]``."""
+    if jax.process_count() == 1:
+        return x[None]
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
+def _from_process_0(steps: list[int]) -> list[int]:
+    """Process 0's ``steps`` on every process (on a filesystem without read-after-write consistency the
+    listings may differ)."""
+    if jax.process_count() == 1:
+        return list(steps)
+    n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+    mine = np.asarray(steps if jax.process_index() == 0 else [0] * n, np.int32)
+    return [int(s) for s in multihost_utils.broadcast_one_to_all(mine)] if n else []
+
+
+ERROR_BYTES = 240  # of each process's error message shared with the others
+
+
+class PeerError(CheckpointError):
+    """What failed on one process of a multi-process run, as every process reports it."""
+
+
+def _on_every_process(fn: Callable[[], Any], refuses: Callable[[Exception], bool]) -> tuple[Any, Exception | None]:
+    """``(fn(), None)`` when ``fn`` succeeded on every process, else ``(None, error)``: alone, this process's
+    error; with several processes, the same PeerError on each, naming the first process that failed and its
+    error. An error that ``refuses`` (about the request, not the files) is raised on every process instead."""
+    try:
+        value, err = fn(), None
+    except Exception as e:  # noqa: BLE001 - classified below, by every process alike
+        value, err = None, e
+    if jax.process_count() == 1:
+        if err is not None and refuses(err):
+            raise err
+        return value, err
+    code = 0 if err is None else 2 if refuses(err) else 1
+    text = b"" if err is None else f"{type(err).__name__}: {_short(err)}".encode()[:ERROR_BYTES]
+    rows = _gather(np.frombuffer(bytes([code]) + text.ljust(ERROR_BYTES, b"\0"), np.uint8).astype(np.int32))
+    codes = rows[:, 0]
+    if not codes.any():
+        return value, None
+    k = int(np.argmax(codes == codes.max()))  # the first process with the gravest outcome
+    peer = PeerError(f"process {k}: " + bytes(rows[k, 1:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace"))
+    if codes.max() == 2:
+        raise err if code == 2 else peer
+    return None, peer
 
 
 def _short(err: Exception, limit: int = 300) -> str:
@@ -221,6 +314,8 @@ def _short(err: Exception, limit: int = 300) -> str:
 
 
 def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Move ``steps`` to ``checkpoints_unreadable/``: the trainer (the lock holder) only, on every process with
+    the same ``steps`` (``newest_readable`` makes them agree); process 0 moves, then all reload."""
     if not steps:
         return
     if jax.process_index() == 0:
@@ -240,11 +335,11 @@ def restore_params(workdir: str | Path, build: Callable[[int, dict], tuple[Any, 
     ``build(step, meta)`` returns ``(abstract params, shardings)`` for that checkpoint (its saved config is the
     authority on shapes); its errors propagate. A checkpoint that fails to read is skipped for the next older
     one with a one-line warning naming it and the step used; if none reads, CheckpointError lists every step
-    tried. Nothing is moved or deleted: tools only read."""
+    tried. Nothing is created, moved or deleted (``reader``): tools only read, even next to a run that saves."""
     where = directory(workdir)
     if not where.is_dir():
         raise FileNotFoundError(f"no checkpoint under {where}")
-    mngr = manager(workdir, create=False)
+    mngr = reader(workdir)
     try:
         available = sorted(mngr.all_steps(), reverse=True)
         if step is not None and step not in available or not available:
@@ -255,11 +350,11 @@ def restore_params(workdir: str | Path, build: Callable[[int, dict], tuple[Any, 
             abstract, shardings = built
             rows = meta.get("table_rows")
             resize = rows is not None and rows != _table_rows(abstract)
-            return mngr.restore(s, args=ocp.args.Composite(params=_restore_args(abstract, shardings, resize)))
+            return _restore_items(mngr, s, params=_restore_args(abstract, shardings, resize))
 
         out, s, meta, failures = newest_readable(mngr, [step] if step is not None else available, build, load)
         if s is not None:
-            for bad, err in failures:
+            for bad, err in failures if jax.process_index() == 0 else ():
                 log(f"WARNING: checkpoint step {bad} of {workdir} is unreadable ({type(err).__name__}: "
                     f"{_short(err, 160)}); using step {s}")
             return out["params"], s, meta

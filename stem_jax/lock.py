@@ -2,7 +2,8 @@
 workdir (train.py, injection, imports). The file names its holder (host, pid, command, start time) while it is
 held and is emptied on release, so a non-empty file whose lock is free was left by a writer that died (kill -9,
 a lost host): the next writer takes it over and says so. Readers (eval, sampling, export) take no lock; they
-only ever see committed checkpoints.
+only ever see committed checkpoints, and they never create, move or delete anything in a workdir: only the
+holder cleans the temporary folders of a save that was killed (``holds``, used by ``checkpoint.manager``).
 
 ``flock`` is released by the kernel when the holder's process dies, so a stale lock can never block a run.
 A multi-process run locks once, on process 0, and every process learns the outcome before going on."""
@@ -23,6 +24,12 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 LOCK_FILE = ".lock"
+_HELD: set[Path] = set()  # workdirs this run holds, on every process of a multi-process run
+
+
+def holds(workdir: str | Path) -> bool:
+    """Whether this run holds ``workdir``'s lock (inside ``hold``): the only writer allowed to clean up."""
+    return Path(workdir).resolve() in _HELD
 
 
 class WorkdirLockedError(RuntimeError):
@@ -101,8 +108,11 @@ def hold(workdir: str | Path, command: str, log: Callable[[str], None] = print) 
             error = WorkdirLockedError(f"process 0 could not lock {workdir}; see its error")
     if error is not None:
         raise error
+    held = Path(workdir).resolve()
+    _HELD.add(held)
     try:
         yield
     finally:
+        _HELD.discard(held)
         if fd is not None:
             release(fd)

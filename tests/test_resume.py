@@ -1,5 +1,6 @@
 """Runs that survive anything, through train.py as users run it: kill -9, SIGTERM, an unreadable
-checkpoint, divergence, and a changed model all leave a run that resumes exactly (or fails clearly)."""
+checkpoint, divergence, a changed model and tools reading during a save all leave a run that resumes
+exactly (or fails clearly)."""
 import json
 import re
 import shutil
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -248,3 +250,60 @@ def test_an_unreadable_step_or_workdir_is_one_line_naming_what_was_tried(tmp_pat
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1, err
     assert all(f"step {s}: " in err for s in (40, 36, 32)) and not (tmp_path / "b").exists()
+
+
+# The step-$HOLD_STEP save stops after its files are written, before orbax renames its temporary folder
+# (orbax 0.12.8's async_checkpointer._on_commit_callback; if that moves, the run ends before "saving" appears
+# and wait_for fails), until $HOLD_EVENTS/go appears; $HOLD_EVENTS/saving (the folder's path) says it got there.
+HOLD_SAVE = """
+import os, runpy, sys, time
+from pathlib import Path
+from orbax.checkpoint._src.checkpointers import async_checkpointer
+events, commit = Path(os.environ["HOLD_EVENTS"]), async_checkpointer._on_commit_callback
+def held(tmpdir, *args, **kwargs):
+    if tmpdir.get_final().name == os.environ["HOLD_STEP"]:
+        (events / "saving").write_text(str(tmpdir.get()))
+        while not (events / "go").exists():
+            time.sleep(0.01)
+    return commit(tmpdir, *args, **kwargs)
+async_checkpointer._on_commit_callback = held
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_tools_reading_during_a_save_leave_the_run_alone(tmp_path, cache_dir, reference, capsys):
+    """eval.py, sampling and ``editing edit`` read the workdir while its step-8 save is half done (held with its
+    temporary folder written, not renamed); the save then lands and the run ends as the undisturbed one."""
+    from stem_jax import editing, sampling
+    work, events = tmp_path / "run", tmp_path / "events"
+    events.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", HOLD_SAVE, f"--workdir={work}", *TINY], cwd=REPO,
+                         env=script_env(cache_dir, HOLD_EVENTS=str(events), HOLD_STEP="8"),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    evaluation = None
+    try:
+        wait_for(events / "saving", p)
+        partial = Path((events / "saving").read_text())
+        assert partial.name == "8.orbax-checkpoint-tmp", partial
+        before = snapshot(partial)
+        evaluation = start_script("eval.py", f"--workdir={work}", cache_dir=cache_dir)  # beside the two below
+        sampling.main(["--workdir", str(work), "--prompt", "And God", "--max_new_tokens", "2"])
+        editing.main(["edit", "--workdir", str(work), "--prompt", "And God said", "--source", " God",
+                      "--target", " Lord", "--max_new_tokens", "2", "--k", "2"])
+        out = capsys.readouterr().out
+        assert "And God" in out and "before: And God said" in out, out[-2000:]
+        eval_out, eval_err = evaluation.communicate(timeout=300)
+        assert evaluation.returncode == 0 and "step 4: val_loss" in eval_out, eval_err[-3000:]
+        assert snapshot(partial) == before  # the save in progress, untouched
+    except BaseException:
+        for proc in (p, evaluation):
+            if proc is not None:
+                proc.kill()
+        raise
+    finally:
+        (events / "go").touch()
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    assert step_rows(work) == reference[1]
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir()) == [32, 36, 40]
