@@ -318,6 +318,9 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     the same ``steps`` (``newest_readable`` makes them agree); process 0 moves, then all reload."""
     if not steps:
         return
+    if not lock.holds(Path(mngr.directory).parent):  # every process alike: the lock's outcome is shared
+        raise CheckpointError(f"checkpoint steps {steps} of {mngr.directory} are unreadable; only the holder of the "
+                              "workdir's lock may set them aside")
     if jax.process_index() == 0:
         aside = Path(mngr.directory).parent / "checkpoints_unreadable"
         aside.mkdir(exist_ok=True)

@@ -89,8 +89,14 @@ def test_unreadable_newest_checkpoint_falls_back_and_is_kept_aside(tmp_path):
     files[-1].write_bytes(files[-1].read_bytes()[:100])  # a truncated write
     logs, checked = [], []
     mngr = checkpoint.manager(tmp_path, create=False)
-    state1, step = checkpoint.restore_latest(mngr, checked.append, s.ctx.abstract_state, s.ctx.state_shardings,
-                                             _batches(cfg), logs.append)
+    with pytest.raises(checkpoint.CheckpointError, match="only the holder of the workdir's lock may set them aside"):
+        checkpoint.restore_latest(mngr, lambda m: None, s.ctx.abstract_state, s.ctx.state_shardings, _batches(cfg),
+                                  logs.append)
+    assert mngr.all_steps() == [1, 2] and not (tmp_path / "checkpoints_unreadable").exists()
+    logs.clear()
+    with lock.hold(tmp_path, "test"):  # as train.py holds it
+        state1, step = checkpoint.restore_latest(mngr, checked.append, s.ctx.abstract_state, s.ctx.state_shardings,
+                                                 _batches(cfg), logs.append)
     assert step == 1 and [m["step"] for m in checked] == [2, 1]
     assert len(logs) == 1 and "checkpoint step 2 is unreadable" in logs[0] and "resuming from step 1" in logs[0]
     assert mngr.all_steps() == [1]
