@@ -12,7 +12,7 @@ LAYERS = [
     ("sharding", "exchange"),
     ("attention", "layers", "stem", "variants", "model", "accounting", "sources", "corpus",
      "data"),
-    ("optim", "sparse", "steps", "offload", "checkpoint", "lock", "preemption", "writer"),
+    ("optim", "sparse", "steps", "offload", "checkpoint", "lock", "preemption", "peers", "writer"),
     ("trainer", "cli"),
     ("workdir", "scoring", "sampling", "hotrows", "editor", "edit_batch", "editing", "tasks", "evaluate",
      "lm_eval_model", "hf", "analysis", "aot", "data_prep"),
