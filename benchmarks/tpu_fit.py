@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Written by `python {' '.join(['benchmarks/tpu_fit.py', *given])}` on a CPU-only machine "
         f"({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; {versions}). Each row "
         "is one `python -m stem_jax.aot` compile of the real train step on the preset's mesh (data 1, fsdp = all "
-        "devices), in search order; the last row of a pair that fits is its setting (see the module docstring).",
+        "devices), in search order; the last row of a pair that fits is its setting (see the module docstring). "
+        "Rerun it whenever the model, a step or the loss changes; every row names the commit it was compiled at "
+        "(`+local`: the package or the presets differed from that commit).",
         "",
         "Columns: per-device memory = argument + output + temp - alias; model / program TFLOP per device per step "
         "(program: see the second table); bytes = the compiled program's HBM-traffic estimate x microbatches; "
