@@ -176,16 +176,20 @@ class Transformer(nnx.Module):
         return x_BxLxD
 
     def decode(self, ids_BxT: jax.Array, cache: KVCache, rows: StemRows | None = None,
-               edit: RowEdit | None = None) -> tuple[jax.Array, KVCache]:
+               edit: RowEdit | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
         """Logits of ``T`` new tokens given the cached ones (prefill: T = prompt length; decode: T = 1), and
-        the cache with their keys/values written at ``cache.start``."""
+        the cache with their keys/values written at ``cache.start``. ``last_only``: the last position's logits
+        only ([B, 1, V]: a prefill needs no more, and the prompt's [B, T, V] would be the largest array)."""
         x_BxTxD = self._embed(ids_BxT)
+        if rows is None and edit is None:  # every table layer's rows in one exchange, as in ``hidden``
+            with jax.named_scope("stem_lookup"):
+                rows = lookup_layers([b.ffn for b in self.blocks if isinstance(b.ffn, TableFFN)], ids_BxT)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, rows, edit)
             ks.append(k)
             vs.append(v)
-        return self.logits(x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
+        return self.logits(x_BxTxD[:, -1:] if last_only else x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
 
     def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         K = self.cfg.d_model // self.cfg.n_heads

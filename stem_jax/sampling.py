@@ -80,8 +80,8 @@ def _prefill(model, ids_BxP, valid_BxP, new_tokens: int, cache_dtype, edit: RowE
     cache = model.init_cache(B, P + new_tokens, cache_dtype)
     cache = cache.replace(valid_BxS=cache.valid_BxS.at[:, :P].set(valid_BxP),
                           positions_BxT=jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0))
-    logits_BxPxV, cache = model.decode(ids_BxP, cache, rows, edit)  # an edit touches prompt positions only
-    return cache.replace(positions_BxT=jnp.zeros((B, 1), jnp.int32)), logits_BxPxV[:, -1], pad_B
+    logits_Bx1xV, cache = model.decode(ids_BxP, cache, rows, edit, last_only=True)  # an edit touches the prompt only
+    return cache.replace(positions_BxT=jnp.zeros((B, 1), jnp.int32)), logits_Bx1xV[:, -1], pad_B
 
 
 def _decode_one(model, cache, tok_B, i, P: int, pad_B, rows: StemRows | None = None):
