@@ -179,7 +179,7 @@ class Transformer(nnx.Module):
                edit: RowEdit | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
         """Logits of ``T`` new tokens given the cached ones (prefill: T = prompt length; decode: T = 1), and
         the cache with their keys/values written at ``cache.start``. ``last_only``: the last position's logits
-        only ([B, 1, V]: a prefill needs no more, and the prompt's [B, T, V] would be the largest array)."""
+        only ([B, 1, V]: all a prefill needs)."""
         x_BxTxD = self._embed(ids_BxT)
         if rows is None and edit is None:  # every table layer's rows in one exchange, as in ``hidden``
             with jax.named_scope("stem_lookup"):
