@@ -167,9 +167,7 @@ class Transformer(nnx.Module):
         equals that slice of ``model(ids)``, which is how the loss avoids holding every position's logits."""
         x_BxLxD = self._embed(ids_BxL)
         packing = (segments_BxL, positions_BxL)
-        if rows is None and edit is None:  # every table layer's rows in one exchange, outside any remat
-            with jax.named_scope("stem_lookup"):
-                rows = lookup_layers([b.ffn for b in self.blocks if isinstance(b.ffn, TableFFN)], ids_BxL)
+        rows = self._layer_rows(ids_BxL) if rows is None and edit is None else rows
         for block in self.blocks:
             x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit, *packing) if self.cfg.remat == "none" else \
                 _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit, *packing)
@@ -181,15 +179,19 @@ class Transformer(nnx.Module):
         the cache with their keys/values written at ``cache.start``. ``last_only``: the last position's logits
         only ([B, 1, V]: all a prefill needs)."""
         x_BxTxD = self._embed(ids_BxT)
-        if rows is None and edit is None:  # every table layer's rows in one exchange, as in ``hidden``
-            with jax.named_scope("stem_lookup"):
-                rows = lookup_layers([b.ffn for b in self.blocks if isinstance(b.ffn, TableFFN)], ids_BxT)
+        rows = self._layer_rows(ids_BxT) if rows is None and edit is None else rows
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             x_BxTxD, k, v = block.decode(x_BxTxD, ids_BxT, cache, i, rows, edit)
             ks.append(k)
             vs.append(v)
         return self.logits(x_BxTxD[:, -1:] if last_only else x_BxTxD), cache.replace(k=tuple(ks), v=tuple(vs))
+
+    def _layer_rows(self, ids_BxL: jax.Array) -> LayerRows | None:
+        """Every table layer's rows in one exchange, before the blocks and outside any remat (``lookup_layers``;
+        None where each layer looks up its own)."""
+        with jax.named_scope("stem_lookup"):
+            return lookup_layers([b.ffn for b in self.blocks if isinstance(b.ffn, TableFFN)], ids_BxL)
 
     def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         K = self.cfg.d_model // self.cfg.n_heads

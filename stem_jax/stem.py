@@ -252,12 +252,12 @@ def lookup_layers(ffns: list[TableFFN], ids_BxL: jax.Array) -> LayerRows | None:
     collectives do not grow with the number of STEM layers), or None where the layers look up their own
     rows (no exchange on this mesh, or another lookup mode)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if not ffns or ffns[0].rows_of.mode != "exchange" or _exchange_axes(ids_BxL.shape, mesh) is None:
+    axes = _exchange_axes(ids_BxL.shape, mesh)
+    if not ffns or ffns[0].rows_of.mode != "exchange" or axes is None:
         return None
     first = ffns[0]
     if any(f.table.shape != first.table.shape or f.dtype != first.dtype for f in ffns):
         return None
-    axes = _exchange_axes(ids_BxL.shape, mesh)
     rows_BxL = sharding.stored_rows(ids_BxL, first.vocab_size, first.rows_of.layout)
     table_spec = sharding.spec(("stem_vocab", "stem_dff"))
     ids_spec = sharding.fitted_spec(("batch", "length"), ids_BxL.shape, mesh)
