@@ -234,6 +234,12 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{_host()}.{os.getpid()}.tmp")
 
 
+def _is_tmp(path: Path) -> bool:
+    """Whether ``path`` is a writer's temporary file (``.NAME.HOST.PID.tmp``)."""
+    parts = path.name.split(".")
+    return path.name.startswith(".") and len(parts) >= 5 and parts[-1] == "tmp" and parts[-2].isdigit()
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = _tmp_path(path)
     tmp.write_text(text)
@@ -371,7 +377,9 @@ def _check_folder(out: Path, fp: str, start_over: bool) -> bool:
                              f"({before.get('source')}); choose another folder")
         if start_over:
             (out / "tokenizer.json").unlink(missing_ok=True)  # a build that stopped before any unit: start over
-    elif out.exists() and any(p.name != BUILD_LOCK for p in out.iterdir()):
+    elif out.exists() and any(p.name != BUILD_LOCK and not _is_tmp(p) for p in out.iterdir()):
+        # a builder writes plan.json (through a temporary file) before anything else, so a folder with other
+        # entries and no plan is not a store, even while another process builds one in it
         raise StoreError(f"{str(out)!r} is not empty and is not a token store; choose another folder")
     return False
 
@@ -415,10 +423,10 @@ def _build(data, vocab_size: int, out: Path, fp: str, ident: str, units: list, w
     """``build_store`` under the build lock."""
     _check_folder(out, fp, start_over=True)
     plan = {"fingerprint": fp, "source": ident, "units": [dataclasses.asdict(u) for u in units]}
-    (out / "shards").mkdir(parents=True, exist_ok=True)
     _remove_orphans(out)
+    _write_atomic(out / "plan.json", json.dumps(plan, indent=1))  # first: it marks the folder as a store's
+    (out / "shards").mkdir(parents=True, exist_ok=True)
     _remove_orphans(out / "shards")
-    _write_atomic(out / "plan.json", json.dumps(plan, indent=1))
     spec = sources.Spec(data.source, data.text_key, data.tfds_data_dir, data.skip_bad_records)
     tok = _tokenizer(data, vocab_size, units, spec, out, log)
     eos = eos_id(tok, data.eos_token)

@@ -177,6 +177,24 @@ def test_processes_sharing_a_cache_build_the_store_once_and_open_the_same_one(tm
     assert not [p for p in Path(opened[0][0]).rglob(".*.tmp")]
 
 
+def test_a_folder_being_built_never_looks_foreign_to_a_process_that_arrives(tmp_path, monkeypatch):
+    """What a process arriving at the folder checks before it takes the lock must pass at every file the builder
+    writes (the race the test above hits by chance): plan.json comes first, and temporary files do not count."""
+    f = _write_jsonl(tmp_path / "a.jsonl", 200)
+    cfg, out = DataConfig(source="jsonl", files=f, val_every=5), tmp_path / "store"
+    fp = corpus.fingerprint(cfg, 300, sources.plan(cfg, lambda *_: None)[0])
+    seen, replace = [], os.replace
+
+    def checked_replace(src, dst):
+        if Path(dst).parent == out:
+            seen.append(Path(dst).name)
+            corpus._check_folder(out, fp, start_over=False)  # the temporary file exists, the target may not
+        replace(src, dst)
+    monkeypatch.setattr(corpus.os, "replace", checked_replace)
+    corpus.build_store(cfg, 300, out, workers=1, **QUIET)
+    assert seen == ["plan.json", "tokenizer.json", "store.json"]
+
+
 def _user_tokenizer(path, texts, vocab=320, eos="</s>"):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
