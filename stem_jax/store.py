@@ -78,25 +78,21 @@ def _repair(root: Path) -> str:
 
 
 class _Fds:
-    """Open descriptors of shards, at most ``cap``; the least recently used is closed first (once no read of
-    another thread is using it)."""
+    """Open descriptors of shards, at most ``cap`` per process; the least recently used is closed first, once
+    no read (of another thread) is using it. Entries: [fd, users, evicted]."""
 
     def __init__(self, cap: int):
         self.cap, self.lock, self.open = cap, threading.Lock(), collections.OrderedDict()
+        os.register_at_fork(after_in_child=self._after_fork)
 
     def acquire(self, shard: "Shard") -> list:
         with self.lock:
             entry = self.open.pop(shard.path, None)
             if entry is None:
                 try:
-                    fd = os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC)
+                    entry = [os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC), 0, False]
                 except FileNotFoundError:
-                    raise shard.changed(None) from None
-                st = os.fstat(fd)
-                entry = [fd, 0, False, (st.st_dev, st.st_ino)]  # fd, users, evicted, identity
-                if st.st_size != shard.nbytes:
-                    os.close(fd)
-                    raise shard.changed(st.st_size)
+                    raise shard.changed() from None
             entry[1] += 1
             self.open[shard.path] = entry
             while len(self.open) > self.cap:
@@ -112,17 +108,17 @@ class _Fds:
             if entry[2] and not entry[1]:
                 os.close(entry[0])
 
-    def after_fork(self) -> None:
+    def _after_fork(self) -> None:
         self.lock = threading.Lock()  # another thread may have held it at the fork
 
 
 _FDS = _Fds(MAX_OPEN_SHARDS)
-os.register_at_fork(after_in_child=_FDS.after_fork)
 
 
 class Shard:
     """One shard file of ``n`` tokens, read with ``pread``: ``shard[lo:hi]`` (clipped like numpy) and
-    ``np.asarray(shard)`` are arrays; a shard that changed since ``store.json`` raises StoreChangedError."""
+    ``np.asarray(shard)`` are arrays. A shard that is not as ``store.json`` records it any more (truncated,
+    grown, deleted, replaced) raises StoreChangedError."""
 
     def __init__(self, root: Path, path: Path, n: int, dtype: np.dtype):
         self.root, self.path, self.n, self.dtype = root, str(path), int(n), np.dtype(dtype)
@@ -131,53 +127,42 @@ class Shard:
     def __len__(self) -> int:
         return self.n
 
-    @property
-    def shape(self) -> tuple[int]:
-        return (self.n,)
-
-    def changed(self, size: int | None) -> StoreChangedError:
-        now = "gone" if size is None else f"{size} bytes"
+    def changed(self, opened: os.stat_result | None = None) -> StoreChangedError:
+        try:
+            st = os.stat(self.path)
+            now = f"{st.st_size} bytes" + (", another file" if opened and st.st_ino != opened.st_ino else "")
+        except FileNotFoundError:
+            now = "gone"
         return StoreChangedError(f"the token store {self.root} changed while it was being read: {self.path} "
                                  f"({now}, store.json records {self.nbytes} bytes): rebuilt, truncated or deleted "
                                  f"under the run")
 
-    def __getitem__(self, index: slice | int) -> np.ndarray:
-        if isinstance(index, slice):
-            lo, hi, step = index.indices(self.n)
-            if step != 1:
-                return self.read(lo, hi)[::step] if step > 0 else self.read(0, self.n)[index]
-            return self.read(lo, hi)
-        i = int(index) + self.n if int(index) < 0 else int(index)
-        if not 0 <= i < self.n:
-            raise IndexError(f"index {index} is out of bounds for a shard of {self.n} tokens")
-        return self.read(i, i + 1)[0]
+    def __getitem__(self, index: slice) -> np.ndarray:
+        if not isinstance(index, slice):
+            raise TypeError(f"a shard is read in slices, shard[lo:hi], not with {index!r}")
+        lo, hi, step = index.indices(self.n)
+        return self.read(lo, hi) if step == 1 else self.read(0, self.n)[index]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self.read(0, self.n)
-        return out if dtype is None else out.astype(dtype, copy=False)
+        return self.read(0, self.n).astype(dtype or self.dtype, copy=False)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
-        """Tokens ``[lo, hi)`` (0 <= lo, hi <= len)."""
+        """Tokens ``[lo, hi)``, 0 <= lo and hi <= len."""
         out = np.empty(max(hi - lo, 0), self.dtype)
-        if not out.size:
-            return out
-        view, off = memoryview(out).cast("B"), lo * self.dtype.itemsize
+        view, off, done = memoryview(out).cast("B"), lo * self.dtype.itemsize, 0
         entry = _FDS.acquire(self)
         try:
-            done = 0
             while done < len(view):
                 got = os.preadv(entry[0], [view[done:]], off + done)
-                if not got:  # end of file before the recorded size: truncated under the run
-                    raise self.changed(os.fstat(entry[0]).st_size)
+                if not got:  # the end of the file before the recorded size: truncated under the run
+                    break
                 done += got
+            st = os.fstat(entry[0])
         finally:
             _FDS.release(entry)
-        try:  # a read of an open descriptor succeeds on a deleted or replaced file: check the path
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise self.changed(None) from None
-        if (st.st_dev, st.st_ino) != entry[3] or st.st_size != self.nbytes:
-            raise self.changed(st.st_size)
+        # an open descriptor reads a deleted or replaced file on (its links drop to 0); the path's size is checked
+        if done < len(view) or st.st_nlink == 0 or st.st_size != self.nbytes:
+            raise self.changed(st)
         return out
 
 

@@ -78,7 +78,174 @@ def test_reads_equal_numpy_slices_across_shards(small):
             for sl in (slice(None), slice(2, 9), slice(-4, None), slice(5, 10**9), slice(-10**9, 3), slice(9, 2),
                        slice(1, 20, 3)):
                 np.testing.assert_array_equal(shard[sl], a[sl])
-            assert shard[-1] == a[-1]
+            with pytest.raises(TypeError, match="a shard is read in slices"):
+                shard[-1]
             np.testing.assert_array_equal(np.asarray(shard, np.int64), a.astype(np.int64))
     assert c.eos_id == 0 and c.vocab_size == 300 and c.fingerprint == c.meta["content_fingerprint"]
     assert c.tokenizer_sha256 == store.tokenizer_sha256(c.tokenizer)
+
+
+def _shard_file(root, k=0, split="train"):
+    meta = json.loads((root / "store.json").read_text())
+    return store.shard_path(root, [u for u in meta["shards"] if u[split]][k]["key"], split)
+
+
+READER = textwrap.dedent("""
+    import sys
+    from stem_jax import store
+    c = store.open_store(sys.argv[1])
+    shard = c.train.open_shard(0)
+    print(int(shard[0:1000].sum()), flush=True)      # the first read
+    sys.stdin.readline()                              # the writer truncates the file meanwhile
+    try:
+        shard[900:1000]
+    except store.StoreChangedError as e:
+        print(e, flush=True)
+        sys.exit(3)
+""")
+
+
+def test_a_shard_truncated_under_a_reader_raises_not_sigbus(small):
+    """A reader next to a writer: the shard is truncated between two reads of another process."""
+    root, arrays = small
+    p = subprocess.Popen([sys.executable, "-c", READER, str(root)], cwd=REPO, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert int(p.stdout.readline()) == int(arrays["train"][0].sum())
+    os.truncate(_shard_file(root), 1024)  # 512 tokens of 1000 left
+    out, err = p.communicate("go\n", timeout=60)
+    assert p.returncode == 3, (p.returncode, err[-2000:])  # a Python exit, not -7 (SIGBUS) or 135
+    assert out.strip() == (f"the token store {root} changed while it was being read: {_shard_file(root)} (1024 bytes, "
+                           f"store.json records 2000 bytes): rebuilt, truncated or deleted under the run")
+
+
+@pytest.mark.parametrize("change", ["truncate_inside", "delete", "replace", "grow"])
+def test_a_shard_changed_after_open_raises(small, change):
+    root, arrays = small
+    c = store.open_store(root)
+    shard, path = c.train.open_shard(0), _shard_file(root)
+    np.testing.assert_array_equal(shard[0:10], arrays["train"][0][:10])  # its descriptor is open now
+    if change == "truncate_inside":
+        os.truncate(path, 1800)  # the next read lies before the cut: the size tells
+    elif change == "delete":
+        path.unlink()
+    elif change == "replace":  # a rebuild renames a new file over the old one; the open descriptor reads the old
+        tmp = path.with_name("new.bin")
+        tmp.write_bytes(arrays["train"][0][::-1].tobytes())
+        os.replace(tmp, path)
+    else:
+        with open(path, "ab") as f:
+            f.write(b"\0\0")
+    now = {"truncate_inside": "1800 bytes", "delete": "gone", "replace": "2000 bytes, another file", "grow": "2002 bytes"}[change]
+    for read in (lambda: shard[0:10], lambda: c.train.read(0, 5000), lambda: np.asarray(shard)):
+        with pytest.raises(store.StoreChangedError, match=f"^the token store .*{path} \\({now}, store.json records "
+                                                          f"2000 bytes\\): rebuilt, truncated or deleted"):
+            read()
+    if change == "replace":  # a fresh descriptor (another shard's reads evicted it) sees the new file's identity
+        np.testing.assert_array_equal(c.train.open_shard(1)[0:5], arrays["train"][1][:5])
+
+
+def test_a_shard_deleted_before_its_first_read_raises(small):
+    root, _ = small
+    c = store.open_store(root)
+    _shard_file(root, 1, "val").unlink()
+    with pytest.raises(store.StoreChangedError, match=r"\(gone, store.json records 74 bytes\)"):
+        c.val.read(0, 200)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "grow"])
+def test_open_refuses_a_damaged_store_naming_the_repair(small, damage):
+    root, _ = small
+    path, other = _shard_file(root, 1), _shard_file(root, 3, "val")  # in store.json order
+    if damage == "truncate":
+        os.truncate(path, 1000)
+        os.truncate(other, 0)
+        what = f"{path} has 1000 bytes, store.json records 1034 \\(and 1 more damaged shard\\(s\\)\\)"
+    elif damage == "delete":
+        path.unlink()
+        what = f"{path} is missing \\(store.json records 1034 bytes\\)"
+    else:
+        with open(path, "ab") as f:
+            f.write(b"xx")
+        what = f"{path} has 1036 bytes, store.json records 1034"
+    with pytest.raises(store.StoreDamagedError, match=f"^the token store {root} is damaged: {what}; repair it with "
+                                                      f"`python -m stem_jax.data_prep --repair --out {root}` "
+                                                      f"\\(rebuilds only the damaged units\\)$"):
+        store.open_store(root)
+    assert sorted(store.verify(root, **QUIET)) == sorted(map(str, [path] + ([other] if damage == "truncate" else [])))
+
+
+def test_verify_catches_a_flipped_byte_of_the_same_size(small):
+    root, arrays = small
+    logs = []
+    assert store.verify(root, log=logs.append) == []
+    assert logs[-1].endswith("all shards intact") and "8 shard(s)" in logs[0]
+    path = _shard_file(root, 3)  # 2000 tokens
+    data = bytearray(path.read_bytes())
+    data[1234] ^= 0x01
+    path.write_bytes(data)
+    store.open_store(root)  # sizes only: it opens
+    logs.clear()
+    assert store.verify(root, log=logs.append) == [str(path)]
+    assert f"damaged: {path} has the wrong sha256" in logs and logs[-1].endswith("1 damaged shard(s)")
+    with pytest.raises(store.StoreDamagedError, match=f"damaged: {path} has the wrong sha256; repair it with"):
+        store.open_store(root, verify=True, **QUIET)
+
+
+def test_content_fingerprint_follows_the_tokens_not_the_folder(small, tmp_path):
+    root, _ = small
+    fp = store.open_store(root).fingerprint
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(root, copy)
+    assert store.open_store(copy).fingerprint == fp == json.loads((root / "store.json").read_text())["content_fingerprint"]
+    meta = json.loads((root / "store.json").read_text())
+    for u in meta["shards"]:  # other unit keys and input paths, the same tokens
+        u["key"], u["input"] = hashlib.sha256(u["key"].encode()).hexdigest()[:16], "/moved/" + u["input"]
+    assert store.content_fingerprint(meta) == fp
+    other = tmp_path / "other"  # the same store with one token changed
+    write_store(other, [(1000, 100), (0, 37), (517, 0), (3, 2), (2000, 300)])
+    path = _shard_file(other, 1)
+    ids = np.fromfile(path, np.uint16)
+    ids[5] = (ids[5] + 1) % 300
+    path.write_bytes(ids.tobytes())
+    meta = json.loads((other / "store.json").read_text())
+    meta["shards"][2]["train_sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
+    assert store.content_fingerprint(meta) != fp
+    for field, value in (("tokenizer_sha256", "0" * 16), ("dtype", "uint32"), ("eos_id", 1)):
+        assert store.content_fingerprint({**json.loads((root / "store.json").read_text()), field: value}) != fp
+
+
+def test_other_formats_and_missing_parts_are_refused(small, tmp_path):
+    root, _ = small
+    with pytest.raises(store.StoreError, match="is not a finished token store \\(no store.json\\)"):
+        store.open_store(tmp_path / "nothing")
+    meta = json.loads((root / "store.json").read_text())
+    (root / "store.json").write_text(json.dumps({**meta, "version": "2"}))
+    with pytest.raises(store.StoreError, match=f"^the token store {root} has format '2' \\(an older stem-jax built "
+                                               f"it\\); this version reads format '3': build it again into a new "
+                                               f"folder .* \\(nothing is deleted\\)$"):
+        store.open_store(root)
+    assert sorted(p.name for p in (root / "shards").iterdir()) and (root / "tokenizer.json").is_file()  # untouched
+    (root / "store.json").write_text(json.dumps(meta))
+    other = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "x": 1}, unk_token="x"))
+    (root / "tokenizer.json").write_text(other.to_str())
+    with pytest.raises(store.StoreError, match="is not the tokenizer the store was tokenized with"):
+        store.open_store(root)
+    (root / "tokenizer.json").unlink()
+    with pytest.raises(store.StoreError, match=f"^{root}/tokenizer.json is missing: build the store again"):
+        store.open_store(root)
+
+
+def _open_fds(root) -> int:
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith(str(root)) for fd in os.listdir("/proc/self/fd")
+               if os.path.islink(f"/proc/self/fd/{fd}"))
+
+
+def test_open_descriptors_stay_bounded(tmp_path):
+    root = tmp_path / "many"
+    arrays = write_store(root, [(5, 0)] * (store.MAX_OPEN_SHARDS + 60) + [(5, 3)])
+    c = store.open_store(root)
+    for k, (shard, a) in enumerate(zip(c.train.shards(), arrays["train"])):
+        np.testing.assert_array_equal(shard[1:4], a[1:4])
+        assert _open_fds(root) == min(k + 1, store.MAX_OPEN_SHARDS)
+    np.testing.assert_array_equal(c.train.read(0, len(c.train)), np.concatenate(arrays["train"]))
+    assert _open_fds(root) == store.MAX_OPEN_SHARDS
