@@ -487,12 +487,26 @@ def _jsonl_documents(unit: Unit, spec: Spec, progress: Progress) -> Iterator[str
             here, pos = pos, pos + len(line)
             if line.strip():
                 where = lambda: f"{unit.path}:{_line_number(unit.path, here) if plain else line_no}"  # noqa: E731
-                text = _record_text(line, spec, where, progress)
+                try:
+                    text = _record_text(line, spec, where, progress)
+                except BadRecordError:
+                    if not plain:  # corrupt deflate data can decode to a garbled line: the CRC tells which it is
+                        _drain(f, lambda e: _broken_stream(unit, raw, line_no, e), errors)
+                    raise
                 if text is not None:
                     yield text
             if line_no % 1024 == 0:
                 progress.done = pos - unit.start if plain else raw.tell()
     progress.done = unit.size
+
+
+def _drain(f, broken: Callable[[BaseException], BrokenFileError], errors: tuple) -> None:
+    """Read ``f`` to its end (only to check a compressed stream's integrity after a bad record)."""
+    try:
+        while f.read(1 << 20):
+            pass
+    except errors as e:
+        raise broken(e) from None
 
 
 def _record_text(line: bytes, spec: Spec, where: Callable[[], str], progress: Progress) -> str | None:

@@ -1,6 +1,10 @@
 """Sources read as a stream of documents, cut into units, and the held-out split by document hash."""
 import gzip
+import hashlib
+import io
 import json
+import os
+import pickle
 
 import numpy as np
 import pyarrow as pa
@@ -126,3 +130,173 @@ def test_text_files_that_are_not_text_are_named():
         sources.check_text(b"abc\x00def", "model.bin")
     with pytest.raises(ValueError, match=r"'img.jpg' is not UTF-8 text \(20 undecodable byte sequences in 20 bytes\)"):
         sources.check_text(b"\xff\xd8" * 10, "img.jpg")
+
+
+# --- broken files: errors naming the file, never skipped records -----------------------------------------------
+
+def _lines(n: int) -> list[bytes]:
+    return [(json.dumps(r, ensure_ascii=False) + "\n").encode() for r in _records(n, seed=1)]
+
+
+def _zst_blocks(lines: list[bytes], per_block: int) -> tuple[bytes, list[int]]:
+    """One streamed zstd frame, flushed every ``per_block`` lines; (bytes, the offsets where blocks end)."""
+    buf, ends = io.BytesIO(), []
+    with zstandard.ZstdCompressor().stream_writer(buf, closefd=False) as w:
+        for i in range(0, len(lines), per_block):
+            w.write(b"".join(lines[i:i + per_block]))
+            w.flush(zstandard.FLUSH_BLOCK)
+            ends.append(buf.tell())
+    return buf.getvalue(), ends
+
+
+def _read_until_error(path, skip: bool) -> tuple[list[str], sources.Progress, Exception | None]:
+    data = DataConfig(source="jsonl", files=str(path), skip_bad_records=skip)
+    spec, got, progress = sources.Spec("jsonl", skip_bad_records=skip), [], sources.Progress()
+    try:
+        for unit in sources.plan(data)[1]:
+            for text in sources.documents(unit, spec, progress):
+                got.append(text)
+    except Exception as e:  # noqa: BLE001 - the test looks at what it is
+        return got, progress, e
+    return got, progress, None
+
+
+def _broken_files(tmp_path) -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, what the message says), each broken as downloads and disks break files."""
+    lines = _lines(120)
+    whole = b"".join(lines)
+    zst, ends = _zst_blocks(lines, 10)
+    crc = bytearray(gzip.compress(whole))
+    crc[-8] ^= 0xFF  # the CRC32 in the gzip trailer
+    flipped = bytearray(gzip.compress(whole))
+    flipped[len(flipped) // 2] ^= 0xFF  # a byte of the deflate stream
+    two = zstandard.ZstdCompressor().compress(whole[:3000]) + zstandard.ZstdCompressor().compress(whole[3000:])
+    return {
+        "cut.jsonl.gz": (gzip.compress(whole)[:len(gzip.compress(whole)) * 2 // 3], "it is cut short"),
+        # cut where a block ends: every line before decodes, and stream_reader would end without a word
+        "cut-at-block.jsonl.zst": (zst[:ends[5]], "it is cut short (the file ends inside a zstd frame)"),
+        "cut-mid.jsonl.zst": (zst[:ends[5] + 7], "it is cut short"),
+        "cut-second-frame.jsonl.zst": (two[:-20], "it is cut short"),
+        "crc.jsonl.gz": (bytes(crc), "its gzip data is corrupt (CRC check failed"),
+        "flipped.jsonl.gz": (bytes(flipped), "its gzip data is corrupt"),
+        "garbage.jsonl.zst": (b"\x28\xb5\x2f\xfd" + b"\xff" * 64, "its zstd data is corrupt"),
+    }
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_truncated_or_corrupt_compressed_files_are_broken_files_not_bad_records(tmp_path, skip):
+    texts = [json.loads(x)["text"] for x in _lines(120)]
+    for name, (raw, why) in _broken_files(tmp_path).items():
+        path = tmp_path / name
+        path.write_bytes(raw)
+        got, progress, e = _read_until_error(path, skip)
+        assert isinstance(e, sources.BrokenFileError), (name, e)
+        msg = str(e)
+        assert "\n" not in msg and f"data.files: {str(path)!r} is broken: {why}" in msg, msg
+        assert f"of {len(raw):,} compressed bytes read, at line " in msg and msg.endswith(
+            "; copy/download it again or remove it from data.files"), msg
+        if name != "flipped.jsonl.gz":  # garbled deflate data is only caught by the CRC at the end: the unit fails
+            assert got == texts[:len(got)] and progress.skipped == 0, name  # what was read is right; none skipped
+        assert pickle.loads(pickle.dumps(e)).args == e.args  # workers raise it through a process pool
+
+
+def test_a_streamed_zst_of_several_frames_reads_whole(tmp_path):
+    lines = _lines(50)
+    zst, _ = _zst_blocks(lines, 7)
+    path = tmp_path / "whole.jsonl.zst"
+    path.write_bytes(zst + zstandard.ZstdCompressor().compress(b"".join(lines)))  # two frames, the first streamed
+    got, progress, e = _read_until_error(path, False)
+    assert e is None and got == [json.loads(x)["text"] for x in lines] * 2
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_a_cut_last_line_is_a_broken_file_even_when_skipping(tmp_path, suffix):
+    lines = _lines(20)
+    whole = b"".join(lines)
+    path = tmp_path / f"cut{suffix}"
+    pack = gzip.compress if suffix.endswith(".gz") else bytes
+    path.write_bytes(pack(whole[:-15]))  # line 20 loses its end and its newline
+    for skip in (False, True):
+        got, progress, e = _read_until_error(path, skip)
+        assert isinstance(e, sources.BrokenFileError) and progress.skipped == 0
+        assert str(e) == (f"data.files: {path}:20: the last line is cut off (not JSON, and no newline at the end of "
+                          f"the file): the file looks truncated; copy/download it again or remove it from data.files")
+        assert len(got) == 19
+    path.write_bytes(pack(whole[:-1]))  # a last line without its newline is still a record
+    assert _read_until_error(path, False)[0] == [json.loads(x)["text"] for x in lines]
+
+
+def test_a_file_gone_or_changed_after_the_plan_names_it(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"".join(_lines(10)))
+    spec = sources.Spec("jsonl")
+    (unit,) = sources.plan(DataConfig(source="jsonl", files=str(path)))[1]
+    path.write_bytes(b"".join(_lines(11)))
+    with pytest.raises(sources.BrokenFileError, match=rf"'{path}' changed while the store was being built \(now "):
+        list(sources.documents(unit, spec))
+    path.unlink()
+    with pytest.raises(sources.BrokenFileError, match=rf"^data.files: '{path}' cannot be read \(No such file or "
+                                                      r"directory\); copy/download it again"):
+        list(sources.documents(unit, spec))
+
+
+def test_a_damaged_parquet_row_group_names_the_file_and_group(tmp_path):
+    recs = _records(40)
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": [r["text"] for r in recs]}), path, row_group_size=10)
+    page = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    raw = bytearray(path.read_bytes())
+    raw[page:page + 16] = b"\xff" * 16  # the page header of row group 2
+    path.write_bytes(raw)
+    data = DataConfig(source="parquet", files=str(path), skip_bad_records=True)
+    (unit,) = sources.plan(data)[1]
+    got = []
+    with pytest.raises(sources.BrokenFileError, match=rf"^data.files: '{path}': row group 2 \(of 4\) cannot be read "
+                                                      r"\(.*\); copy/download it again or remove it from data.files$"):
+        got += sources.documents(unit, sources.Spec("parquet", skip_bad_records=True))
+    assert got == [r["text"] for r in recs[:20]]
+
+
+def test_edit_and_task_lines_that_are_not_utf8_name_file_and_line(tmp_path):
+    path = tmp_path / "edits.jsonl"
+    path.write_bytes(b'{"source": "Paris"}\n\n{"source": "caf\xe9 \xff"}\n')
+    with pytest.raises(KeyError, match=rf"{path}:3: not UTF-8 text \(byte 0xe9 at column 16\); save the file as UTF-8"):
+        list(sources.json_objects(path, KeyError))
+    path.write_bytes(b'{"source": "a\xe2\x80\xa8b"}\n')  # U+2028 inside a string is not a line break
+    assert list(sources.json_objects(path, KeyError)) == [(f"{path}:1", {"source": "a\u2028b"})]
+
+
+# --- unit keys -----------------------------------------------------------------------------------------------
+
+def test_unit_keys_name_the_input_and_its_range(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b"".join(_lines(40)))
+    monkeypatch.setattr(sources, "UNIT_BYTES", 1000)
+    data = DataConfig(source="jsonl", files=str(path))
+    units = sources.plan(data)[1]
+    keys = [u.key() for u in units]
+    assert len(units) > 2 and len(set(keys)) == len(keys) and all(len(k) == 16 and int(k, 16) >= 0 for k in keys)
+    monkeypatch.chdir(tmp_path)
+    assert [u.key() for u in sources.plan(DataConfig(source="jsonl", files="a.jsonl"))[1]] == keys  # same file
+    ident = sources.config_identity(data, units)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1))  # touched: read again
+    again = sources.plan(data)[1]
+    assert [u.key() for u in again] != keys and sources.config_identity(data, again) == ident
+    other = DataConfig(source="jsonl", files=str(path), text_key="body")
+    assert sources.config_identity(other, again) != ident
+    # the key is sha256 over what names the input (an independent spelling of the contract)
+    u = units[1]
+    want = json.dumps(["jsonl", str(path.resolve()), u.file_size, u.mtime_ns, "", u.start, u.stop, ""])
+    assert u.key() == hashlib.sha256(want.encode()).hexdigest()[:16]
+
+
+def test_text_unit_keys_follow_the_content_not_the_time(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("some text\n" * 10)
+    data = DataConfig(source="text", files=str(path))
+    (key,) = [u.key() for u in sources.plan(data)[1]]
+    os.utime(path, ns=(1, 1))
+    assert [u.key() for u in sources.plan(data)[1]] == [key]
+    path.write_text("more text\n" * 10)
+    assert [u.key() for u in sources.plan(data)[1]] != [key]
+    assert len({u.key() for u in sources.plan(DataConfig())[1]}) == 4  # the default corpus's parts
