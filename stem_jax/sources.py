@@ -212,7 +212,7 @@ def _stat(path: Path) -> os.stat_result:
     try:
         return path.stat()
     except OSError as e:
-        raise BrokenFileError(f"data.files: {str(path)!r} cannot be read ({e.strerror or e}); {BROKEN_ADVICE}") from None
+        raise _unreadable(str(path), e) from None
 
 
 def _byte_ranges(path: Path, kind: str) -> list[Unit]:
@@ -262,8 +262,7 @@ def plan(data, log: Callable[[str], None] = print) -> tuple[str, list[Unit]]:
             try:
                 raw = p.read_bytes()
             except OSError as e:
-                raise BrokenFileError(f"data.files: {str(p)!r} cannot be read ({e.strerror or e}); "
-                                      f"{BROKEN_ADVICE}") from None
+                raise _unreadable(str(p), e) from None
             check_text(raw, str(p), log)
             digest.update(raw)
             units.append(Unit("text", str(p), size=len(raw), file_size=len(raw),
@@ -346,7 +345,7 @@ def _unreadable(path: str, e: OSError) -> BrokenFileError:
 
 def _check_unchanged(unit: Unit, st: os.stat_result) -> None:
     """A unit's key names the file as planned: reading another version under that key would mislabel it."""
-    if (unit.file_size >= 0 and st.st_size != unit.file_size) or (unit.mtime_ns >= 0 and st.st_mtime_ns != unit.mtime_ns):
+    if (unit.file_size >= 0 and st.st_size != unit.file_size) or (0 <= unit.mtime_ns != st.st_mtime_ns):
         raise BrokenFileError(f"data.files: {unit.path!r} changed while the store was being built (now {st.st_size:,} "
                               f"bytes, {unit.file_size:,} when planned); run again once it no longer changes")
 
