@@ -22,6 +22,7 @@ rebuilt) raises ``StoreChangedError``. The content fingerprint identifies the to
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -37,6 +38,8 @@ from tokenizers import Tokenizer
 STORE_VERSION = "3"
 MAX_OPEN_SHARDS = 256  # open file descriptors of shards per process, least recently used closed first
 SPLITS = ("train", "val")
+VERIFY_THREADS = min(os.cpu_count() or 1, 8)  # shards hashed at once by verify
+PROGRESS_SECONDS = 10  # verify logs its progress this often
 
 
 class StoreError(ValueError):
@@ -73,17 +76,14 @@ def content_fingerprint(meta: dict) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _repair(root: Path) -> str:
-    return f"repair it with `python -m stem_jax.data_prep --repair --out {root}` (rebuilds only the damaged units)"
-
-
 class _Fds:
     """Open descriptors of shards, at most ``cap`` per process; the least recently used is closed first, once
     no read (of another thread) is using it. Entries: [fd, users, evicted]."""
 
     def __init__(self, cap: int):
         self.cap, self.lock, self.open = cap, threading.Lock(), collections.OrderedDict()
-        os.register_at_fork(after_in_child=self._after_fork)
+        # a child forked while another thread held the lock would wait on it for ever
+        os.register_at_fork(after_in_child=lambda: setattr(self, "lock", threading.Lock()))
 
     def acquire(self, shard: "Shard") -> list:
         with self.lock:
@@ -102,14 +102,15 @@ class _Fds:
                     os.close(old[0])
             return entry
 
-    def release(self, entry: list) -> None:
+    def release(self, entry: list, drop: str | None = None) -> None:
+        """End a read; ``drop``: forget the path's descriptor (its file changed: the next read opens it anew)."""
         with self.lock:
             entry[1] -= 1
+            if drop and self.open.get(drop) is entry:
+                del self.open[drop]
+                entry[2] = True
             if entry[2] and not entry[1]:
                 os.close(entry[0])
-
-    def _after_fork(self) -> None:
-        self.lock = threading.Lock()  # another thread may have held it at the fork
 
 
 _FDS = _Fds(MAX_OPEN_SHARDS)
@@ -150,7 +151,7 @@ class Shard:
         """Tokens ``[lo, hi)``, 0 <= lo and hi <= len."""
         out = np.empty(max(hi - lo, 0), self.dtype)
         view, off, done = memoryview(out).cast("B"), lo * self.dtype.itemsize, 0
-        entry = _FDS.acquire(self)
+        entry, st = _FDS.acquire(self), None
         try:
             while done < len(view):
                 got = os.preadv(entry[0], [view[done:]], off + done)
@@ -158,10 +159,10 @@ class Shard:
                     break
                 done += got
             st = os.fstat(entry[0])
-        finally:
-            _FDS.release(entry)
-        # an open descriptor reads a deleted or replaced file on (its links drop to 0); the path's size is checked
-        if done < len(view) or st.st_nlink == 0 or st.st_size != self.nbytes:
+        finally:  # a descriptor reads a deleted or replaced file on: its link count is 0 then
+            bad = st is None or done < len(view) or st.st_nlink == 0 or st.st_size != self.nbytes
+            _FDS.release(entry, drop=self.path if bad else None)
+        if bad:
             raise self.changed(st)
         return out
 
@@ -258,35 +259,42 @@ def _size_problem(path: Path, nbytes: int) -> str | None:
 
 def _damaged(root: Path, problems: list[str]) -> StoreDamagedError:
     more = f" (and {len(problems) - 1} more damaged shard(s))" if len(problems) > 1 else ""
-    return StoreDamagedError(f"the token store {root} is damaged: {problems[0]}{more}; {_repair(root)}")
+    return StoreDamagedError(f"the token store {root} is damaged: {problems[0]}{more}; repair it with `python -m "
+                             f"stem_jax.data_prep --repair --out {root}` (rebuilds only the damaged units)")
 
 
-def verify(path: str | Path, log: Callable[[str], None] = print) -> list[str]:
-    """The store's damaged shard files (missing, wrong size or wrong sha256), every shard read once."""
-    root = Path(path).expanduser()
-    meta = _read_meta(root)
-    files = _files(root, meta)
-    total, done, damaged = sum(n for _, n, _ in files), 0, []
-    log(f"verifying the checksums of {len(files)} shard(s), {total / 1e9:.2f} GB, of the token store {root} ...")
+def _problem(shard: Path, nbytes: int, sha: str) -> str | None:
+    try:
+        return _size_problem(shard, nbytes) or (None if file_sha256(shard) == sha else f"{shard} has the wrong sha256")
+    except OSError as e:
+        return f"{shard} cannot be read ({e.strerror})"
+
+
+def _check(root: Path, log: Callable[[str], None], threads: int) -> dict[str, str]:
+    """{shard file: what is wrong} of every damaged shard, ``threads`` shards hashed at once."""
+    files, damaged = _files(root, _read_meta(root)), {}
+    total, done = sum(n for _, n, _ in files), 0
+    log(f"verifying the checksums of {len(files)} shard(s), {total / 1e9:.3g} GB, of the token store {root} ...")
     t0 = last = time.perf_counter()
-    for shard, nbytes, sha in files:
-        problem = _size_problem(shard, nbytes)
-        if problem is None and file_sha256(shard) != sha:
-            problem = f"{shard} has the wrong sha256"
-        if problem:
-            damaged.append(str(shard))
-            log(f"damaged: {problem}")
-        done += nbytes
-        if time.perf_counter() - last > 10:
-            last = time.perf_counter()
-            log(f"verified {done / 1e9:.2f} of {total / 1e9:.2f} GB ({done / 1e9 / (last - t0):.2f} GB/s)")
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(threads, len(files)))) as pool:
+        for (shard, nbytes, _), problem in zip(files, pool.map(lambda f: _problem(*f), files)):
+            if problem:
+                damaged[str(shard)] = problem
+                log(f"damaged: {problem}")
+            done += nbytes
+            if time.perf_counter() - last > PROGRESS_SECONDS:
+                last = time.perf_counter()
+                log(f"verified {done / 1e9:.3g} of {total / 1e9:.3g} GB ({done / 1e9 / (last - t0):.2f} GB/s)")
     seconds = time.perf_counter() - t0
-    log(f"verified {total / 1e9:.2f} GB in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s): "
+    log(f"verified {total / 1e9:.3g} GB in {seconds:.1f} s ({total / 1e9 / max(seconds, 1e-9):.2f} GB/s): "
         + (f"{len(damaged)} damaged shard(s)" if damaged else "all shards intact"))
     return damaged
 
 
-_verify = verify  # open_store's argument takes the name
+def verify(path: str | Path, log: Callable[[str], None] = print, threads: int = VERIFY_THREADS) -> list[str]:
+    """The store's damaged shard files (missing, wrong size or wrong sha256); every shard is read once, by
+    ``threads`` threads (hashlib hashes without the GIL). Progress goes to ``log``."""
+    return list(_check(Path(path).expanduser(), log, threads))
 
 
 def open_store(path: str | Path, verify: bool = False, log: Callable[[str], None] = print) -> Corpus:
@@ -295,10 +303,8 @@ def open_store(path: str | Path, verify: bool = False, log: Callable[[str], None
     root = Path(path).expanduser()
     meta = _read_meta(root)
     problems = [p for f, n, _ in _files(root, meta) if (p := _size_problem(f, n))]
-    if problems:
+    if problems or (verify and (problems := list(_check(root, log, VERIFY_THREADS).values()))):
         raise _damaged(root, problems)
-    if verify and (bad := _verify(root, log)):
-        raise _damaged(root, [f"{b} has the wrong sha256" for b in bad])
     try:
         tok = Tokenizer.from_file(str(root / "tokenizer.json"))
     except Exception as e:  # noqa: BLE001 - the Rust parser raises a bare Exception
