@@ -12,7 +12,7 @@ from absl import flags
 
 from stem_jax import cli, edit_batch, workdir as workdir_lib
 from stem_jax.corpus import encode_text
-from stem_jax.editor import (MODES, POSITIONS, EditError, Editor, describe_tokens, entity_positions,
+from stem_jax.editor import (MODES, POSITIONS, EditError, Editor, check_out, describe_tokens, entity_positions,
                              format_changed_rows, format_comparison, inject, pieces, target_ids)
 from stem_jax.sampling import SamplingConfig
 from stem_jax.workdir import load_tokenizer
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
             Path(f.json).write_text(json.dumps(r, indent=1) + "\n")
 
     def run_inject():
+        check_out(f.workdir, f.out)  # before anything is read or printed
         if f.edits:
             r = edit_batch.inject_edits(f.workdir, f.out, edit_batch.read_edits(f.edits, need_prompt=False), f.mode,
                                         layers, allow_shared_rows=f.allow_shared_rows)

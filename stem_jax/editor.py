@@ -221,6 +221,19 @@ def shared_rows_error(source: str, tokens: Sequence[str]) -> EditError:
                      "--allow_shared_rows (allow_shared_rows=True) permits it")
 
 
+def check_out(workdir: str | Path, out: str | Path) -> None:
+    """Refuse an injection output that is, holds or sits inside the source workdir, or sits inside a run's
+    ``checkpoints`` folder (a new run there would read as a broken checkpoint of that run)."""
+    src, dst = Path(workdir).resolve(), Path(out).resolve()
+    if dst == src or src in dst.parents:
+        raise EditError(f"--out {out} is inside the source workdir {workdir}; give a new folder outside it")
+    if dst in src.parents:
+        raise EditError(f"--out {out} contains the source workdir {workdir}; give a new folder outside it")
+    runs = [p.parent for p in (dst, *dst.parents) if p.name == "checkpoints" and (p.parent / "config.json").is_file()]
+    for run in runs[:1]:
+        raise EditError(f"--out {out} is inside the checkpoints folder of the run {run}; give a new folder outside it")
+
+
 def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[str], mode: str = "copy",
            layers: Sequence[int] | None = None, step: int | None = None, allow_shared_rows: bool = False) -> dict:
     """Write rows permanently and save the result as a new workdir (parameters only).
@@ -235,6 +248,7 @@ def inject(workdir: str | Path, out: str | Path, source: str, targets: Sequence[
     read. Returns the diff report (also written to ``<out>/injection.json``)."""
     if mode not in MODES:
         raise EditError(f"unknown injection mode {mode!r}; choose from {MODES}")
+    check_out(workdir, out)
     tok = load_tokenizer(workdir)
     src = corpus.encode_text(tok, source).ids
     tgts = [corpus.encode_text(tok, t).ids for t in targets]
@@ -265,6 +279,7 @@ def write_injection(workdir: str | Path, out: str | Path, writes: dict[int, list
     bad = [i for i in (layers or ()) if i not in stem]
     if bad:
         raise EditError(f"layers {bad} are not STEM layers; the STEM layers are {list(stem)}")
+    check_out(workdir, out)
     workdir_lib.check_new_workdir(Path(out))
     tok = load_tokenizer(workdir)
     cfg, arrays, step = workdir_lib.read_params(workdir, step)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,8 +42,8 @@ class SamplingConfig:
     def check(self) -> "SamplingConfig":
         if self.max_new_tokens < 1:
             raise SamplingError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise SamplingError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):  # nan would sample nothing, inf noise
+            raise SamplingError(f"temperature={self.temperature} must be a finite number >= 0 (0 = greedy)")
         if self.top_k < 0:
             raise SamplingError(f"top_k={self.top_k} must be >= 0 (0 = no top-k filter)")
         if not 0 < self.top_p <= 1:

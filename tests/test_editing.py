@@ -1,6 +1,9 @@
 """Row-swap editing equals a forward pass with the rows swapped in a copy of the params; every multi-token
 mode; injection changes exactly the injected rows."""
 import json
+import os
+import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -152,6 +155,29 @@ def _main_exit(argv, capsys) -> tuple[int, str, str]:
         editing.main([str(a) for a in argv])
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
+
+
+def test_inject_refuses_an_out_inside_the_source_or_a_runs_checkpoints(tmp_path, stem_workdir, capsys):
+    work = Path(stem_workdir)
+    before = sorted((p.relative_to(work), p.stat().st_size, p.stat().st_mtime_ns) for p in work.rglob("*"))
+    other = tmp_path / "other_run"  # another run's checkpoints folder
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text('{"source": " lord", "target": " secret"}\n')
+    refused = [(work, f"is inside the source workdir {work}"), (work / "new", f"is inside the source workdir {work}"),
+               (work / "checkpoints" / "99", f"is inside the source workdir {work}"),
+               (work.parent, f"contains the source workdir {work}"),
+               (other / "checkpoints" / "99", f"is inside the checkpoints folder of the run {other}")]
+    for out, why in refused:
+        for given in (["--source", " lord", "--target", " secret"], ["--edits", edits]):
+            code, stdout, err = _main_exit(["inject", "--workdir", work, "--out", out, *given], capsys)
+            assert (code, stdout, err) == (1, "", f"error: EditError: --out {out} {why}; give a new folder outside it\n")
+        with pytest.raises(EditError, match=re.escape(f"--out {out} {why}; ")):
+            inject(work, out, " lord", [" secret"])
+    assert not (other / "checkpoints" / "99").exists() and sorted(os.listdir(other)) == ["checkpoints", "config.json"]
+    after = sorted((p.relative_to(work), p.stat().st_size, p.stat().st_mtime_ns) for p in work.rglob("*"))
+    assert after == before  # nothing was written into the source run
 
 
 # In the fixture's tokenizer " thee" is the shared pieces ' the' + 'e'; " lord" and " secret" are one token each.

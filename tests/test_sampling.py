@@ -4,6 +4,7 @@ and a tokenizer whose template adds a BOS: sampling, scoring, evaluation, editin
 from the run and encode as training did."""
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,22 @@ def test_bad_settings_are_clear_errors(stem_sampler, kwargs, msg):
     sampler, _, _ = stem_sampler
     with pytest.raises(SamplingError, match=msg):
         sampler.generate_ids(PROMPTS, SamplingConfig(**kwargs))
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("temperature", "nan", r"temperature=nan must be a finite number >= 0 \(0 = greedy\)"),
+    ("temperature", "inf", r"temperature=inf must be a finite number >= 0"),
+    ("temperature", "-inf", r"temperature=-inf must be a finite number >= 0"),
+    ("top_p", "nan", r"top_p=nan must be in \(0, 1\]"),
+])
+def test_nan_and_inf_settings_are_refused_at_the_cli_before_the_restore(tmp_path, capsys, flag, value, msg):
+    with pytest.raises(SamplingError, match=msg):
+        SamplingConfig(**{flag: float(value)}).check()
+    with pytest.raises(SystemExit) as exit_:  # the workdir does not exist: the setting is refused first
+        sampling.main(["--workdir", str(tmp_path / "none"), "--prompt", "x", f"--{flag}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and "\n" not in err and re.match(rf"error: SamplingError: {msg}", err), err
+    assert not (tmp_path / "none").exists()
 
 
 def test_offloaded_tables_with_a_hot_row_cache_sample_the_same_tokens(tokenizer, stem_sampler):
