@@ -34,6 +34,14 @@ def test_a_malformed_line_is_named_by_file_and_line(tmp_path, line, msg):
     assert str(e.value).startswith(f"{path}:3: ") and msg in str(e.value), str(e.value)
 
 
+def test_a_line_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n\n{"prompt": "caf\xe9 s", "source": "s", "target": "t"}\n')
+    with pytest.raises(EditError) as e:
+        read_edits(path)
+    assert str(e.value) == f"{path}:3: not UTF-8 text (byte 0xe9 at column 16); save the file as UTF-8"
+
+
 def test_reader_file_errors_and_prompts_optional_for_injection(tmp_path):
     with pytest.raises(EditError, match="no such edits file"):
         read_edits(tmp_path / "none.jsonl")

@@ -42,6 +42,15 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, msg):
     assert f"{path}:4: " in str(e.value) and msg in str(e.value)
 
 
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    good = b'{"question": "q", "choices": ["a", "b"], "label": 1}'
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good + b'\n{"question": "\xff", "choices": ["a"], "label": 0}\n')
+    with pytest.raises(TaskError) as e:
+        tasks.load_jsonl(path)
+    assert str(e.value) == f"{path}:2: not UTF-8 text (byte 0xff at column 15); save the file as UTF-8"
+
+
 def test_templates_and_target_delimiter_per_file_and_per_line(tmp_path):
     path = tmp_path / "t.jsonl"
     lines = [{"question": "Paris is in", "choices": [" France", " Spain"], "label": 0},
