@@ -1,7 +1,7 @@
 """What checking a token store's checksums costs: ``store.verify`` on a store of --mb megabytes (random uint16
 tokens in --shards shards, written here the way corpus.py writes them), page cache warm (just written).
 
-    python benchmarks/store_verify.py --mb 1024 --shards 16
+    python benchmarks/store_verify.py --mb 1024 --shards 16 [--threads 1]
 """
 import argparse
 import hashlib
@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--mb", type=int, default=256)
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=store.VERIFY_THREADS)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="store_verify_"))
     try:
@@ -43,9 +44,9 @@ def main() -> None:
         gb = args.mb * (1 << 20) / 1e9
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            assert store.verify(root, log=lambda _: None) == []
+            assert store.verify(root, log=lambda _: None, threads=args.threads) == []
             s = time.perf_counter() - t0
-            print(f"verify: {gb:.3f} GB in {s:.2f} s = {gb / s:.2f} GB/s ({s / gb:.2f} s per GB)")
+            print(f"verify, {args.threads} thread(s): {gb:.3f} GB in {s:.2f} s = {gb / s:.2f} GB/s ({s / gb:.2f} s per GB)")
     finally:
         shutil.rmtree(root)
 
