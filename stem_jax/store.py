@@ -145,7 +145,7 @@ class Shard:
         return self.read(lo, hi) if step == 1 else self.read(0, self.n)[index]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return self.read(0, self.n).astype(dtype or self.dtype, copy=False)
+        return self.read(0, self.n).astype(self.dtype if dtype is None else dtype, copy=False)
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Tokens ``[lo, hi)``, 0 <= lo and hi <= len."""

@@ -84,6 +84,7 @@ def test_reads_equal_numpy_slices_across_shards(small):
             with pytest.raises(TypeError, match="a shard is read in slices"):
                 shard[-1]
             np.testing.assert_array_equal(np.asarray(shard, np.int64), a.astype(np.int64))
+            assert np.asarray(shard, np.dtype("int32")).dtype == np.int32 and np.asarray(shard).dtype == np.uint16
     assert c.eos_id == 0 and c.vocab_size == 300 and c.fingerprint == c.meta["content_fingerprint"]
     assert c.tokenizer_sha256 == store.tokenizer_sha256(c.tokenizer)
 
