@@ -300,3 +300,21 @@ def test_text_unit_keys_follow_the_content_not_the_time(tmp_path):
     path.write_text("more text\n" * 10)
     assert [u.key() for u in sources.plan(data)[1]] != [key]
     assert len({u.key() for u in sources.plan(DataConfig())[1]}) == 4  # the default corpus's parts
+
+
+def test_a_broken_file_stops_a_store_build_through_the_worker_pool(tmp_path):
+    """The error crosses the process pool whole (it pickles), and skipping bad records does not hide it."""
+    from stem_jax import corpus  # a later layer: only this test builds a store
+    lines = _lines(200)
+    (tmp_path / "a.jsonl").write_bytes(b"".join(lines))
+    zst, ends = _zst_blocks(lines, 20)
+    (tmp_path / "b.jsonl.zst").write_bytes(zst[:ends[3]])  # 80 whole lines, then the frame stops
+    good = corpus.build_store(DataConfig(source="jsonl", files=str(tmp_path / "a.jsonl")), 300, tmp_path / "good",
+                              workers=1, log=lambda *_: None)
+    data = DataConfig(source="jsonl", files=f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl.zst", skip_bad_records=True,
+                      tokenizer=str(good / "tokenizer.json"))
+    with pytest.raises(sources.BrokenFileError) as e:
+        corpus.build_store(data, 300, tmp_path / "both", workers=2, log=lambda *_: None)
+    assert str(e.value).startswith(f"data.files: '{tmp_path}/b.jsonl.zst' is broken: it is cut short (the file "
+                                   f"ends inside a zstd frame), after {ends[3]:,} of {ends[3]:,} compressed bytes "
+                                   f"read, at line 81; ")
