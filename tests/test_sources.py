@@ -262,7 +262,7 @@ def test_edit_and_task_lines_that_are_not_utf8_name_file_and_line(tmp_path):
     path.write_bytes(b'{"source": "Paris"}\n\n{"source": "caf\xe9 \xff"}\n')
     with pytest.raises(KeyError, match=rf"{path}:3: not UTF-8 text \(byte 0xe9 at column 16\); save the file as UTF-8"):
         list(sources.json_objects(path, KeyError))
-    path.write_bytes(b'{"source": "a\xe2\x80\xa8b"}\n')  # U+2028 inside a string is not a line break
+    path.write_bytes(b'\xef\xbb\xbf{"source": "a\xe2\x80\xa8b"}\r\n')  # a BOM; U+2028 in a string is no line break
     assert list(sources.json_objects(path, KeyError)) == [(f"{path}:1", {"source": "a\u2028b"})]
 
 
