@@ -1,10 +1,12 @@
 """Sources read as a stream of documents, cut into units, and the held-out split by document hash."""
+import errno
 import gzip
 import hashlib
 import io
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -318,3 +320,55 @@ def test_a_broken_file_stops_a_store_build_through_the_worker_pool(tmp_path):
     assert str(e.value).startswith(f"data.files: '{tmp_path}/b.jsonl.zst' is broken: it is cut short (the file "
                                    f"ends inside a zstd frame), after {ends[3]:,} of {ends[3]:,} compressed bytes "
                                    f"read, at line 81; ")
+
+
+class _FailingDisk(io.RawIOBase):
+    """A file whose reads fail with EIO past byte ``limit``, as a bad sector or a dropped network mount does."""
+
+    def __init__(self, path, limit: int):
+        self.f, self.limit = open(path, "rb"), limit  # noqa: SIM115 - closed with this object
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.f.tell() >= self.limit:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        data = self.f.read(min(len(b), self.limit - self.f.tell()))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self.f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_an_io_error_while_reading_names_the_file(tmp_path, monkeypatch, suffix):
+    lines = _lines(6000)  # the gzip reader reads ahead 64 KiB or so: some lines come before the failure
+    path = tmp_path / f"a{suffix}"
+    path.write_bytes(gzip.compress(b"".join(lines)) if suffix.endswith(".gz") else b"".join(lines))
+    (unit,) = sources.plan(DataConfig(source="jsonl", files=str(path)))[1]
+    limit = path.stat().st_size // 2
+    real_open = open
+    monkeypatch.setattr(sources, "open", lambda p, mode="r", **kw: io.BufferedReader(_FailingDisk(p, limit))
+                        if p == str(path) and mode == "rb" else real_open(p, mode, **kw), raising=False)
+    got = []
+    with pytest.raises(sources.BrokenFileError) as e:
+        got += sources.documents(unit, sources.Spec("jsonl", skip_bad_records=True))
+    assert re.fullmatch(rf"data.files: '{re.escape(str(path))}' is broken: reading it failed \(Input/output error\), "
+                        rf"after {limit:,} of {path.stat().st_size:,} (compressed )?bytes read, at line \d+; "
+                        rf"copy/download it again or remove it from data.files", str(e.value)), str(e.value)
+    assert got == [json.loads(x)["text"] for x in lines[:len(got)]] and 0 < len(got) < len(lines)
