@@ -1,39 +1,41 @@
-"""The tokenized corpus: a folder of token shards (a *store*), its tokenizer, and how both are built.
-
-    tokenizer.json            the tokenizer: a byte-level BPE trained on the train split, or the user's own
-    plan.json                 what the store is built from (its fingerprint); written first
-    shards/NNNNN.train.bin    token ids (uint16, or uint32 past 65,536 tokens) of unit NNNNN's training
-                              documents, each followed by the end-of-document token
-    shards/NNNNN.val.bin      the unit's held-out documents, the same way
-    shards/NNNNN.json         the unit's counts, written after its shards: a unit with it is finished
-    store.json                the store's description, written last: a store with it is complete
-    .build.lock               held (``flock``) by the one process that builds; the others wait on it
+"""Building a token store (``store.py`` reads one and describes its files), and the tokenizers.
 
 ``build_store`` tokenizes the source's units (``sources.py``) in worker processes, one per core by default,
-with a progress bar. Every file is written under a temporary name and renamed, so an interrupted build leaves
-no half-written shard, and a rerun keeps the finished units. ``python -m stem_jax.data_prep`` builds a store
-ahead of training; ``train.py`` builds one in ``data.cache_dir`` on first use (``open_corpus``).
+with a progress bar. A unit's shards are named by its key (``sources.Unit.key``: its input's path, size and
+modification time, or content hash, and range), so a store whose inputs changed keeps the units of the files
+that did not. Every file is written under a temporary name and renamed, so an interrupted build leaves no
+half-written shard; a rerun checks the finished units' sha256 and keeps the intact ones. ``python -m
+stem_jax.data_prep`` builds a store ahead of training; ``train.py`` builds one in ``data.cache_dir`` on first
+use (``load_corpus``).
 
-One process builds a store at a time: the builder holds ``.build.lock``, and every other process that wants the
-store (the other processes of a multi-process run) waits on that lock and then finds ``store.json``. The kernel
-releases the lock when its holder dies, so a waiter then takes the build over and resumes it. Temporary files
-carry the host name and pid of their writer; a build removes only those of its own host whose pid has exited.
+One process builds a store at a time: the builder holds ``.build.lock``. The other processes of a run that want
+the store wait on that lock and then find ``store.json``; a second ``data_prep`` is refused. The kernel releases
+the lock when its holder dies, so a waiter then takes the build over and resumes it. Temporary files carry the
+host name and pid of their writer; a build removes only those of its own host whose pid has exited. Workers
+exit when the process that started them dies (even by SIGKILL), and the first worker error stops the pool.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import fcntl
-import functools
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.connection as mp_connection
 import os
-import queue as queue_lib
 import re
+import shutil
+import signal
 import socket
+import sys
+import threading
 import time
+import types
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -42,8 +44,9 @@ from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, tr
 from tqdm import tqdm
 
 from stem_jax import sources
+from stem_jax.store import (SPLITS, STORE_VERSION, Corpus, Split, StoreDamagedError, StoreError,  # noqa: F401
+                            content_fingerprint, file_sha256, open_store, shard_path, tokenizer_sha256)
 
-STORE_VERSION = "2"
 EOS = "<|endoftext|>"  # the trained tokenizer's end-of-document token, id 0
 EOS_NAMES = (EOS, "<|end_of_text|>", "</s>", "<eos>")  # looked up in a user's tokenizer, in this order
 ADD_SPECIAL_TOKENS = False  # documents skip the tokenizer's template (e.g. a Llama-3 BOS): the EOS alone separates them
@@ -52,10 +55,8 @@ TOKENIZER_SAMPLE_CHARS = 1 << 30  # a BPE is trained on at most this much traini
 ENCODE_BATCH = 64  # documents per encode call
 PROGRESS_LINE_SECONDS = 30  # without a terminal for the progress bar, a progress line this often
 BUILD_LOCK = ".build.lock"  # in a store's folder: held by the process that builds it
-
-
-class StoreError(ValueError):
-    """A store, tokenizer file or build that cannot be used."""
+SHARD_FILE = re.compile(r"^[0-9a-f]{16}\.(train\.bin|val\.bin|json)$")  # a unit's files in shards/
+REPAIR = "python -m stem_jax.data_prep --repair --out"
 
 
 # --- tokenizers ------------------------------------------------------------------------------------------------
@@ -136,82 +137,6 @@ def check_vocab(data, vocab_size: int) -> None:
     eos_id(tok, data.eos_token, f"the tokenizer {data.tokenizer!r}")
 
 
-# --- reading a store -------------------------------------------------------------------------------------------
-
-class Split:
-    """The token ids of one split: a list of shards (memmaps opened on use), read as one sequence."""
-
-    def __init__(self, name: str, sizes: list[int], open_shard: Callable[[int], np.ndarray]):
-        self.name, self.sizes, self.open_shard = name, [int(n) for n in sizes], open_shard
-        self.starts = np.concatenate([[0], np.cumsum(self.sizes, dtype=np.int64)])
-
-    @classmethod
-    def of(cls, arrays: np.ndarray | list[np.ndarray], name: str = "tokens") -> "Split":
-        """A split held in memory (one array, or one per shard)."""
-        arrays = [arrays] if isinstance(arrays, np.ndarray) else list(arrays)
-        return cls(name, [len(a) for a in arrays], arrays.__getitem__)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Tokens ``[lo, hi)`` of the split, across shard boundaries."""
-        hi = min(hi, len(self))
-        parts, s = [], max(int(np.searchsorted(self.starts, lo, side="right")) - 1, 0)
-        while lo < hi and s < len(self.sizes):
-            off = lo - int(self.starts[s])
-            take = min(hi - lo, self.sizes[s] - off)
-            parts.append(np.asarray(self.open_shard(s)[off:off + take]))
-            lo, s = lo + take, s + 1
-        return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
-
-    def shards(self) -> Iterable[np.ndarray]:
-        return (self.open_shard(s) for s in range(len(self.sizes)))
-
-
-@dataclasses.dataclass
-class Corpus:
-    """A store's tokenizer and its train / val splits."""
-    path: Path
-    tokenizer: Tokenizer
-    train: Split
-    val: Split
-    meta: dict
-
-    @property
-    def vocab_size(self) -> int:
-        return tokenizer_size(self.tokenizer)
-
-    @property
-    def eos_id(self) -> int:
-        return self.meta["eos_id"]
-
-
-def open_store(path: str | Path) -> Corpus:
-    """A complete store (one with ``store.json``)."""
-    path = Path(path).expanduser()
-    if not (path / "store.json").is_file():
-        raise StoreError(f"{str(path)!r} is not a finished token store (no store.json): build it with "
-                         f"`python -m stem_jax.data_prep --out {path} ...`; a rerun resumes an interrupted build")
-    meta = json.loads((path / "store.json").read_text())
-    if meta.get("version") != STORE_VERSION:
-        raise StoreError(f"the store {str(path)!r} has format version {meta.get('version')!r}; this version reads "
-                         f"{STORE_VERSION!r}: build it again")
-    dtype = np.dtype(meta["dtype"])
-
-    def split(name: str) -> Split:
-        shards = [(s["index"], s[name]) for s in meta["shards"] if s[name]]
-
-        @functools.lru_cache(maxsize=256)  # open files are bounded on stores of many shards
-        def open_shard(k: int) -> np.ndarray:
-            index, n = shards[k]
-            return np.memmap(path / "shards" / f"{index:05d}.{name}.bin", dtype=dtype, mode="r", shape=(n,))
-        return Split(f"{path}/{name}", [n for _, n in shards], open_shard)
-
-    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    return Corpus(path, tok, split("train"), split("val"), meta)
-
-
 # --- building a store ------------------------------------------------------------------------------------------
 
 def default_cache_dir() -> Path:
@@ -219,8 +144,18 @@ def default_cache_dir() -> Path:
 
 
 def fingerprint(data, vocab_size: int, ident: str) -> str:
-    """What decides a store's content: the source's identity, the split, the tokenizer and the EOS token."""
+    """The cache folder's name: the source's content (``sources.plan``'s identity: files with their sizes and
+    modification times), the split, the tokenizer and the EOS token. A changed file gets a fresh cache store."""
     key = f"{STORE_VERSION}|{ident}|{data.val_every}|{_tokenizer_spec(data, vocab_size)}|{data.eos_token}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def folder_identity(data, vocab_size: int, units: list[sources.Unit]) -> str:
+    """What a store folder is for (``plan.json``'s fingerprint): the source *configuration* (kind, the files'
+    resolved paths, text key), the split, the tokenizer and the EOS token, but not the files' sizes or times, so
+    a file fixed in place is rebuilt in the same folder (its units get new keys) and the other units are kept."""
+    key = (f"{STORE_VERSION}|{sources.config_identity(data, units)}|{data.val_every}|"
+           f"{_tokenizer_spec(data, vocab_size)}|{data.eos_token}")
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -240,14 +175,29 @@ def _is_tmp(path: Path) -> bool:
     return path.name.startswith(".") and len(parts) >= 5 and parts[-1] == "tmp" and parts[-2].isdigit()
 
 
+def _write_error(path: Path, e: OSError) -> StoreError:
+    return StoreError(f"cannot write {path} ({e.strerror or e}); nothing half-written was kept: make room (or "
+                      f"lift the file size limit) and run the same command again")
+
+
 def _write_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or is untouched; an OSError is a StoreError naming ``path``, its temporary file
+    removed."""
     tmp = _tmp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from None
+        raise
 
 
 def load_corpus(data, vocab_size: int, log: Callable[[str], None] = print, workers: int | None = None) -> Corpus:
-    """The store ``data.store`` names, or the one for ``data`` in the cache, built on first use."""
+    """The store ``data.store`` names, or the one for ``data`` in the cache, built on first use. A cache build
+    that fails removes its folder (a fixed input is a new cache folder anyway); an interrupted one is kept."""
     check_vocab(data, vocab_size)
     if data.store:
         return open_store(data.store)
@@ -256,7 +206,7 @@ def load_corpus(data, vocab_size: int, log: Callable[[str], None] = print, worke
     path = (Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()) / fp
     if not (path / "store.json").is_file():
         build_store(data, vocab_size, path, workers=data.workers if workers is None else workers, log=log,
-                    planned=(ident, units))
+                    planned=(ident, units), discard_failed=True)
     return open_store(path)
 
 
@@ -287,34 +237,97 @@ def _tokenizer(data, vocab_size: int, units: list[sources.Unit], spec: sources.S
     return tok
 
 
+# --- workers ---------------------------------------------------------------------------------------------------
+
 _WORKER: dict = {}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _init_worker(tok_json: str, eos: int, dtype: str, spec: sources.Spec, shard_dir: str, val_every: int,
-                 progress) -> None:
+                 progress, parent_alive) -> None:
+    """A worker's setup. ``progress``: the write end of the reports pipe (None: no reports); ``parent_alive``:
+    the read end of a pipe whose only writer is the builder, so it reads EOF when the builder dies."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the pool is the parallelism
     _WORKER.update(tok=Tokenizer.from_str(tok_json), eos=eos, dtype=np.dtype(dtype), spec=spec,
                    dir=Path(shard_dir), val_every=val_every, progress=progress)
+    if parent_alive is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the builder, which stops the pool quietly
+        _die_with_parent(parent_alive)
 
 
-def _tokenize_unit(index: int, unit: sources.Unit, force_val: int | None = None) -> dict:
-    """Tokenize one unit into its two shards and its counts file; returns the counts. ``force_val``: the hash
-    of a document to hold out whatever ``held_out`` says."""
+def _die_with_parent(parent_alive) -> None:
+    """Exit as soon as the builder dies, also by SIGKILL, without a traceback. A forkserver worker's parent is
+    the fork server, which outlives the builder while any worker is alive (each holds its "alive" descriptor),
+    so PR_SET_PDEATHSIG alone would not do (it covers spawned workers, whose parent is the builder); the
+    watcher thread does: it blocks on a pipe that only the builder writes to, and reads EOF when it dies."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    def watch():
+        with contextlib.suppress(EOFError, OSError):
+            parent_alive.recv()
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="parent-alive").start()
+
+
+def _report(delta: list[int]) -> None:
+    """Send progress to the builder; a builder that is gone ends the worker quietly (no BrokenPipeError)."""
+    try:
+        _WORKER["progress"].send(delta)  # one small write: atomic on a pipe, so workers share it without a lock
+    except (BrokenPipeError, EOFError, OSError):
+        os._exit(1)
+
+
+class _ShardWriter:
+    """A unit's shard of one split, written under a temporary name and hashed as it is written; an OSError
+    (full disk, file size limit) is a StoreError naming the shard."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp, self.sha = path, _tmp_path(path), hashlib.sha256()
+        self.f = self._io(lambda: open(self.tmp, "wb"))
+
+    def _io(self, fn):
+        try:
+            return fn()
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+
+    def write(self, data: bytes) -> None:
+        self.sha.update(data)
+        self._io(lambda: self.f.write(data))
+
+    def commit(self) -> str:
+        self._io(self.f.close)
+        self._io(lambda: os.replace(self.tmp, self.path))
+        return self.sha.hexdigest()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _tokenize_unit(key: str, unit: sources.Unit, force_val: int | None = None) -> dict:
+    """Tokenize one unit into its two shards and its counts file (``KEY.json``, with the shards' sha256);
+    returns the counts. ``force_val``: the hash of a document to hold out whatever ``held_out`` says."""
     w = _WORKER
     tok, eos, dtype, report = w["tok"], w["eos"], w["dtype"], w["progress"]
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # _fast skips offsets: 30 % more tokens/s
-    stem = w["dir"] / f"{index:05d}"
-    tmp = {s: _tmp_path(stem.with_name(f"{stem.name}.{s}.bin")) for s in ("train", "val")}
-    counts = {"index": index, "train": 0, "val": 0, "train_documents": 0, "val_documents": 0, "min_hash": None}
+    root = w["dir"].parent
+    counts = {"key": key, "input": unit.path, "start": unit.start, "stop": unit.stop, "train": 0, "val": 0,
+              "train_documents": 0, "val_documents": 0, "min_hash": None}
     prog, last, sent = sources.Progress(), time.monotonic(), [0, 0, 0]
-    files = {s: open(p, "wb") for s, p in tmp.items()}
+    out: dict[str, _ShardWriter] = {}
     try:
+        for s in SPLITS:
+            out[s] = _ShardWriter(shard_path(root, key, s))
         docs: dict[str, list[str]] = {"train": [], "val": []}
 
         def flush(split: str) -> None:
             for enc in encode(docs[split], add_special_tokens=ADD_SPECIAL_TOKENS):
                 ids = np.asarray(enc.ids + [eos], dtype)
-                files[split].write(ids.tobytes())
+                out[split].write(ids.tobytes())
                 counts[split] += ids.size
             counts[f"{split}_documents"] += len(docs[split])
             docs[split] = []
@@ -329,40 +342,137 @@ def _tokenize_unit(index: int, unit: sources.Unit, force_val: int | None = None)
                 flush(split)
             if report is not None and time.monotonic() - last > 0.5:
                 now = [prog.done, counts["train_documents"] + counts["val_documents"], counts["train"] + counts["val"]]
-                report.put([a - b for a, b in zip(now, sent)])
+                _report([a - b for a, b in zip(now, sent)])
                 sent, last = now, time.monotonic()
         flush("train"), flush("val")
-    finally:
-        for f in files.values():
-            f.close()
-    for s, p in tmp.items():
-        os.replace(p, stem.with_name(f"{stem.name}.{s}.bin"))
+        for s in SPLITS:
+            counts[f"{s}_sha256"] = out[s].commit()
+    except BaseException:
+        for o in out.values():
+            o.discard()
+        raise
     counts["skipped"] = prog.skipped
-    _write_atomic(stem.with_name(f"{stem.name}.json"), json.dumps(counts))
+    _write_atomic(w["dir"] / f"{key}.json", json.dumps(counts))
     if report is not None:
         now = [unit.size, counts["train_documents"] + counts["val_documents"], counts["train"] + counts["val"]]
-        report.put([a - b for a, b in zip(now, sent)])
+        _report([a - b for a, b in zip(now, sent)])
     return counts
 
 
-def _work(args: tuple[int, sources.Unit]) -> dict:
+def _work(args: tuple[str, sources.Unit]) -> dict:
     return _tokenize_unit(*args)
 
 
+def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callable[[str], None]) -> None:
+    """Tokenize ``todo`` on ``n`` worker processes, feeding the progress bar from their reports. The first
+    worker error stops the pool (the units finished so far are kept) and is raised here. Workers fork from a
+    fresh server process that has imported this module only: a fork of this process would inherit JAX's
+    threads, and a spawned child would import the entry point (and JAX)."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])
+    else:
+        ctx = multiprocessing.get_context("spawn")
+    reports, report_w = ctx.Pipe(duplex=False)
+    alive_r, alive_w = ctx.Pipe(duplex=False)  # alive_w stays here only: workers read EOF when this process dies
+    total = sum(u.size for _, u in todo)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if show is None else not show,
+               desc="tokenizing", smoothing=0.1)
+    docs = tokens = done = 0
+    t0 = last_line = time.perf_counter()
+    finished, errors = [], []
+
+    def progress(delta: list[int]) -> None:
+        nonlocal docs, tokens, done, last_line
+        bar.update(delta[0])
+        docs, tokens, done = docs + delta[1], tokens + delta[2], done + delta[0]
+        rate = f"{docs:,} docs, {tokens:,} tokens, {tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s"
+        bar.set_postfix_str(rate, refresh=False)
+        if bar.disable and time.perf_counter() - last_line > PROGRESS_LINE_SECONDS:
+            log(f"tokenizing: {100 * done / max(total, 1):.0f} % of the input, {rate}")
+            last_line = time.perf_counter()
+
+    wake_r, wake_w = ctx.Pipe(duplex=False)  # the pool's result thread wakes the loop below at once
+
+    def ended(into: list):
+        return lambda result: (into.append(result), wake_w.send(None))
+    try:
+        with ctx.Pool(n, initializer=_init_worker, initargs=(*init, report_w, alive_r)) as pool:
+            for item in todo:
+                pool.apply_async(_work, (item,), callback=ended(finished), error_callback=ended(errors))
+            while not errors and len(finished) < len(todo):
+                for c in mp_connection.wait([reports, wake_r]):
+                    if c is reports:
+                        progress(reports.recv())
+                    else:
+                        wake_r.recv()
+            while reports.poll():
+                progress(reports.recv())
+            # leaving the block terminates the pool: on an error, the other workers stop mid-unit
+    finally:
+        bar.close()
+        for c in (reports, report_w, alive_r, alive_w, wake_r, wake_w):
+            c.close()
+    if errors:
+        _remove_orphans(Path(init[4]))  # the stopped workers' temporary files
+        raise errors[0]
+
+
+# --- building a store ------------------------------------------------------------------------------------------
+
 def build_store(data, vocab_size: int, out: str | Path, workers: int = 0, log: Callable[[str], None] = print,
-                progress: bool | None = None, planned: tuple[str, list] | None = None) -> Path:
-    """Tokenize ``data``'s source into a store at ``out`` (resuming one that was interrupted); return ``out``.
-    ``workers``: processes (0 = one per core); ``progress``: show the bar (None = when stderr is a terminal)."""
+                progress: bool | None = None, planned: tuple[str, list] | None = None, *, wait: bool = True,
+                check: bool = False, discard_failed: bool = False) -> Path:
+    """Tokenize ``data``'s source into a store at ``out`` (resuming one that was interrupted, keeping the units
+    whose inputs did not change); return ``out``. ``workers``: processes (0 = one per core); ``progress``: show
+    the bar (None = when stderr is a terminal); ``wait``: while another process builds ``out``, wait for it
+    (the processes of a run) or refuse (``data_prep``); ``check``: a complete store is checked too (sha256 of
+    every unit) and its damaged units rebuilt, where otherwise it is returned as is; ``discard_failed``: a build
+    that fails removes the folder (a cache store), where otherwise its finished units are kept for a rerun."""
     check_vocab(data, vocab_size)
     ident, units = planned or sources.plan(data, log)
     out = Path(out).expanduser()
-    fp = fingerprint(data, vocab_size, ident)
+    fp = folder_identity(data, vocab_size, units)
     _check_folder(out, fp, start_over=False)  # before anything is written: a folder of the user's stays untouched
-    with _one_builder(out, log):
-        if (out / "store.json").is_file() and _check_folder(out, fp, start_over=False):
+    with _one_builder(out, log, wait):
+        if not check and (out / "store.json").is_file() and _check_folder(out, fp, start_over=False):
             log(f"the token store at {out} is complete")  # built by the process this one waited for
             return out
-        return _build(data, vocab_size, out, fp, ident, units, workers, log, progress)
+        try:
+            return _build(data, vocab_size, out, fp, ident, units, workers, log, progress)
+        except Exception:
+            if discard_failed:
+                shutil.rmtree(out, ignore_errors=True)  # waiters notice the lock file is gone (_one_builder)
+            raise
+
+
+def repair_store(out: str | Path, workers: int = 0, log: Callable[[str], None] = print,
+                 progress: bool | None = None) -> Path:
+    """Rebuild the damaged units (missing, wrong size or sha256) of the store at ``out`` from the inputs and
+    the ``data`` configuration it was built with (``plan.json``); the intact units are kept."""
+    out = Path(out).expanduser()
+    try:
+        plan = json.loads((out / "plan.json").read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{str(out)!r} is not a token store this version can repair ({out / 'plan.json'}: "
+                         f"{getattr(e, 'strerror', None) or e}); build it with the data_prep command") from None
+    if plan.get("version") != STORE_VERSION or "data" not in plan:
+        raise StoreError(f"the token store {out} was built by an older version of stem-jax (format "
+                         f"{plan.get('version', '2')!r}); build it again into a new folder")
+    if not (out / "tokenizer.json").is_file():
+        raise StoreError(f"{out / 'tokenizer.json'} is missing: the store cannot be repaired without the tokenizer "
+                         f"its shards were made with; build it again into a new folder")
+    data = types.SimpleNamespace(**plan["data"])
+    ident, units = sources.plan(data, log)
+    was = {u["key"]: u["path"] for u in plan["units"]}
+    changed = [u.path for u in units if u.key() not in was]
+    if changed or len(units) != len(plan["units"]):
+        raise StoreError(f"--repair rebuilds damaged units from the inputs the store was built from, but "
+                         f"{changed[0] if changed else 'the list of input files'!r} changed since (size or modification "
+                         f"time): run the data_prep command that built the store again, which rebuilds the changed "
+                         f"file's units and keeps the others")
+    with _one_builder(out, log, wait=False):
+        return _build(data, plan["model_vocab_size"], out, plan["fingerprint"], ident, units, workers, log, progress)
 
 
 def _check_folder(out: Path, fp: str, start_over: bool) -> bool:
@@ -372,6 +482,9 @@ def _check_folder(out: Path, fp: str, start_over: bool) -> bool:
         before = json.loads((out / "plan.json").read_text())
         if before.get("fingerprint") == fp:
             return True
+        if before.get("version") != STORE_VERSION:
+            raise StoreError(f"{str(out)!r} holds (part of) a token store built by an older version of stem-jax "
+                             f"(format {before.get('version', '2')!r}); build into a new folder (nothing is deleted)")
         if (out / "store.json").exists() or any((out / "shards").glob("*.json")):
             raise StoreError(f"{str(out)!r} holds (part of) a store of another source or tokenizer "
                              f"({before.get('source')}); choose another folder")
@@ -385,29 +498,46 @@ def _check_folder(out: Path, fp: str, start_over: bool) -> bool:
 
 
 @contextlib.contextmanager
-def _one_builder(out: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """Hold ``out``'s build lock for the block; while another process holds it, wait (blocked in ``flock``,
-    woken by the kernel when it is released, also when its holder dies). The file names the holder."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / BUILD_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def _one_builder(out: Path, log: Callable[[str], None], wait: bool = True) -> Iterator[None]:
+    """Hold ``out``'s build lock for the block. While another process holds it, wait (blocked in ``flock``,
+    woken by the kernel when it is released, also when its holder dies) or, without ``wait``, raise a
+    StoreError naming the holder (the lock file names it)."""
+    while True:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / BUILD_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            _lock(fd, out, log, wait)
+            same = os.fstat(fd).st_ino == os.stat(out / BUILD_LOCK).st_ino
+        except FileNotFoundError:
+            same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder removed the folder (a failed cache build): lock the new one
     try:
-        _lock(fd, out, log)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         try:
             yield
         finally:
-            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # releases the lock
 
 
-def _lock(fd: int, out: Path, log: Callable[[str], None]) -> None:
+def _lock(fd: int, out: Path, log: Callable[[str], None], wait: bool) -> None:
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            if not wait:
+                raise StoreError(f"the token store {out} is being built by {holder} (it holds {out / BUILD_LOCK}); "
+                                 f"wait for that build to end, or stop it and run this command again: finished "
+                                 f"units are kept") from None
             log(f"waiting for {holder} to finish building the token store at {out} ...")
             fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as e:
@@ -418,47 +548,126 @@ def _lock(fd: int, out: Path, log: Callable[[str], None]) -> None:
                          f"`python -m stem_jax.data_prep` and train with --config.data.store") from None
 
 
+def _data_record(data) -> dict:
+    """The ``data`` configuration as ``plan.json`` / ``store.json`` keep it for ``repair_store``: paths made
+    absolute, so it holds from any working directory."""
+    d = dataclasses.asdict(data) if dataclasses.is_dataclass(data) else dict(vars(data))
+    absolute = lambda p: os.path.abspath(os.path.expanduser(p))  # noqa: E731
+    if d.get("files"):
+        d["files"] = ",".join(absolute(p.strip()) for p in d["files"].split(",") if p.strip())
+    if d.get("tokenizer") not in (None, "", "train"):
+        d["tokenizer"] = absolute(d["tokenizer"])
+    for k in ("tfds_data_dir", "cache_dir"):
+        if d.get(k):
+            d[k] = absolute(d[k])
+    return d
+
+
 def _build(data, vocab_size: int, out: Path, fp: str, ident: str, units: list, workers: int,
            log: Callable[[str], None], progress: bool | None) -> Path:
     """``build_store`` under the build lock."""
     _check_folder(out, fp, start_over=True)
-    plan = {"fingerprint": fp, "source": ident, "units": [dataclasses.asdict(u) for u in units]}
+    keys = [u.key() for u in units]
+    plan = {"version": STORE_VERSION, "fingerprint": fp, "source": ident, "data": _data_record(data),
+            "model_vocab_size": vocab_size, "units": [dict(dataclasses.asdict(u), key=k) for u, k in zip(units, keys)]}
     _remove_orphans(out)
     _write_atomic(out / "plan.json", json.dumps(plan, indent=1))  # first: it marks the folder as a store's
-    (out / "shards").mkdir(parents=True, exist_ok=True)
+    try:
+        (out / "shards").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _write_error(out / "shards", e) from None
     _remove_orphans(out / "shards")
     spec = sources.Spec(data.source, data.text_key, data.tfds_data_dir, data.skip_bad_records)
     tok = _tokenizer(data, vocab_size, units, spec, out, log)
     eos = eos_id(tok, data.eos_token)
     dtype = "uint16" if tokenizer_size(tok) <= 1 << 16 else "uint32"
-    done = {i for i in range(len(units)) if (out / "shards" / f"{i:05d}.json").is_file()}
-    todo = [(i, u) for i, u in enumerate(units) if i not in done]
-    n = min(workers or os.cpu_count() or 1, max(len(todo), 1))
-    if done:
-        log(f"resuming the token store at {out}: {len(done)} of {len(units)} units already done")
+    by_key = dict(zip(keys, units))
+    n_cores = workers or os.cpu_count() or 1
+    counts = _finished(out, list(by_key), np.dtype(dtype).itemsize, data.skip_bad_records, n_cores, log)
+    todo = [(k, u) for k, u in by_key.items() if k not in counts]
+    n = min(n_cores, max(len(todo), 1))
+    if counts:
+        log(f"resuming the token store at {out}: {len(counts)} of {len(by_key)} units already done")
     log(f"tokenizing {len(todo)} unit(s) of {data.source} into {out} with {n} worker process(es) ...")
     t0 = time.perf_counter()
     init = (tok.to_str(), eos, dtype, spec, str(out / "shards"), data.val_every)
     if todo:
         _run_workers(todo, n, init, progress, log)
-    read_counts = lambda: [json.loads((out / "shards" / f"{i:05d}.json").read_text()) for i in range(len(units))]
-    shards = read_counts()
-    if not any(s["val_documents"] for s in shards):
-        _hold_out_one(data, units, init, shards, log)
-        shards = read_counts()
+    for k, _ in todo:
+        counts[k] = json.loads((out / "shards" / f"{k}.json").read_text())
+    skipped = Counter()
+    for c in counts.values():
+        skipped[c["input"]] += c["skipped"]
+    for name, n_bad in skipped.items():
+        if n_bad:
+            log(f"skipped {n_bad:,} bad record(s) of {name} (data.skip_bad_records=true)")
+    if not any(c["val_documents"] for c in counts.values()):
+        _hold_out_one(data, by_key, init, counts, skipped, log)
+    shards = [counts[k] for k in keys]
     meta = {"version": STORE_VERSION, "fingerprint": fp, "source": ident, "vocab_size": tokenizer_size(tok),
             "eos_id": eos, "eos_token": tok.id_to_token(eos), "dtype": dtype, "val_every": data.val_every,
-            "skipped_records": sum(s["skipped"] for s in shards), "shards": shards}
-    for split in ("train", "val"):
+            "skipped_records": sum(skipped.values()), "shards": shards, "tokenizer_sha256": tokenizer_sha256(tok),
+            "data": plan["data"], "model_vocab_size": vocab_size}
+    for split in SPLITS:
         meta[split] = {"tokens": sum(s[split] for s in shards), "documents": sum(s[f"{split}_documents"] for s in shards)}
-    seconds, new = time.perf_counter() - t0, {i for i, _ in todo}
-    made = sum(s["train"] + s["val"] for s in shards if s["index"] in new)
+    meta["content_fingerprint"] = content_fingerprint(meta)
+    seconds = time.perf_counter() - t0
+    made = sum(counts[k]["train"] + counts[k]["val"] for k, _ in todo)
     log(f"token store done: {meta['train']['documents'] + meta['val']['documents']:,} documents, "
         f"{meta['train']['tokens'] + meta['val']['tokens']:,} tokens"
         + (f"; {made:,} tokenized in {seconds:.1f} s ({made / seconds:,.0f} tokens/s)" if made else "")
         + (f", {meta['skipped_records']:,} bad record(s) skipped" if meta["skipped_records"] else ""))
-    _write_atomic(out / "store.json", json.dumps(meta, indent=1))
+    text = json.dumps(meta, indent=1)
+    if not (out / "store.json").is_file() or (out / "store.json").read_text() != text:
+        _write_atomic(out / "store.json", text)
+    _remove_stale(out / "shards", set(keys))
     return out
+
+
+def _finished(out: Path, keys: list[str], itemsize: int, skip_ok: bool, threads: int,
+              log: Callable[[str], None]) -> dict[str, dict]:
+    """The counts of the units of ``keys`` that are finished and intact: their ``KEY.json`` reads and both
+    shards have the sizes and sha256 it records. A damaged unit is logged and rebuilt; so is one that skipped
+    bad records when ``data.skip_bad_records`` is now off (it would fail on them)."""
+    found = {}
+    for k in keys:
+        with contextlib.suppress(OSError, ValueError):
+            found[k] = json.loads((out / "shards" / f"{k}.json").read_text())
+    if not found:
+        return {}
+    nbytes = sum((c.get("train", 0) + c.get("val", 0)) * itemsize for c in found.values())
+    log(f"checking the sha256 of the {len(found)} finished unit(s) ({nbytes / 1e9:.2f} GB) in {out} ...")
+
+    def problem(k: str) -> str | None:
+        c = found[k]
+        if c.get("skipped") and not skip_ok:
+            return f"it skipped {c['skipped']} bad record(s) and data.skip_bad_records is off"
+        for s in SPLITS:
+            path = shard_path(out, k, s)
+            try:
+                have = path.stat().st_size
+            except FileNotFoundError:
+                return f"{path} is missing"
+            if have != c[s] * itemsize:
+                return f"{path} has {have} bytes, {k}.json records {c[s] * itemsize}"
+            if file_sha256(path) != c[f"{s}_sha256"]:
+                return f"{path} has the wrong sha256"
+        return None
+    with ThreadPoolExecutor(max(threads, 1)) as pool:  # hashlib releases the GIL: the shards hash in parallel
+        problems = dict(zip(found, pool.map(problem, found)))
+    for k, why in problems.items():
+        if why:
+            log(f"rebuilding unit {k} ({found[k]['input']}): {why}")
+            (out / "shards" / f"{k}.json").unlink(missing_ok=True)
+    return {k: c for k, c in found.items() if not problems[k]}
+
+
+def _remove_stale(shard_dir: Path, keys: set[str]) -> None:
+    """Delete the shards of units no longer in the plan (their input changed): the store is complete without
+    them."""
+    for p in shard_dir.iterdir():
+        if SHARD_FILE.match(p.name) and p.name[:16] not in keys:
+            p.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:
@@ -484,52 +693,26 @@ def _remove_orphans(folder: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _hold_out_one(data, units: list, init: tuple, shards: list[dict], log: Callable[[str], None]) -> None:
+def _hold_out_one(data, units: dict[str, sources.Unit], init: tuple, counts: dict[str, dict], skipped: Counter,
+                  log: Callable[[str], None]) -> None:
     """No document hashed into the held-out split: hold out the one with the smallest hash (a choice that
-    does not depend on how the source is cut) by tokenizing its unit again, then finish the store."""
-    candidates = [s for s in shards if s["min_hash"] is not None]
+    does not depend on how the source is cut) by tokenizing its unit again (``counts`` updated). ``skipped``:
+    bad records per input, which an error for a source without documents names."""
+    candidates = [c for c in counts.values() if c["min_hash"] is not None]
     if not candidates:
-        raise StoreError(f"data.source={data.source!r} has no documents")
-    first = min(candidates, key=lambda s: s["min_hash"])
-    total = sum(s["train_documents"] for s in shards)
+        why = ""
+        if sum(skipped.values()):
+            worst = ", ".join(f"{n:,} in {name}" for name, n in skipped.most_common(3) if n)
+            why = (f": all {sum(skipped.values()):,} record(s) were bad, and data.skip_bad_records=true skipped them "
+                   f"({worst}{', ...' if len(+skipped) > 3 else ''}); fix the records or data.text_key")
+        raise StoreError(f"data.source={data.source!r} has no documents{why}")
+    first = min(candidates, key=lambda c: c["min_hash"])
+    total = sum(c["train_documents"] for c in counts.values())
     if total < 2:
         raise StoreError(f"data.source={data.source!r} has {total} document(s); a held-out split needs at least 2")
     log(f"note: none of the {total} documents hashed into the held-out split (data.val_every={data.val_every}); "
         f"holding out the one with the smallest hash")
-    (Path(init[4]) / f"{first['index']:05d}.json").unlink()  # the unit is redone as a whole, or not at all
-    _init_worker(*init, None)
-    _tokenize_unit(first["index"], units[first["index"]], force_val=first["min_hash"])
-
-
-def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callable[[str], None]) -> None:
-    """Tokenize ``todo`` on ``n`` worker processes, feeding the progress bar from their reports; a worker's
-    error is raised here. Workers fork from a fresh server process that has imported this module only: a fork
-    of this process would inherit JAX's threads, and a spawned child would import the entry point (and JAX)."""
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload([__name__])
-    else:
-        ctx = multiprocessing.get_context("spawn")
-    reports = ctx.Queue()
-    total = sum(u.size for _, u in todo)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=None if show is None else not show,
-               desc="tokenizing", smoothing=0.1)
-    docs = tokens = done = 0
-    t0 = last_line = time.perf_counter()
-    with ctx.Pool(n, initializer=_init_worker, initargs=(*init, reports)) as pool:
-        pending = pool.map_async(_work, todo, chunksize=1)
-        while True:
-            try:
-                d_done, d_docs, d_tokens = reports.get(timeout=0.25)
-                bar.update(d_done)
-                docs, tokens, done = docs + d_docs, tokens + d_tokens, done + d_done
-                rate = f"{docs:,} docs, {tokens:,} tokens, {tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s"
-                bar.set_postfix_str(rate, refresh=False)
-                if bar.disable and time.perf_counter() - last_line > PROGRESS_LINE_SECONDS:
-                    log(f"tokenizing: {100 * done / max(total, 1):.0f} % of the input, {rate}")
-                    last_line = time.perf_counter()
-            except queue_lib.Empty:
-                if pending.ready():
-                    break
-        bar.close()
-        pending.get()  # re-raises a worker's error
+    key = first["key"]
+    (Path(init[4]) / f"{key}.json").unlink()  # the unit is redone as a whole, or not at all
+    _init_worker(*init, None, None)
+    counts[key] = _tokenize_unit(key, units[key], force_val=first["min_hash"])

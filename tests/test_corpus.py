@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from conftest import REPO, run_script
-from stem_jax import corpus, sources
+from stem_jax import checkpoint, corpus, sources, store
 from stem_jax.config import DataConfig
 
 QUIET = dict(log=lambda *_: None)
@@ -60,6 +60,13 @@ def test_text_files_build_a_store_in_the_cache(tmp_path):
                                                         "tokenizer.json"]
     assert (c.path / ".build.lock").read_text() == ""  # no holder left behind
     assert not [p for p in (c.path / "shards").iterdir() if p.name.startswith(".")]  # no temporary files left
+    # what store.json records, against the files and the tokenizer computed here
+    for u in c.meta["shards"]:
+        for split in ("train", "val"):
+            raw = store.shard_path(c.path, u["key"], split).read_bytes()
+            assert u[f"{split}_sha256"] == hashlib.sha256(raw).hexdigest() and len(raw) == 2 * u[split]
+    assert c.meta["tokenizer_sha256"] == checkpoint.fingerprint(c.tokenizer.to_str())
+    assert c.meta["data"]["files"] == os.path.abspath(f) and c.meta["content_fingerprint"] == c.fingerprint
 
 
 def test_the_split_does_not_depend_on_units_or_workers(tmp_path, monkeypatch):
@@ -89,7 +96,7 @@ def test_a_corpus_of_few_documents_holds_out_the_smallest_hash(tmp_path):
 
 _KILLABLE_BUILD = """
 import sys
-from stem_jax import corpus, sources
+from stem_jax import checkpoint, corpus, sources, store
 from stem_jax.config import DataConfig
 sources.UNIT_BYTES = 3000
 corpus.build_store(DataConfig(source="jsonl", files=sys.argv[1], val_every=5), 300, sys.argv[2], workers=1)
@@ -102,7 +109,7 @@ def test_an_interrupted_build_resumes_and_never_reads_a_partial_store(tmp_path, 
     p = subprocess.Popen([sys.executable, "-c", _KILLABLE_BUILD, f, str(out)], cwd=REPO, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not list((out / "shards").glob("00002.json")) and time.time() < deadline and p.poll() is None:
+    while len(list((out / "shards").glob("*.json"))) < 3 and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     os.killpg(p.pid, signal.SIGKILL)  # the builder and its worker, as a Ctrl-C'd terminal or a lost VM would
     p.wait()
@@ -182,7 +189,7 @@ def test_a_folder_being_built_never_looks_foreign_to_a_process_that_arrives(tmp_
     writes (the race the test above hits by chance): plan.json comes first, and temporary files do not count."""
     f = _write_jsonl(tmp_path / "a.jsonl", 200)
     cfg, out = DataConfig(source="jsonl", files=f, val_every=5), tmp_path / "store"
-    fp = corpus.fingerprint(cfg, 300, sources.plan(cfg, lambda *_: None)[0])
+    fp = corpus.folder_identity(cfg, 300, sources.plan(cfg, lambda *_: None)[1])
     seen, replace = [], os.replace
 
     def checked_replace(src, dst):
