@@ -176,8 +176,10 @@ def _is_tmp(path: Path) -> bool:
 
 
 def _write_error(path: Path, e: OSError) -> StoreError:
-    return StoreError(f"cannot write {path} ({e.strerror or e}); nothing half-written was kept: make room (or "
-                      f"lift the file size limit) and run the same command again")
+    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    return StoreError(f"cannot write {path} ({e.strerror or e}); nothing half-written was kept: "
+                      + ("make room (or lift the file size limit) and " if full else "")
+                      + "run the same command again")
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -7,9 +7,11 @@ import os
 import re
 import resource
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -283,6 +285,30 @@ def test_a_failed_cache_build_removes_its_folder_and_an_interrupted_one_keeps_it
     logs = []
     c = corpus.load_corpus(data, VOCAB, log=logs.append)
     assert c.path == folder and f"resuming the token store at {folder}: 1 of 2 units already done" in logs
+
+
+def test_a_process_waiting_on_a_cache_build_that_fails_and_removes_its_folder_builds_it_anew(tmp_path):
+    """The other processes of a run wait on the builder's lock; when its build fails, it removes the folder (and
+    the lock file they wait on): a waiter then locks a new folder and reports the input's own error."""
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "one two"}\n{"body": "three"}\n')
+    data = DataConfig(source="jsonl", files=str(f), val_every=2, cache_dir=str(tmp_path / "cache"), workers=1)
+    folder = tmp_path / "cache" / corpus.fingerprint(data, VOCAB, sources.plan(data, lambda *_: None)[0])
+    waiting, result = threading.Event(), {}
+
+    def waiter():
+        try:
+            corpus.load_corpus(data, VOCAB, log=lambda m: m.startswith("waiting for") and waiting.set())
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            result["error"] = e
+    with corpus._one_builder(folder, print):  # the builder, as another process holds it
+        t = threading.Thread(target=waiter)
+        t.start()
+        assert waiting.wait(60)
+        shutil.rmtree(folder)  # its build failed
+    t.join(60)
+    assert isinstance(result.get("error"), sources.BadRecordError), result
+    assert "a.jsonl:2: the record has no field 'text'" in str(result["error"]) and not folder.exists()
 
 
 def _descendants(pid: int) -> list[int]:
