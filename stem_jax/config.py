@@ -336,7 +336,7 @@ def _may_change_on_resume(section: str, name: str) -> bool:
     if section == "model":
         # Same parameters and (up to rounding) the same function; offload moves the same arrays to the host.
         return name in ("stem_lookup", "stem_capacity", "dtype", "stem_offload", "remat", "attention")
-    return name in ("cache_dir", "workers")
+    return name in ("cache_dir", "workers", "store")  # the store is known by its content (trainer._check_store)
 
 
 def resume_changes(saved: dict, cfg: Config) -> list[str]:

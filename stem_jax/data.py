@@ -33,10 +33,29 @@ def open_corpus(cfg: Config, log: Callable[[str], None] = print) -> corpus_lib.C
     """The token store of ``cfg.data`` (built on first use), checked against the model's vocabulary (the
     tokenizer's size before any work, the store's after)."""
     c = corpus_lib.load_corpus(cfg.data, cfg.model.vocab_size, log=log)
+    if cfg.data.store:
+        check_store_tokenizer(cfg.data, c)
     if c.vocab_size > cfg.model.vocab_size:
         raise TokenIdError(f"the tokenizer at {c.path} has {c.vocab_size} tokens but model.vocab_size="
                            f"{cfg.model.vocab_size}; ids >= {cfg.model.vocab_size} would be out of range")
     return c
+
+
+def check_store_tokenizer(data_cfg, c: corpus_lib.Corpus) -> None:
+    """A store brings its own tokenizer and end-of-document token: ``data.tokenizer`` / ``data.eos_token``
+    may name them ("train" / "" leave them to the store) but not others, which the run would record while
+    training on the store's."""
+    if data_cfg.tokenizer != "train":
+        mine = corpus_lib.read_tokenizer(data_cfg.tokenizer)
+        if mine.to_str() != c.tokenizer.to_str():
+            raise corpus_lib.StoreError(
+                f"data.tokenizer={data_cfg.tokenizer!r} is not the tokenizer of the store {str(c.path)!r} "
+                f"(data.store), whose tokens were made with {c.path / 'tokenizer.json'}: leave data.tokenizer "
+                f"at 'train' with a store, or name that file")
+    eos = c.meta.get("eos_token")
+    if data_cfg.eos_token and data_cfg.eos_token != eos:
+        raise corpus_lib.StoreError(f"data.eos_token={data_cfg.eos_token!r} is not the store's end-of-document "
+                                    f"token {eos!r} ({c.path}); leave data.eos_token empty with a store")
 
 
 def check_splits(cfg: Config, corpus: corpus_lib.Corpus) -> None:

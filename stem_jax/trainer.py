@@ -77,6 +77,7 @@ def _resume_check(cfg: Config, meta: dict, notes: list[str]) -> Callable[[dict],
             raise ConfigError("the checkpoint was written by an older stem-jax without a config; "
                               "use a new --workdir")
         notes[:] = resume_changes(saved["config"], cfg)
+        _check_store(saved, meta, notes)
         if saved["tokenizer_sha256"] != meta["tokenizer_sha256"]:
             raise ConfigError("the tokenizer differs from the one the checkpoint was trained with (the data "
                               "or its cache changed); use a new --workdir")
@@ -86,6 +87,24 @@ def _resume_check(cfg: Config, meta: dict, notes: list[str]) -> Callable[[dict],
         if saved["mesh"] != meta["mesh"]:
             notes.append(f"mesh: {saved['mesh']} -> {meta['mesh']} (resharded on restore)")
     return check
+
+
+def _check_store(saved: dict, meta: dict, notes: list[str]) -> None:
+    """The run's tokens are the checkpoint's: its store's content fingerprint (not its path) must match. A
+    checkpoint from before fingerprints were recorded keeps the old rule: the same ``data.store``."""
+    moved = next((i for i, n in enumerate(notes) if n.startswith("data.store:")), None)
+    old, new = saved.get("store_fingerprint"), meta.get("store_fingerprint")
+    if old is None:
+        if moved is not None:
+            raise ConfigError(f"{notes[moved]}: the checkpoint records no store fingerprint to compare, so a "
+                              f"resumed run must keep data.store (use a new --workdir to start over)")
+        return
+    if old != new:
+        raise ConfigError(f"the token store {meta['store_path']} holds other tokens (content fingerprint {new}) "
+                          f"than the store the checkpoint was trained on ({saved.get('store_path')}, fingerprint "
+                          f"{old}): point data.store at that store, or use a new --workdir")
+    if moved is not None:
+        notes[moved] += f" (the same content, fingerprint {new})"
 
 
 def _start(tr: Trainer, workdir: Path, meta: dict, batches) -> tuple[dict, int, Any]:
@@ -159,7 +178,8 @@ def _train(tr: Trainer, corpus: corpus_lib.Corpus, workdir: Path) -> dict:
                                       name=corpus.train.name))
     if tr.offloader is not None:  # offload stages the next batch's rows right after a step
         batches = data.Lookahead(batches)
-    meta = checkpoint.run_meta(cfg, mesh, checkpoint.fingerprint(corpus.tokenizer.to_str()))
+    meta = checkpoint.run_meta(cfg, mesh, checkpoint.fingerprint(corpus.tokenizer.to_str()),
+                               store_fingerprint=corpus.fingerprint, store_path=str(corpus.path))
     state, start, mngr = _start(tr, workdir, meta, batches)
     if jax.process_index() == 0:
         _write_if_changed(workdir / "config.json", json.dumps(to_dict(cfg), indent=1))
@@ -182,13 +202,9 @@ def _train(tr: Trainer, corpus: corpus_lib.Corpus, workdir: Path) -> dict:
     stop = StopRequests(mngr.reached_preemption)
     try:
         state, step = _loop(tr, state, start, batches, mngr, meta, writer, stop)
-    except (FloatingPointError, checkpoint.CheckpointError) as e:
-        last = checkpoint.last_good(mngr)
-        kept = f"The newest checkpoint, step {last}, is intact" if last is not None else "No checkpoint was written"
-        hint = (" (lower train.lr or raise train.warmup_steps before resuming)" if isinstance(e, FloatingPointError)
-                else "; free space or fix the checkpoint directory, then rerun the same command to resume")
+    except (FloatingPointError, checkpoint.CheckpointError, corpus_lib.StoreError) as e:
         writer.close()
-        raise type(e)(f"{e}; training stopped. {kept}{hint}") from None
+        raise _stopped(e, mngr) from None
     except BaseException:
         checkpoint.last_good(mngr)  # let a save in flight land before the error ends the process
         raise
@@ -200,13 +216,30 @@ def _train(tr: Trainer, corpus: corpus_lib.Corpus, workdir: Path) -> dict:
         log(f"stopped by {stop.signal or 'preemption'} after step {step}; checkpoint saved. "
             "Rerun the same command to resume.")
         return {"stopped_at": step}
-    final = tr.validate(state["params"], corpus)
+    try:
+        final = tr.validate(state["params"], corpus)
+    except corpus_lib.StoreError as e:  # the store changed under the run after the last step was saved
+        writer.close()
+        raise _stopped(e, mngr) from None
     writer.write(t.steps, final)
     writer.close()
     mngr.close()
     log(f"done: val_loss {final['val_loss']:.4f} (ppl {final['val_ppl']:.2f}); "
         f"checkpoint {checkpoint.directory(workdir) / str(t.steps)}")
     return final
+
+
+def _stopped(e: Exception, mngr) -> Exception:
+    """``e`` (of its own type) completed with the newest intact checkpoint and what to do before resuming."""
+    last = checkpoint.last_good(mngr)
+    kept = f"The newest checkpoint, step {last}, is intact" if last is not None else "No checkpoint was written"
+    if isinstance(e, FloatingPointError):
+        hint = " (lower train.lr or raise train.warmup_steps before resuming)"
+    elif isinstance(e, checkpoint.CheckpointError):
+        hint = "; free space or fix the checkpoint directory, then rerun the same command to resume"
+    else:
+        hint = "; restore the store (or repair it with data_prep --repair), then rerun the same command to resume"
+    return type(e)(f"{e}; training stopped. {kept}{hint}")
 
 
 def _loop(tr: Trainer, state: dict, start: int, batches, mngr, meta: dict, writer: MetricsWriter,

@@ -1,10 +1,15 @@
-"""The jitted train step: sharded equals unsharded, in both lookup modes."""
+"""The jitted train step: sharded equals unsharded, in both lookup modes; the trainer and its token store."""
+import os
+import re
+import shutil
+
 import jax
 import numpy as np
 import pytest
 
 from conftest import mesh_of, tiny_config
-from stem_jax import sharding
+from stem_jax import checkpoint, corpus, sharding, trainer
+from stem_jax.config import ConfigError, DataConfig
 from stem_jax.trainer import Trainer
 
 
@@ -69,3 +74,90 @@ def test_resume_refuses_a_checkpoint_of_another_process_count():
     check = _resume_check(cfg, {"tokenizer_sha256": "t", "process_count": 1, "mesh": {}}, [])
     with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1"):
         check({"config": to_dict(cfg), "tokenizer_sha256": "t", "process_count": 2, "mesh": {}})
+
+
+def test_resume_with_an_old_checkpoint_keeps_the_store_path_rule():
+    """Checkpoints from before store fingerprints: data.store may not move (nothing to compare it by)."""
+    from stem_jax.config import ConfigError, to_dict
+    from stem_jax.trainer import _resume_check
+    cfg = tiny_config()
+    cfg.data.store = "/data/new"
+    meta = {"tokenizer_sha256": "t", "process_count": 1, "mesh": {}, "store_fingerprint": "f",
+            "store_path": "/data/new"}
+    saved = {"config": to_dict(tiny_config()), "tokenizer_sha256": "t", "process_count": 1, "mesh": {}}
+    saved["config"]["data"]["store"] = "/data/old"
+    with pytest.raises(ConfigError, match="records no store fingerprint to compare"):
+        _resume_check(cfg, meta, [])(saved)
+    notes = []
+    _resume_check(cfg, meta, notes)({**saved, "store_fingerprint": "f"})
+    assert notes == ["data.store: '/data/old' -> '/data/new' (the same content, fingerprint f)"]
+
+
+def _store(root, name, seed):
+    from test_corpus import _write_jsonl
+    f = _write_jsonl(root / f"{name}.jsonl", 300, seed)
+    return corpus.build_store(DataConfig(source="jsonl", files=f, val_every=4), 1000, root / name, workers=1,
+                              log=lambda *_: None)
+
+
+def _run_cfg(store, steps, **data):
+    cfg = tiny_config(n_layers=2, stem_layers="1")
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches, cfg.train.log_every = steps, 2, 1, 1
+    cfg.data.store = str(store)
+    for k, v in data.items():
+        setattr(cfg.data, k, v)
+    return cfg
+
+
+def _files(work):
+    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
+
+
+def test_a_run_knows_its_store_by_content_not_by_path(tmp_path, capsys):
+    """A store's tokenizer only; an identical copy at a new path resumes (with a note); another corpus built at
+    the same path is refused with both fingerprints and the workdir untouched."""
+    a, work = _store(tmp_path, "a", 0), tmp_path / "run"
+    corpus.train_tokenizer(["gate down row " * 50], 300).save(str(tmp_path / "other.json"))
+    with pytest.raises(corpus.StoreError, match="is not the tokenizer of the store"):
+        trainer.train_and_evaluate(_run_cfg(a, 2, tokenizer=str(tmp_path / "other.json")), work)
+    assert not work.exists()  # refused before any work
+    with pytest.raises(corpus.StoreError, match="is not the store's end-of-document token"):
+        trainer.train_and_evaluate(_run_cfg(a, 2, eos_token="gate"), work)
+    trainer.train_and_evaluate(_run_cfg(a, 2), work)
+    fp = corpus.open_store(a).fingerprint
+    moved = shutil.copytree(a, tmp_path / "moved")
+    capsys.readouterr()
+    trainer.train_and_evaluate(_run_cfg(moved, 4), work)
+    assert f"data.store: '{a}' -> '{moved}' (the same content, fingerprint {fp})" in capsys.readouterr().out
+    shutil.rmtree(moved)
+    _store(tmp_path, "moved", 1)  # another corpus rebuilt at the same path
+    other = corpus.open_store(moved).fingerprint
+    before = _files(work)
+    with pytest.raises(ConfigError, match=f"holds other tokens \\(content fingerprint {other}\\).*fingerprint {fp}"):
+        trainer.train_and_evaluate(_run_cfg(moved, 6), work)
+    assert _files(work) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate a train shard", "delete the store"])
+def test_a_store_that_changes_under_a_run_stops_it_naming_its_newest_checkpoint(tmp_path, monkeypatch, damage):
+    """No SIGBUS, no traceback from deep in a reader: one error naming the store, the shard and the newest
+    checkpoint, which restores."""
+    store, work = _store(tmp_path, "s", 0), tmp_path / "run"
+    save, steps = checkpoint.save, (12 if damage.startswith("truncate") else 4)
+
+    def save_then_damage(mngr, state, it, meta):
+        step = save(mngr, state, it, meta)
+        if damage.startswith("truncate") and step == 2:
+            for p in (store / "shards").glob("*.train.bin"):
+                os.truncate(p, p.stat().st_size // 3)
+        elif damage.startswith("delete") and step == steps:
+            shutil.rmtree(store)  # the train shard stays readable through its open file; validation is next
+        return step
+    monkeypatch.setattr(checkpoint, "save", save_then_damage)
+    with pytest.raises(corpus.StoreError, match=r"changed .* training stopped\. The newest checkpoint, step (\d+), "
+                                                r"is intact; restore the store") as e:
+        trainer.train_and_evaluate(_run_cfg(store, steps), work)
+    assert str(store) in str(e.value) and "\n" not in str(e.value)
+    last = int(re.search(r"step (\d+), is intact", str(e.value)).group(1))
+    assert (last == steps) if damage.startswith("delete") else (2 <= last < steps)
+    assert checkpoint.read_step_meta(work, last)["step"] == last
