@@ -394,10 +394,15 @@ def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callab
             log(f"tokenizing: {100 * done / max(total, 1):.0f} % of the input, {rate}")
             last_line = time.perf_counter()
 
-    wake_r, wake_w = ctx.Pipe(duplex=False)  # the pool's result thread wakes the loop below at once
+    wake_r, wake_w = os.pipe()  # the pool's result thread wakes the loop below at once
+    os.set_blocking(wake_w, False)
 
     def ended(into: list):
-        return lambda result: (into.append(result), wake_w.send(None))
+        def callback(result) -> None:
+            into.append(result)
+            with contextlib.suppress(BlockingIOError):  # a full pipe: the loop is awake anyway
+                os.write(wake_w, b"x")
+        return callback
     try:
         with ctx.Pool(n, initializer=_init_worker, initargs=(*init, report_w, alive_r)) as pool:
             for item in todo:
@@ -407,14 +412,15 @@ def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callab
                     if c is reports:
                         progress(reports.recv())
                     else:
-                        wake_r.recv()
+                        os.read(wake_r, 4096)
             while reports.poll():
                 progress(reports.recv())
             # leaving the block terminates the pool: on an error, the other workers stop mid-unit
     finally:
         bar.close()
-        for c in (reports, report_w, alive_r, alive_w, wake_r, wake_w):
+        for c in (reports, report_w, alive_r, alive_w):
             c.close()
+        os.close(wake_r), os.close(wake_w)
     if errors:
         _remove_orphans(Path(init[4]))  # the stopped workers' temporary files
         raise errors[0]

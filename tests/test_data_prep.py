@@ -131,7 +131,7 @@ def test_skipped_records_are_counted_per_file_and_a_unit_that_skipped_is_rebuilt
     assert f"skipped 3 bad record(s) of {a}" in out and f"skipped 2 bad record(s) of {b}" in out
     c = corpus.open_store(tmp_path / "s")
     assert c.meta["skipped_records"] == 5 and c.meta["train"]["documents"] + c.meta["val"]["documents"] == 195
-    code, out, err = _prep(capsys, dataclasses.replace(data, skip_bad_records=False), tmp_path / "s")
+    code, out, err = _prep(capsys, dataclasses.replace(data, skip_bad_records=False), tmp_path / "s", workers=1)
     assert code == 1 and _one_error(err).startswith(f"error: BadRecordError: {a}:4: the record is not JSON")
     assert "it skipped 3 bad record(s) and data.skip_bad_records is off" in out
 
