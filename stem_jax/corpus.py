@@ -446,6 +446,7 @@ def build_store(data, vocab_size: int, out: str | Path, workers: int = 0, log: C
         if not check and (out / "store.json").is_file() and _check_folder(out, fp, start_over=False):
             log(f"the token store at {out} is complete")  # built by the process this one waited for
             return out
+        _check_folder(out, fp, start_over=True)  # a folder that is not this store's is never removed below
         try:
             return _build(data, vocab_size, out, fp, ident, units, workers, log, progress)
         except Exception:
@@ -470,6 +471,11 @@ def repair_store(out: str | Path, workers: int = 0, log: Callable[[str], None] =
     if not (out / "tokenizer.json").is_file():
         raise StoreError(f"{out / 'tokenizer.json'} is missing: the store cannot be repaired without the tokenizer "
                          f"its shards were made with; build it again into a new folder")
+    if (out / "store.json").is_file():
+        recorded = json.loads((out / "store.json").read_text()).get("tokenizer_sha256")
+        if recorded != tokenizer_sha256(Tokenizer.from_file(str(out / "tokenizer.json"))):
+            raise StoreError(f"{out / 'tokenizer.json'} is not the tokenizer the store was tokenized with (store.json "
+                             f"records sha256 {recorded}): put it back, or build the store again into a new folder")
     data = types.SimpleNamespace(**plan["data"])
     ident, units = sources.plan(data, log)
     was = {u["key"]: u["path"] for u in plan["units"]}

@@ -201,6 +201,12 @@ def test_repair_refuses_a_store_whose_input_changed(tmp_path, capsys, tok):
     f = Path(_write_jsonl(tmp_path / "a.jsonl", 100))
     data, out = DataConfig(source="jsonl", files=str(f), tokenizer=tok, val_every=5), tmp_path / "s"
     corpus.build_store(data, VOCAB, out, **QUIET)
+    mine = (out / "tokenizer.json").read_text()
+    corpus.train_tokenizer(["another tokenizer"], 300).save(str(out / "tokenizer.json"))
+    code, _, err = _cli(capsys, data_prep.repair, str(out), 1)
+    assert code == 1 and _one_error(err).startswith(f"error: StoreError: {out / 'tokenizer.json'} is not the "
+                                                    f"tokenizer the store was tokenized with")
+    (out / "tokenizer.json").write_text(mine)
     before = _files(out)
     _fix(f, 100, seed=3)
     code, _, err = _cli(capsys, data_prep.repair, str(out), 1)
