@@ -273,10 +273,11 @@ def _die_with_parent(parent_alive) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-alive").start()
 
 
-def _report(delta: list[int]) -> None:
-    """Send progress to the builder; a builder that is gone ends the worker quietly (no BrokenPipeError)."""
+def _report(message: tuple) -> None:
+    """Send ``("start", pid, input)`` or ``("done", [input bytes, documents, tokens])`` to the builder; a builder
+    that is gone ends the worker quietly (no BrokenPipeError)."""
     try:
-        _WORKER["progress"].send(delta)  # one small write: atomic on a pipe, so workers share it without a lock
+        _WORKER["progress"].send(message)  # one small write: atomic on a pipe, so workers share it without a lock
     except (BrokenPipeError, EOFError, OSError):
         os._exit(1)
 
@@ -321,6 +322,8 @@ def _tokenize_unit(key: str, unit: sources.Unit, force_val: int | None = None) -
               "train_documents": 0, "val_documents": 0, "min_hash": None}
     prog, last, sent = sources.Progress(), time.monotonic(), [0, 0, 0]
     out: dict[str, _ShardWriter] = {}
+    if report is not None:
+        _report(("start", os.getpid(), unit.path))
     try:
         for s in SPLITS:
             out[s] = _ShardWriter(shard_path(root, key, s))
@@ -344,7 +347,7 @@ def _tokenize_unit(key: str, unit: sources.Unit, force_val: int | None = None) -
                 flush(split)
             if report is not None and time.monotonic() - last > 0.5:
                 now = [prog.done, counts["train_documents"] + counts["val_documents"], counts["train"] + counts["val"]]
-                _report([a - b for a, b in zip(now, sent)])
+                _report(("done", [a - b for a, b in zip(now, sent)]))
                 sent, last = now, time.monotonic()
         flush("train"), flush("val")
         for s in SPLITS:
@@ -357,7 +360,7 @@ def _tokenize_unit(key: str, unit: sources.Unit, force_val: int | None = None) -
     _write_atomic(w["dir"] / f"{key}.json", json.dumps(counts))
     if report is not None:
         now = [unit.size, counts["train_documents"] + counts["val_documents"], counts["train"] + counts["val"]]
-        _report([a - b for a, b in zip(now, sent)])
+        _report(("done", [a - b for a, b in zip(now, sent)]))
     return counts
 
 
@@ -384,8 +387,16 @@ def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callab
     t0 = last_line = time.perf_counter()
     finished, errors = [], []
 
-    def progress(delta: list[int]) -> None:
+    def progress(message: tuple) -> None:
         nonlocal docs, tokens, done, last_line
+        if message[0] == "start":  # watch the worker: one that dies (OOM killer, a signal) would hang the pool
+            pid, name = message[1:]
+            if pid not in watched.values():
+                with contextlib.suppress(OSError, AttributeError):  # pidfds: Linux >= 5.3
+                    watched[os.pidfd_open(pid)] = pid
+            working[pid] = name
+            return
+        delta = message[1]
         bar.update(delta[0])
         docs, tokens, done = docs + delta[1], tokens + delta[2], done + delta[0]
         rate = f"{docs:,} docs, {tokens:,} tokens, {tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s"
@@ -394,6 +405,8 @@ def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callab
             log(f"tokenizing: {100 * done / max(total, 1):.0f} % of the input, {rate}")
             last_line = time.perf_counter()
 
+    watched: dict[int, int] = {}  # pidfd -> pid of each worker
+    working: dict[int, str] = {}  # pid -> the input it tokenizes
     wake_r, wake_w = os.pipe()  # the pool's result thread wakes the loop below at once
     os.set_blocking(wake_w, False)
 
@@ -408,11 +421,17 @@ def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callab
             for item in todo:
                 pool.apply_async(_work, (item,), callback=ended(finished), error_callback=ended(errors))
             while not errors and len(finished) < len(todo):
-                for c in mp_connection.wait([reports, wake_r]):
+                for c in mp_connection.wait([reports, wake_r, *watched]):
                     if c is reports:
                         progress(reports.recv())
-                    else:
+                    elif c == wake_r:
                         os.read(wake_r, 4096)
+                    elif not errors and len(finished) < len(todo):  # a worker exited in the middle of the build
+                        pid = watched[c]
+                        errors.append(StoreError(
+                            f"a tokenizer worker (pid {pid}) died while tokenizing {working.get(pid, 'a unit')} "
+                            f"(killed by a signal: out of memory?); the units finished so far are kept: run the "
+                            f"same command again"))
             while reports.poll():
                 progress(reports.recv())
             # leaving the block terminates the pool: on an error, the other workers stop mid-unit
@@ -420,7 +439,8 @@ def _run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callab
         bar.close()
         for c in (reports, report_w, alive_r, alive_w):
             c.close()
-        os.close(wake_r), os.close(wake_w)
+        for fd in (wake_r, wake_w, *watched):
+            os.close(fd)
     if errors:
         _remove_orphans(Path(init[4]))  # the stopped workers' temporary files
         raise errors[0]

@@ -250,6 +250,38 @@ def test_a_bad_line_early_in_the_first_of_five_files_stops_the_workers_at_once(t
     assert not list(out.rglob("*.tmp"))  # the stopped workers' temporary files are gone
 
 
+def test_a_worker_killed_in_the_middle_stops_the_build_with_one_line(tmp_path, capsys, tok):
+    """A worker that dies (the OOM killer, a signal) would leave its unit unfinished for ever: the pool is stopped
+    and the death named (without it, the build hangs)."""
+    line = json.dumps({"text": " ".join(["stem table row token gate down"] * 10)}) + "\n"
+    for i in range(3):
+        (tmp_path / f"part-{i}.jsonl").write_text(line * (30000 + i))  # a unit takes seconds
+    data = DataConfig(source="jsonl", files=str(tmp_path / "part-*.jsonl"), tokenizer=tok, val_every=5)
+    out, killed, result = tmp_path / "s", [], {}
+
+    def build():
+        result["prep"] = _prep(capsys, data, out, workers=2)
+    builder = threading.Thread(target=build, daemon=True)
+    builder.start()
+    deadline = time.time() + 60
+    while not killed and time.time() < deadline:
+        tmp = next((out / "shards").glob(".*.train.bin.*.tmp"), None) if (out / "shards").is_dir() else None
+        if tmp is None:
+            time.sleep(0.01)  # until a worker writes its first shard
+            continue
+        killed.append((int(tmp.name.split(".")[-2]), tmp.name[1:17]))
+        os.kill(killed[0][0], signal.SIGKILL)
+    builder.join(60)
+    assert killed and not builder.is_alive(), "the build hangs after its worker was killed"
+    code, _, err = result["prep"]
+    pid, key = killed[0]
+    path = next(u["path"] for u in json.loads((out / "plan.json").read_text())["units"] if u["key"] == key)
+    assert code == 1 and _one_error(err) == (
+        f"error: StoreError: a tokenizer worker (pid {pid}) died while tokenizing {path} (killed by a signal: out "
+        f"of memory?); the units finished so far are kept: run the same command again")
+    assert not list(out.rglob("*.tmp"))
+
+
 def test_a_second_data_prep_on_the_same_out_is_refused_naming_the_holder(tmp_path, capsys, tok):
     f = _write_jsonl(tmp_path / "a.jsonl", 100)
     data, out = DataConfig(source="jsonl", files=f, tokenizer=tok, val_every=5), tmp_path / "s"
