@@ -87,14 +87,18 @@ class _Fds:
 
     def acquire(self, shard: "Shard") -> list:
         with self.lock:
-            entry = self.open.pop(shard.path, None)
+            entry = self.open.pop(shard.key, None)
             if entry is None:
                 try:
-                    entry = [os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC), 0, False]
+                    fd = os.open(shard.path, os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError:
                     raise shard.changed() from None
+                if shard.ino is not None and os.fstat(fd).st_ino != shard.ino:  # replaced since open_store
+                    os.close(fd)
+                    raise shard.changed(shard.ino)
+                entry = [fd, 0, False]
             entry[1] += 1
-            self.open[shard.path] = entry
+            self.open[shard.key] = entry
             while len(self.open) > self.cap:
                 _, old = self.open.popitem(last=False)
                 old[2] = True
@@ -102,7 +106,7 @@ class _Fds:
                     os.close(old[0])
             return entry
 
-    def release(self, entry: list, drop: str | None = None) -> None:
+    def release(self, entry: list, drop: tuple | None = None) -> None:
         """End a read; ``drop``: forget the path's descriptor (its file changed: the next read opens it anew)."""
         with self.lock:
             entry[1] -= 1
@@ -121,17 +125,21 @@ class Shard:
     ``np.asarray(shard)`` are arrays. A shard that is not as ``store.json`` records it any more (truncated,
     grown, deleted, replaced) raises StoreChangedError."""
 
-    def __init__(self, root: Path, path: Path, n: int, dtype: np.dtype):
+    def __init__(self, root: Path, path: Path, n: int, dtype: np.dtype, ino: int | None = None):
         self.root, self.path, self.n, self.dtype = root, str(path), int(n), np.dtype(dtype)
         self.nbytes = self.n * self.dtype.itemsize
+        # the file open_store found: descriptors are shared per (path, inode), so a store opened again after a
+        # shard was rebuilt reads the new file, and a reader of the old store never reads the new one
+        self.ino, self.key = ino, (self.path, ino)
 
     def __len__(self) -> int:
         return self.n
 
-    def changed(self, opened: os.stat_result | None = None) -> StoreChangedError:
+    def changed(self, opened: int | None = None) -> StoreChangedError:
+        """``opened``: the inode read (or expected)."""
         try:
             st = os.stat(self.path)
-            now = f"{st.st_size} bytes" + (", another file" if opened and st.st_ino != opened.st_ino else "")
+            now = f"{st.st_size} bytes" + (", another file" if opened is not None and st.st_ino != opened else "")
         except FileNotFoundError:
             now = "gone"
         return StoreChangedError(f"the token store {self.root} changed while it was being read: {self.path} "
@@ -161,9 +169,9 @@ class Shard:
             st = os.fstat(entry[0])
         finally:  # a descriptor reads a deleted or replaced file on: its link count is 0 then
             bad = st is None or done < len(view) or st.st_nlink == 0 or st.st_size != self.nbytes
-            _FDS.release(entry, drop=self.path if bad else None)
+            _FDS.release(entry, drop=self.key if bad else None)
         if bad:
-            raise self.changed(st)
+            raise self.changed(st.st_ino if st is not None else None)
         return out
 
 
@@ -257,6 +265,13 @@ def _size_problem(path: Path, nbytes: int) -> str | None:
     return None if have == nbytes else f"{path} has {have} bytes, store.json records {nbytes}"
 
 
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:  # deleted since the size check: the first read says so
+        return None
+
+
 def _damaged(root: Path, problems: list[str]) -> StoreDamagedError:
     more = f" (and {len(problems) - 1} more damaged shard(s))" if len(problems) > 1 else ""
     return StoreDamagedError(f"the token store {root} is damaged: {problems[0]}{more}; repair it with `python -m "
@@ -317,6 +332,7 @@ def open_store(path: str | Path, verify: bool = False, log: Callable[[str], None
     dtype = np.dtype(meta["dtype"])
 
     def split(name: str) -> Split:
-        shards = [Shard(root, shard_path(root, u["key"], name), u[name], dtype) for u in meta["shards"] if u[name]]
+        paths = [(shard_path(root, u["key"], name), u[name]) for u in meta["shards"] if u[name]]
+        shards = [Shard(root, p, n, dtype, _inode(p)) for p, n in paths]
         return Split(f"{root}/{name}", [len(s) for s in shards], shards.__getitem__)
     return Corpus(root, tok, split("train"), split("val"), meta)
