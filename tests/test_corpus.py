@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from conftest import REPO, run_script
-from stem_jax import checkpoint, corpus, sources, store
+from stem_jax import checkpoint, corpus, prep_pool, sources, store
 from stem_jax.config import DataConfig
 
 QUIET = dict(log=lambda *_: None)
@@ -119,7 +119,7 @@ def test_an_interrupted_build_resumes_and_never_reads_a_partial_store(tmp_path, 
         corpus.open_store(out)
     dead = p.pid  # a pid that has exited: on another host that proves nothing, its files stay
     others = {out / "shards" / f".00000.train.bin.other-host.{dead}.tmp",  # another host's live writer
-              out / "shards" / f".00009.val.bin.{corpus._host()}.{os.getpid()}.tmp"}  # a live writer here
+              out / "shards" / f".00009.val.bin.{prep_pool.host()}.{os.getpid()}.tmp"}  # a live writer here
     for o in others:
         o.write_bytes(b"live")
     logs = []

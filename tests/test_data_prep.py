@@ -20,7 +20,7 @@ import pytest
 
 from conftest import REPO
 from test_corpus import _user_tokenizer, _write_jsonl
-from stem_jax import cli, corpus, data_prep, sources, store
+from stem_jax import cli, corpus, data_prep, prep_pool, sources, store
 from stem_jax.config import Config, DataConfig, ModelConfig
 
 QUIET = dict(log=lambda *_: None)
@@ -309,17 +309,17 @@ def test_a_failed_cache_build_removes_its_folder_and_an_interrupted_one_keeps_it
         corpus.load_corpus(data, VOCAB, **QUIET)
     assert not list((tmp_path / "cache").iterdir())  # unit 0 had finished: gone with its folder
     _fix(paths[1], 100, seed=1)
-    real = corpus._run_workers
+    real = prep_pool.run_workers
 
     def interrupted(todo, *args):
         real(todo[:1], *args)
         raise KeyboardInterrupt
-    monkeypatch.setattr(corpus, "_run_workers", interrupted)
+    monkeypatch.setattr(prep_pool, "run_workers", interrupted)
     with pytest.raises(KeyboardInterrupt):
         corpus.load_corpus(data, VOCAB, **QUIET)
     (folder,) = (tmp_path / "cache").iterdir()
     assert len(list((folder / "shards").glob("*.json"))) == 1
-    monkeypatch.setattr(corpus, "_run_workers", real)
+    monkeypatch.setattr(prep_pool, "run_workers", real)
     logs = []
     c = corpus.load_corpus(data, VOCAB, log=logs.append)
     assert c.path == folder and f"resuming the token store at {folder}: 1 of 2 units already done" in logs

@@ -186,7 +186,7 @@ class BosRun:
     forward: Any       # the restored model's jitted forward, [1, seq_len] ids -> [seq_len, V] logits
 
     def enc(self, text: str) -> list[int]:
-        """Training's encoding, written out here: no template (corpus._tokenize_unit's add_special_tokens)."""
+        """Training's encoding, written out here: no template (prep_pool.tokenize_unit's add_special_tokens)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def logits(self, ids: list[int]) -> np.ndarray:
