@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from multiprocessing import resource_tracker
 from pathlib import Path
 from typing import Callable
 
@@ -225,11 +226,23 @@ def _work(args: tuple[str, sources.Unit]) -> dict:
     return tokenize_unit(*args)
 
 
+def _quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (unless it runs) without its warning about the pool's
+    semaphores, which it prints into the user's terminal when the builder is killed (it cleans them up)."""
+    saved = sys.warnoptions[:]
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")  # the tracker's command line takes these
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions[:] = saved
+
+
 def run_workers(todo: list, n: int, init: tuple, show: bool | None, log: Callable[[str], None]) -> None:
     """Tokenize ``todo`` on ``n`` worker processes, feeding the progress bar from their reports. The first
     worker error stops the pool (the units finished so far are kept) and is raised here. Workers fork from a
     fresh server process that has imported this module only: a fork of this process would inherit JAX's
     threads, and a spawned child would import the entry point (and JAX)."""
+    _quiet_resource_tracker()
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload([__name__])

@@ -396,7 +396,7 @@ def test_kill_9_of_data_prep_takes_its_workers_along_quietly(tmp_path, tok):
             os.close(fds.pop(q))
     assert not list((out / "shards").glob("*.json"))  # the workers died mid-unit, not after finishing it
     err = p.stderr.read()  # EOF: every process that held the terminal's stderr is gone
-    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    assert not err.strip(), err[-3000:]  # no traceback, no BrokenPipeError, no resource tracker warning
     logs = []
     resumed = corpus.open_store(corpus.build_store(data, VOCAB, out, workers=2, log=logs.append))
     assert resumed.meta["train"]["documents"] + resumed.meta["val"]["documents"] == 3 * 15000
