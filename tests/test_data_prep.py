@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import re
-import resource
 import select
 import shutil
 import signal
@@ -403,11 +402,11 @@ def test_kill_9_of_data_prep_takes_its_workers_along_quietly(tmp_path, tok):
     assert not list(out.rglob("*.tmp"))  # the killed workers' temporary files went on the rerun
 
 
-def _limited(max_bytes: int):
-    def preexec():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.RLIM_INFINITY))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, like a full disk
-    return preexec
+def _limited(command: list[str], max_bytes: int) -> list[str]:
+    """``command`` under a file size limit of ``max_bytes`` (rounded down to KiB), set by a shell rather than a
+    preexec_fn (a fork of this multithreaded process running Python). SIGXFSZ ignored: a write past the limit
+    fails with EFBIG, as on a full disk."""
+    return ["bash", "-c", f"ulimit -f {max_bytes // 1024} && trap '' XFSZ && exec \"$@\"", "bash", *command]
 
 
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tmp_path, tok):
@@ -416,8 +415,8 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file(tm
     tok_bytes = len(corpus.read_tokenizer(tok).to_str())
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for limit, what in ((tok_bytes // 2, out / "tokenizer.json"), (tok_bytes + 4096, out / "shards")):
-        r = subprocess.run(_prep_command(data, out, 2), cwd=REPO, capture_output=True, text=True, env=env,
-                           preexec_fn=_limited(limit))
+        r = subprocess.run(_limited(_prep_command(data, out, 2), limit), cwd=REPO, capture_output=True, text=True,
+                           env=env)
         line = _one_error(r.stderr)
         assert r.returncode == 1 and line.startswith(f"error: StoreError: cannot write {what}"), r.stderr[-3000:]
         assert "(File too large); nothing half-written was kept" in line
