@@ -47,7 +47,6 @@ def _niah_lengths(value: str | None, seq_len_of) -> list[int]:
 
 def main(argv):
     cli.check_no_args(argv)
-    cli.enable_compilation_cache()
     f = flags.FLAGS
     seq_len = lambda: cli.run_user_errors(workdir.load_run_config, f.workdir).model.seq_len
     try:

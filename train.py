@@ -18,7 +18,6 @@ _CONFIG = cli.define_config_flag()
 
 def main(argv):
     cli.check_no_args(argv)
-    cli.enable_compilation_cache()
     cli.init_distributed()
     cli.run_user_errors(trainer.train_and_evaluate, cli.checked(_CONFIG), flags.FLAGS.workdir)
 

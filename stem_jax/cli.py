@@ -4,6 +4,7 @@ flags per call, optional sub-commands, ``--help`` listing every flag), and user 
 instead of a traceback."""
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging as pylogging
 import os
@@ -33,6 +34,7 @@ def die(msg: str, code: int = 2):
     (up to its timeout, then abort) for peers that are blocked in a collective with this process."""
     if jax.distributed.is_initialized():
         peers.exit_now(f"error: {msg}", code)
+    _COMPILES["quiet"] = True
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
@@ -80,9 +82,13 @@ def define_config_flag():
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parsing with one-line errors; an unknown ``--config.a.b`` suggests the closest field."""
+    """absl parsing with one-line errors; an unknown ``--config.a.b`` suggests the closest field. Every entry
+    point that parses with it gets ``--compilation_cache`` and the persistent compilation cache."""
+    define_compilation_cache_flag()
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        enable_compilation_cache(flags.FLAGS.compilation_cache)
+        return rest
     except KeyError as e:
         _explain_unknown_key(argv, e)
     except flags.Error as e:
@@ -113,6 +119,7 @@ def parse_command(argv: Sequence[str] | None, prog: str, about: str, define: Def
         command = argv.pop(0)
     fv = flags.FlagValues()
     define(fv, command)
+    define_compilation_cache_flag(fv)
     name = f"{prog} {command}" if command else prog
     if helping:
         listing = [line for line in fv.get_help(include_special_flags=False).splitlines() if not line.endswith(":")]
@@ -126,6 +133,7 @@ def parse_command(argv: Sequence[str] | None, prog: str, about: str, define: Def
         die(f"{name}: unexpected positional arguments {rest[1:]}; use --flag=value")
     if not any(a.startswith(("-v", "--verbosity")) for a in argv):
         logging.set_verbosity(logging.WARNING)  # orbax logs every save and restore at INFO
+    enable_compilation_cache(fv.compilation_cache)
     return command, fv
 
 
@@ -193,11 +201,69 @@ def init_distributed() -> None:
         die(f"jax.distributed.initialize failed: {e}")
 
 
-def enable_compilation_cache() -> None:
-    """Keep compiled XLA programs (those that took over a second) in ``<cache>/xla``, so a rerun (a resume
-    after preemption, an eval) skips most compilation. $JAX_COMPILATION_CACHE_DIR takes precedence."""
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+CACHE_OFF = ("none", "off")
+
+
+def define_compilation_cache_flag(fv: flags.FlagValues = flags.FLAGS) -> None:
+    """``--compilation_cache``: where compiled XLA programs are kept between runs, or ``none``."""
+    if "compilation_cache" not in fv:
+        flags.DEFINE_string("compilation_cache", None, "Folder of the persistent XLA compilation cache, or none "
+                            "(default: $JAX_COMPILATION_CACHE_DIR, else $STEM_JAX_CACHE/xla, else "
+                            "~/.cache/stem_jax/xla).", flag_values=fv)
+
+
+_COMPILES = {"programs": 0, "hits": 0, "written": 0, "seconds": 0.0, "saved": 0.0}
+
+
+def _count(event: str, **_) -> None:
+    key = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "written"}.get(event)
+    if key:
+        _COMPILES[key] += 1
+
+
+def _count_seconds(event: str, seconds: float, **_) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":  # a program compiled, or loaded from the cache
+        _COMPILES["programs"] += 1
+        _COMPILES["seconds"] += seconds
+    elif event == "/jax/compilation_cache/compile_time_saved_sec":
+        _COMPILES["saved"] += seconds
+
+
+def compile_report() -> str:
+    """One line: how many programs this process compiled and how many it loaded from the persistent cache."""
+    c, where = _COMPILES, jax.config.jax_compilation_cache_dir
+    if not where or not jax.config.jax_enable_compilation_cache:
+        return f"compilation cache off: {c['programs']} program(s) compiled in {c['seconds']:.1f} s"
+    return (f"compilation cache {where}: {c['hits']} program(s) loaded from it (saving about {max(c['saved'], 0.0):.1f} s), "
+            f"{c['programs'] - c['hits']} compiled ({c['written']} written to it); {c['seconds']:.1f} s compiling "
+            f"or loading")
+
+
+def enable_compilation_cache(folder: str | None = None, report: bool = True) -> None:
+    """Keep compiled XLA programs (those that took over a second) in a folder, so a rerun (a resume after
+    preemption or kill -9, an eval, a tool) loads them instead of compiling. ``folder``: a path, or ``none``
+    to turn the cache off; None: a folder already configured (``$JAX_COMPILATION_CACHE_DIR``, a test
+    session's) or ``<cache>/xla`` (``$STEM_JAX_CACHE`` or ``~/.cache/stem_jax``). ``report``: print
+    ``compile_report()`` when the process exits."""
+    if folder is not None and folder.strip().lower() in CACHE_OFF:
+        jax.config.update("jax_enable_compilation_cache", False)
+    elif folder:
+        jax.config.update("jax_compilation_cache_dir", str(Path(folder).expanduser()))
+    elif not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+    if not _COMPILES.get("listening"):
+        _COMPILES["listening"] = True
+        jax.monitoring.register_event_listener(_count)
+        jax.monitoring.register_event_duration_secs_listener(_count_seconds)
+        if report:
+            atexit.register(_report_at_exit)
+
+
+def _report_at_exit() -> None:
+    """The compile report, unless nothing was compiled or the process ended with an ``error:`` line, which
+    stays the last line a user sees."""
+    if _COMPILES["programs"] and not _COMPILES.get("quiet"):
+        print(compile_report(), file=sys.stderr, flush=True)
 
 
 def check_no_args(argv: list[str]) -> None:

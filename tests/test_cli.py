@@ -2,10 +2,13 @@
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
-from conftest import run_script
+from conftest import REPO, run_script
 SMALL = ["--config.model.d_model=64", "--config.model.n_layers=3", "--config.model.n_heads=4",
          "--config.model.n_kv_heads=2", "--config.model.d_ff=128", "--config.model.seq_len=64",
          "--config.train.batch_size=8", "--config.train.steps=30", "--config.train.log_every=10",
@@ -179,3 +182,42 @@ def test_tool_command_line_errors_are_one_line(capsys):
                             "--mode", "sideways"], "--mode")):
         code, _, err = _tool_exit(main, argv, capsys)
         assert code == 2 and err.startswith("error:") and msg in err and err.count("\n") == 1, err
+
+
+_COMPILE_ONE = """
+import jax, jax.numpy as jnp
+from absl import app
+from stem_jax import cli
+def main(argv):
+    print(float(jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((64, 64))).sum()))
+app.run(main, flags_parser=cli.parse_flags)
+"""
+
+
+def test_every_entry_point_keeps_compiled_programs_in_the_persistent_cache(tmp_path, capsys):
+    """The compilation cache of ``cli.parse_flags`` (train.py, eval.py, aot, data_prep, experiments) and of
+    ``cli.parse_command`` (the workdir tools): a rerun loads what the first run compiled, ``--compilation_cache``
+    moves the folder or turns it off, and the exit line says which happened."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", STEM_JAX_CACHE=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # a tiny program is cached too
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+
+    def run(*flags):
+        r = subprocess.run([sys.executable, "-c", _COMPILE_ONE, *flags], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stderr.strip().splitlines()[-1]
+    default = tmp_path / "cache" / "xla"
+    first = re.match(rf"compilation cache {default}: 0 program\(s\) loaded from it .*, ([1-9]\d*) compiled "
+                     rf"\(\1 written", run())
+    assert first, "the first run compiles and writes every program"
+    assert re.match(rf"compilation cache {default}: {first.group(1)} program\(s\) loaded from it .*, 0 compiled",
+                    run())
+    moved = tmp_path / "elsewhere"
+    assert run(f"--compilation_cache={moved}").startswith(f"compilation cache {moved}: 0 program(s) loaded")
+    assert list(moved.iterdir())
+    assert run("--compilation_cache=none").startswith("compilation cache off")
+    from stem_jax import cli  # the workdir tools' flags carry it too
+    with pytest.raises(SystemExit):
+        cli.parse_command(["--help"], "tool", "about", lambda fv, _: None)
+    assert "--compilation_cache" in capsys.readouterr().out

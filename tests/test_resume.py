@@ -72,6 +72,7 @@ def test_kill_9_then_rerun_replays_bitwise_identical_steps(tmp_path, cache_dir, 
     r = train(work, cache_dir=cache_dir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"resumed from the checkpoint at step (8|12|16|20|24|28)\b", r.stdout), r.stdout[-2000:]
+    assert re.search(r"compilation cache .*: [1-9]\d* program\(s\) loaded from it", r.stderr), r.stderr[-2000:]
     assert step_rows(work) == reference[1]  # every step once, same batches, same numbers
     assert data_position(work) == data_position(reference[0])
 

@@ -148,7 +148,6 @@ def _define_flags():
 
 def main(argv):
     cli.check_no_args(argv)
-    cli.enable_compilation_cache()
     f = flags.FLAGS
     cli.run_user_errors(compare, cli.checked(_CONFIG), f.out, f.runs, f.dense_steps)
 

@@ -227,11 +227,10 @@ def _define_flags():
 
 def main(argv):
     cli.check_no_args(argv)
-    cli.enable_compilation_cache()
     f = flags.FLAGS
     cli.run_user_errors(run, f.out, f.facts, f.steps, f.repeats, f.name_tokens)
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
