@@ -312,6 +312,9 @@ def report(r: dict) -> None:
 
 def main(argv: list[str]) -> None:
     cli.check_no_args(argv)
+    # No persistent cache here: a program compiled for a TPU topology without a TPU cannot be loaded back from it
+    # (PjRt needs a TPU client to deserialize it), so a second run would fail on its own cache entry.
+    cli.enable_compilation_cache("none")
     cfg = cli.checked(_CONFIG)
     f = flags.FLAGS
     if f.batch_size is not None:

@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +18,14 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 TINY = ["--config.model.vocab_size=1024", "--config.model.d_model=64", "--config.model.n_layers=3",
         "--config.model.n_heads=4", "--config.model.n_kv_heads=2", "--config.model.d_ff=256",
         "--config.model.seq_len=64", "--config.train.batch_size=8"]
+CACHE = Path(tempfile.mkdtemp(prefix="stem_jax_aot_cache_"))
 
 
 def run_aot(*args: str) -> subprocess.CompletedProcess:
     # conftest's JAX_PLATFORMS=cpu does not stop the TPU topology (the module defaults to it anyway); the
     # 8-fake-CPU XLA_FLAGS are meant for the CPU backend only, so they are dropped.
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TPU_LIBRARY_PATH")}
+    env["STEM_JAX_CACHE"] = str(CACHE)  # nothing of a test run goes to the user's ~/.cache
     return subprocess.run([sys.executable, "-m", "stem_jax.aot", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -45,6 +49,7 @@ def test_compiles_and_reports(tmp_path, topology, mesh, devices):
                   "HBM per device", "collectives in optimized HLO (largest array): all-reduce", "compile"):
         assert field in r.stdout, field
     assert "INVALID_ARGUMENT" not in r.stderr  # libtpu's missing-TPU-VM noise is silenced
+    assert "compilation cache off" in r.stderr  # a TPU executable compiled here could not be loaded back
     fit = json.loads((tmp_path / "fit.json").read_text())
     assert list(fit["programs"]) == ["train"]
     mem = fit["memory_per_device"]
