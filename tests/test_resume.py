@@ -263,7 +263,8 @@ from orbax.checkpoint._src.checkpointers import async_checkpointer
 events, commit = Path(os.environ["HOLD_EVENTS"]), async_checkpointer._on_commit_callback
 def held(tmpdir, *args, **kwargs):
     if tmpdir.get_final().name == os.environ["HOLD_STEP"]:
-        (events / "saving").write_text(str(tmpdir.get()))
+        (events / "saving.tmp").write_text(str(tmpdir.get()))
+        os.replace(events / "saving.tmp", events / "saving")  # whole: the test reads it as soon as it exists
         while not (events / "go").exists():
             time.sleep(0.01)
     return commit(tmpdir, *args, **kwargs)
