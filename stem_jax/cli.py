@@ -36,7 +36,15 @@ def die(msg: str, code: int = 2):
         peers.exit_now(f"error: {msg}", code)
     _COMPILES["quiet"] = True
     print(f"error: {msg}", file=sys.stderr, flush=True)
+    # the error stays the last line: the interpreter's shutdown chatter after it (e.g. "coroutine was never
+    # awaited" for a failed background checkpoint save, printed while modules are torn down) goes nowhere
+    atexit.register(_silence_stderr)
     raise SystemExit(code)
+
+
+def _silence_stderr() -> None:
+    sys.stderr.flush()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 def load_config_file(path: str) -> Config:

@@ -221,3 +221,20 @@ def test_every_entry_point_keeps_compiled_programs_in_the_persistent_cache(tmp_p
     with pytest.raises(SystemExit):
         cli.parse_command(["--help"], "tool", "about", lambda fv, _: None)
     assert "--compilation_cache" in capsys.readouterr().out
+
+
+_DIES_WITH_A_PENDING_COROUTINE = """
+from stem_jax import cli
+async def save():
+    pass
+pending = save()  # never awaited, as a failed background save's coroutine: Python warns when it is collected
+def fail():
+    raise ValueError("the run failed")
+cli.run_user_errors(fail)
+"""
+
+
+def test_the_error_line_stays_the_last_line_of_a_failed_run():
+    r = subprocess.run([sys.executable, "-c", _DIES_WITH_A_PENDING_COROUTINE], cwd=REPO, capture_output=True,
+                       text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == ["error: ValueError: the run failed"], r.stderr
