@@ -12,7 +12,7 @@ def get_config() -> Config:
     return Config(
         model=ModelConfig(vocab_size=128_256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
                           seq_len=4096, rope_theta=500_000.0, ffn="stem", stem_layers="1/3", init_std=0.02,
-                          dtype="bfloat16", remat="none", attention="auto"),
+                          dtype="bfloat16", remat="none", attention="auto", scan_layers=True),
         train=TrainConfig(steps=480_000, batch_size=512, lr=4e-4, warmup_steps=2000, log_every=50, microbatches=2),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
     )

@@ -13,7 +13,7 @@ def get_config() -> Config:
     return Config(
         model=ModelConfig(vocab_size=32_000, d_model=960, n_layers=32, n_heads=15, n_kv_heads=5, d_ff=2560,
                           seq_len=4096, rope_theta=10_000.0, ffn="stem", stem_layers="1/3", init_std=0.02,
-                          dtype="bfloat16", remat="none", attention="auto"),
+                          dtype="bfloat16", remat="none", attention="auto", scan_layers=True),
         train=TrainConfig(steps=50_000, batch_size=512, lr=2e-3, warmup_steps=2000, log_every=50, microbatches=1),
         mesh=MeshConfig(data=1, fsdp=-1, tensor=1),
     )

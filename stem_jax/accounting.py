@@ -49,7 +49,7 @@ def count_params(params: Any, cfg: ModelConfig) -> ParamCounts:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         n = math.prod(leaf.shape)
         if sharding.is_table_path(path):
-            n = cfg.vocab_size * leaf.shape[1]      # padding rows are never addressed
+            n = cfg.vocab_size * math.prod(leaf.shape) // leaf.shape[-2]  # padding rows are never addressed
             tables += n
         total += n
     n_layers = len(stem_indices(cfg))

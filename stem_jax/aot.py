@@ -15,6 +15,7 @@ is reported and the others still compile; the run then exits 1 with one ``error:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -162,23 +163,28 @@ def lowerings(ctx: steps.StepContext, programs: tuple[str, ...], sample_batch: i
     valid_BxP = jax.ShapeDtypeStruct((sample_batch, P), jnp.bool_, sharding=rows)
     cache_dtype = DTYPES[cfg.model.dtype]  # the Sampler's KV cache is in the model's compute dtype
 
+    # The sampler runs in the tools' per-layer layout (workdir.restore converts a scanned run).
+    tool = ctx if not ctx.cfg.model.scan_layers else steps.make_context(
+        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False)), mesh)
+    tool_params = checkpoint.restore_target(tool.abstract_state, tool.state_shardings)["params"]
+
     def prefill(p, ids, valid):
-        return sampling._prefill(nnx.merge(ctx.graphdef, p), ids, valid, N, cache_dtype)
+        return sampling._prefill(nnx.merge(tool.graphdef, p), ids, valid, N, cache_dtype)
     prefill_fn = jax.jit(prefill)
 
     def decode():
         # The cache as the prefill leaves it: its shapes and the shardings XLA gave it there.
         if "prefill" not in compiled:
             try:
-                compiled["prefill"] = prefill_fn.lower(params, ids_BxP, valid_BxP).compile()
+                compiled["prefill"] = prefill_fn.lower(tool_params, ids_BxP, valid_BxP).compile()
             except JaxRuntimeError as e:
                 raise Skipped(f"needs the prefill's cache shardings, and the prefill did not compile: {one_line(e)}")
         out = compiled["prefill"].output_shardings
-        shapes = jax.eval_shape(prefill, params, ids_BxP, valid_BxP)
+        shapes = jax.eval_shape(prefill, tool_params, ids_BxP, valid_BxP)
         cache, _, pad_B = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, out)
         tok_B = jax.ShapeDtypeStruct((sample_batch,), jnp.int32, sharding=pad_B.sharding)
-        one = lambda p, c, t, i, pad: sampling._decode_one(nnx.merge(ctx.graphdef, p), c, t, i, P, pad)
-        return jax.jit(one, donate_argnums=1).lower(params, cache, tok_B, jax.ShapeDtypeStruct((), jnp.int32), pad_B)
+        one = lambda p, c, t, i, pad: sampling._decode_one(nnx.merge(tool.graphdef, p), c, t, i, P, pad)
+        return jax.jit(one, donate_argnums=1).lower(tool_params, cache, tok_B, jax.ShapeDtypeStruct((), jnp.int32), pad_B)
 
     thunks = {
         "init": lambda: steps.init_fn(ctx).lower(),
@@ -186,7 +192,7 @@ def lowerings(ctx: steps.StepContext, programs: tuple[str, ...], sample_batch: i
         "eval": lambda: steps.eval_step_fn(ctx.graphdef, ctx.state_shardings["params"], ctx.batch_sharding,
                                            eos_id=ctx.eos_id, microbatches=cfg.train.microbatches,
                                            chunk=cfg.train.eval_loss_chunk).lower(params, batch),
-        "prefill": lambda: prefill_fn.lower(params, ids_BxP, valid_BxP),
+        "prefill": lambda: prefill_fn.lower(tool_params, ids_BxP, valid_BxP),
         "decode": decode,
     }
     return {p: thunks[p] for p in programs}

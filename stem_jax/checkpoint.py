@@ -5,7 +5,8 @@ and ``meta`` (step, resolved config, tokenizer fingerprint, table rows, process 
 Saves are async and atomic (orbax writes a temporary directory and renames it), and older steps are
 deleted only after a newer one has landed. Restore targets always carry the *current* mesh's shardings,
 so any checkpoint restores onto any mesh; STEM tables whose padded row count differs between meshes are
-padded or cut at the end, where only all-zero padding rows live.
+padded or cut at the end, where only all-zero padding rows live. A checkpoint written in the other layer
+layout (``model.scan_layers``, ``scanning.py``) is read in its own layout and converted on the devices.
 
 Only the holder of the workdir's lock (``lock.hold``: train.py, the params-only writers) writes: its manager
 cleans the temporary folders of a killed save. Tools open checkpoints read-only (``reader``) and never create,
@@ -26,8 +27,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from stem_jax import lock, sharding
-from stem_jax.config import Config, ConfigError, to_dict
+from stem_jax import lock, scanning, sharding
+from stem_jax.config import Config, ConfigError, from_dict, to_dict
 
 
 class CheckpointError(RuntimeError):
@@ -152,7 +153,7 @@ def _restore_args(abstract: Any, shardings: Any, resize_tables: bool) -> ocp.arg
 
 
 def _table_rows(abstract_params: Any) -> int | None:
-    rows = [a.shape[0] for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0] if sharding.is_table_path(p)]
+    rows = [a.shape[-2] for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0] if sharding.is_table_path(p)]
     return rows[0] if rows else None
 
 
@@ -180,17 +181,46 @@ def read_step_meta(workdir: str | Path, step: int) -> dict:
         mngr.close()
 
 
+Layout = Callable[[], tuple[dict, dict]]  # () -> (abstract state, shardings) in the other layer layout
+
+
 def restore_state(mngr: ocp.CheckpointManager, step: int, meta: dict, abstract_state: dict,
-                  shardings: dict, data_iter: Any) -> dict:
-    """The train state of ``step`` on the new shardings; ``data_iter`` is moved to the saved position."""
-    return {**_restore_arrays(mngr, step, meta, abstract_state, shardings, data_iter),
-            "step": _step_array(step, shardings)}
+                  shardings: dict, data_iter: Any, other_layout: Layout | None = None) -> dict:
+    """The train state of ``step`` on the new shardings; ``data_iter`` is moved to the saved position.
+    ``other_layout``: the state in the other layer layout, for a checkpoint saved in it."""
+    state = _restore_arrays(mngr, step, meta, abstract_state, shardings, data_iter, other_layout)
+    return {**_to_layout(state, meta, abstract_state, shardings), "step": _step_array(step, shardings)}
+
+
+def saved_model(meta: dict):
+    """The model config a checkpoint was saved with (None for a checkpoint without one)."""
+    return from_dict(meta["config"]).model if isinstance(meta.get("config"), dict) else None
+
+
+def _layout_differs(meta: dict, abstract: Any) -> bool:
+    model = saved_model(meta)
+    return model is not None and scanning.scanned(model) != scanning.is_scanned(abstract)
+
+
+def _to_layout(state: dict, meta: dict, abstract_state: dict, shardings: dict) -> dict:
+    """``state`` (restored in the checkpoint's layout) in the layout of ``abstract_state``, on ``shardings``.
+    Runs a program on every device: call it after every process has read the checkpoint."""
+    if not _layout_differs(meta, abstract_state["params"]):
+        return state
+    to_scanned, model = scanning.is_scanned(abstract_state["params"]), saved_model(meta)
+    return {k: scanning.convert_on_device(v, abstract_state[k], shardings[k], model, to_scanned)
+            for k, v in state.items()}
 
 
 def _restore_arrays(mngr: ocp.CheckpointManager, step: int, meta: dict, abstract_state: dict,
-                    shardings: dict, data_iter: Any) -> dict:
-    """``params`` and ``opt_state`` of ``step``, and the data position; no collective, so one process can fail
-    it alone."""
+                    shardings: dict, data_iter: Any, other_layout: Layout | None = None) -> dict:
+    """``params`` and ``opt_state`` of ``step`` (in the checkpoint's layer layout: ``_to_layout`` converts),
+    and the data position; no collective, so one process can fail it alone."""
+    if _layout_differs(meta, abstract_state["params"]):
+        if other_layout is None:
+            raise CheckpointError(f"step {step} is saved with model.scan_layers="
+                                  f"{saved_model(meta).scan_layers} and no conversion was offered")
+        abstract_state, shardings = other_layout()
     rows = _table_rows(abstract_state["params"])
     resize = rows is not None and meta.get("table_rows") not in (None, rows)
     if resize and meta["table_rows"] < meta["config"]["model"]["vocab_size"]:
@@ -207,7 +237,8 @@ def _step_array(step: int, shardings: dict) -> jax.Array:
 
 
 def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], abstract_state: dict,
-                   shardings: dict, data_iter: Any, log: Callable[[str], None]) -> tuple[dict, int] | None:
+                   shardings: dict, data_iter: Any, log: Callable[[str], None],
+                   other_layout: Layout | None = None) -> tuple[dict, int] | None:
     """(state, step) of the newest checkpoint that restores, or None when there is none.
 
     ``check(meta)`` raises for a checkpoint this run must not resume (a different model); that error
@@ -215,17 +246,19 @@ def restore_latest(mngr: ocp.CheckpointManager, check: Callable[[dict], None], a
     rename, truncated or corrupted files) is skipped with a warning for the next older one; skipped
     newer ones are moved to ``checkpoints_unreadable/`` (kept, never deleted) so their step numbers can
     be written again. If none restores, nothing is moved and CheckpointError names every failure.
-    Collective: every process gets the same step and moves the same steps aside; process 0 warns."""
+    Collective: every process gets the same step and moves the same steps aside; process 0 warns.
+    ``other_layout``: as in ``restore_state``."""
     def load(step: int, meta: dict, _) -> dict:
-        return _restore_arrays(mngr, step, meta, abstract_state, shardings, data_iter)
+        return _restore_arrays(mngr, step, meta, abstract_state, shardings, data_iter, other_layout)
 
     steps = sorted(mngr.all_steps(), reverse=True)
-    state, step, _, failures = newest_readable(mngr, steps, lambda s, meta: check(meta), load)
+    state, step, meta, failures = newest_readable(mngr, steps, lambda s, meta: check(meta), load)
     if step is not None:
         for bad, err in failures if jax.process_index() == 0 else ():
             log(f"WARNING: checkpoint step {bad} is unreadable ({type(err).__name__}: {_short(err)}); "
                 f"resuming from step {step}")
         _set_aside(mngr, [bad for bad, _ in failures])
+        state = _to_layout(state, meta, abstract_state, shardings)
         return {**state, "step": _step_array(step, shardings)}, step
     if failures:
         raise CheckpointError(f"no checkpoint under {mngr.directory} can be restored: " + "; ".join(

@@ -110,6 +110,10 @@ class ModelConfig:
     # dims: recompute norms, activations and attention), "full" (only the block input; recompute the block),
     # "offload" (like full, with block inputs in host memory).
     remat: str = "none"
+    # Apply the layers that repeat a block of the placement's period with one lax.scan over stacked
+    # parameters (scanning.py): the compiled program stops growing with depth. Checkpoints restore into
+    # either layout; tools read the per-layer one.
+    scan_layers: bool = False
     # "auto" | "xla" (materialises [B, H, L, L]) | "cudnn" (GPU flash attention) | "splash" (TPU Pallas kernel).
     attention: str = "auto"
 
@@ -256,6 +260,9 @@ def validate(cfg: Config) -> Config:
     if t.stem_optimizer == "sparse" and m.ffn != "stem":
         raise ConfigError(f"train.stem_optimizer='sparse' updates STEM table rows and needs model.ffn='stem', "
                           f"not {m.ffn!r}")
+    if t.stem_optimizer == "sparse" and m.scan_layers:
+        raise ConfigError("train.stem_optimizer='sparse' reads each table on its own and does not work with "
+                          "model.scan_layers=true yet; set --config.model.scan_layers=false")
     if m.stem_offload and t.stem_optimizer != "sparse":
         raise ConfigError("model.stem_offload=True needs train.stem_optimizer='sparse': the host applies the "
                           "row updates, and dense AdamW would touch every row of the table every step")
@@ -335,7 +342,8 @@ def _may_change_on_resume(section: str, name: str) -> bool:
         return name not in ("batch_size", "seed", "stem_optimizer")  # the optimizer state differs
     if section == "model":
         # Same parameters and (up to rounding) the same function; offload moves the same arrays to the host.
-        return name in ("stem_lookup", "stem_capacity", "dtype", "stem_offload", "remat", "attention")
+        return name in ("stem_lookup", "stem_capacity", "dtype", "stem_offload", "remat", "attention",
+                        "scan_layers")  # checkpoints convert between the layouts on restore
     return name in ("cache_dir", "workers", "store")  # the store is known by its content (trainer._check_store)
 
 

@@ -27,6 +27,7 @@ code that runs on a pod.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import NamedTuple
 
@@ -79,15 +80,32 @@ def _varying(x: jax.Array, axes) -> jax.Array:
     return jax.lax.pcast(x, tuple(axes), to="varying") if axes else x
 
 
+def _stacks(arrays: list[jax.Array]) -> list[jax.Array]:
+    """Each ``[..., rows, F]`` array as ``[k, rows, F]`` (k = 1 for a plain table, the repeats for a scanned
+    model's stacked table): one gather or scatter serves all k."""
+    return [a.reshape(-1, *a.shape[-2:]) for a in arrays]
+
+
+def _concat(parts: list[jax.Array]) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
+def _split_k(x_KxNxCxF: jax.Array, ks: list[int]) -> list[jax.Array]:
+    return jnp.split(x_KxNxCxF, list(itertools.accumulate(ks))[:-1]) if len(ks) > 1 else [x_KxNxCxF]
+
+
 def fetch(tables: list[jax.Array], rt: Route, v: int, axes, capacity: float,
           dtype) -> tuple[list[jax.Array], jax.Array]:
-    """``([T, F] unique rows of every [v, F] table block in dtype, [v] which of my rows anyone asked for)``.
-    Each round moves the ids once and every table's rows in one ``all_to_all`` of the stacked [k, N, C, F]
-    rows (with no table: only the ids move), so the program has the same collectives for 1 or 16 tables.
-    Rows are gathered in the tables' dtype and cast after, for the trip."""
+    """``([..., T, F] unique rows of every [..., v, F] table block in dtype, [v] which of my rows anyone asked
+    for)``; a table with leading dims (a scanned model's repeats) is read with one gather. Each round moves the
+    ids once and every table's rows in one ``all_to_all`` of the stacked [K, N, C, F] rows (with no table: only
+    the ids move), so the program has the same collectives for 1 or 16 tables. Rows are gathered in the tables'
+    dtype and cast after, for the trip."""
     t, n = rt.uniq_T.shape[0], jax.lax.axis_size(axes)
     c = slots(t, n, capacity)
     mesh_axes = jax.sharding.get_abstract_mesh().axis_names
+    blocks = _stacks(tables)
+    ks = [b.shape[0] for b in blocks]
 
     def one_round(r, carry):
         rows, asked_v = carry
@@ -96,66 +114,74 @@ def fetch(tables: list[jax.Array], rt: Route, v: int, axes, capacity: float,
         asked_v = asked_v.at[jnp.where(want_NxC >= 0, want_NxC, v)].set(True, mode="drop")
         if not tables:
             return rows, asked_v
-        served_KxNxCxF = jnp.stack([jnp.take(tb, jnp.clip(want_NxC, 0, v - 1), axis=0) for tb in tables])
+        served_KxNxCxF = _concat([jnp.take(b, jnp.clip(want_NxC, 0, v - 1), axis=1) for b in blocks])
         served_KxNxCxF = jnp.where((want_NxC >= 0)[None, ..., None], served_KxNxCxF, 0).astype(dtype)
         got_KxNxCxF = jax.lax.all_to_all(served_KxNxCxF, axes, 1, 1, tiled=True)
         at_NxC = jnp.where(used_NxC, pos_NxC, t)
-        return [rows_TxF.at[at_NxC].set(got, mode="drop") for rows_TxF, got in zip(rows, got_KxNxCxF)], asked_v
+        return [rows_kxTxF.at[:, at_NxC].set(got, mode="drop")
+                for rows_kxTxF, got in zip(rows, _split_k(got_KxNxCxF, ks))], asked_v
 
-    init = ([_varying(jnp.zeros((t, tb.shape[1]), dtype), mesh_axes) for tb in tables],
+    init = ([_varying(jnp.zeros((k, t, b.shape[-1]), dtype), mesh_axes) for k, b in zip(ks, blocks)],
             _varying(jnp.zeros(v, bool), axes))
-    return jax.lax.fori_loop(0, rt.rounds, one_round, init)
+    rows, asked_v = jax.lax.fori_loop(0, rt.rounds, one_round, init)
+    return [r.reshape(*tb.shape[:-2], t, -1) for r, tb in zip(rows, tables)], asked_v
 
 
 def send_back(grads: list[jax.Array], rt: Route, axes, capacity: float, v: int, slot_v: jax.Array, size: int,
               dtype) -> list[jax.Array]:
-    """Each table's [T, F] unique-row gradients summed on their owners into ``[size, F]`` accumulators in
-    ``dtype`` (the gradients travel in it too: a float32 sum of bfloat16 cotangents stays float32); owner-local
-    row i lands in slot ``slot_v[i]`` (out of range: dropped). One stacked ``all_to_all`` per round."""
+    """Each table's [..., T, F] unique-row gradients summed on their owners into ``[..., size, F]``
+    accumulators in ``dtype`` (the gradients travel in it too: a float32 sum of bfloat16 cotangents stays
+    float32); owner-local row i lands in slot ``slot_v[i]`` (out of range: dropped). One stacked
+    ``all_to_all`` per round."""
     t, n = rt.uniq_T.shape[0], jax.lax.axis_size(axes)
     c = slots(t, n, capacity)
     mesh_axes = jax.sharding.get_abstract_mesh().axis_names
+    blocks = _stacks(grads)
+    ks = [b.shape[0] for b in blocks]
 
     def one_round(r, accs):
         pos_NxC, used_NxC = _round_slots(rt, r, c)
         want_NxC = _requests(rt, pos_NxC, used_NxC, v, axes)
         at_NxC = jnp.where(want_NxC >= 0, slot_v[jnp.clip(want_NxC, 0, v - 1)], size)
-        send_KxNxCxF = jnp.stack([g_TxF.astype(dtype)[jnp.clip(pos_NxC, 0, t - 1)] for g_TxF in grads])
+        send_KxNxCxF = _concat([g.astype(dtype)[:, jnp.clip(pos_NxC, 0, t - 1)] for g in blocks])
         send_KxNxCxF = jnp.where(used_NxC[None, ..., None], send_KxNxCxF, 0)
         got_KxNxCxF = jax.lax.all_to_all(send_KxNxCxF, axes, 1, 1, tiled=True)
-        return [acc.at[at_NxC].add(got, mode="drop") for acc, got in zip(accs, got_KxNxCxF)]
+        return [acc.at[:, at_NxC].add(got, mode="drop") for acc, got in zip(accs, _split_k(got_KxNxCxF, ks))]
 
-    init = [_varying(jnp.zeros((size, g.shape[1]), dtype), mesh_axes) for g in grads]
-    return jax.lax.fori_loop(0, rt.rounds, one_round, init)
+    init = [_varying(jnp.zeros((k, size, g.shape[-1]), dtype), mesh_axes) for k, g in zip(ks, blocks)]
+    accs = jax.lax.fori_loop(0, rt.rounds, one_round, init)
+    return [a.reshape(*g.shape[:-2], size, -1) for a, g in zip(accs, grads)]
 
 
 def _forward(tables, rows_bxl, axes, capacity, dtype):
-    v = tables[0].shape[0]
+    v = tables[0].shape[-2]
     rt = route(rows_bxl.reshape(-1), v, axes, capacity)
     fetched, _ = fetch(list(tables), rt, v, axes, capacity, dtype)
-    return tuple(jnp.take(r_TxF, rt.inv_T, axis=0).reshape(*rows_bxl.shape, -1) for r_TxF in fetched), rt
+    return tuple(jnp.take(r, rt.inv_T, axis=-2).reshape(*r.shape[:-2], *rows_bxl.shape, -1) for r in fetched), rt
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def exchange_rows(tables: tuple[jax.Array, ...], rows_bxl: jax.Array, axes: tuple[str, ...], capacity: float,
                   dtype) -> tuple[jax.Array, ...]:
-    """Rows ``table[rows]`` of every table (equal [v, F] blocks) for this device's stored rows, inside a
-    ``shard_map`` whose ``axes`` split both the table rows and the batch: one route and one exchange for all
-    tables. Returns a [b, l, F] array in ``dtype`` per table."""
+    """Rows ``table[..., rows, :]`` of every table (equal [v, F] blocks, with any leading dims) for this
+    device's stored rows, inside a ``shard_map`` whose ``axes`` split both the table rows and the batch: one
+    route and one exchange for all tables. Returns a [..., b, l, F] array in ``dtype`` per table."""
     return _forward(tables, rows_bxl, axes, capacity, dtype)[0]
 
 
 def _fwd(tables, rows_bxl, axes, capacity, dtype):
     out, rt = _forward(tables, rows_bxl, axes, capacity, dtype)
-    return out, (rt, tuple(jnp.zeros((tb.shape[0], 0), tb.dtype) for tb in tables))  # the tables' rows, dtype
+    # The tables' leading dims, rows and dtype, without holding the tables.
+    return out, (rt, tuple(jnp.zeros((*tb.shape[:-1], 0), tb.dtype) for tb in tables))
 
 
 def _bwd(axes, capacity, dtype, saved, gs):
     rt, likes = saved
-    v, t = likes[0].shape[0], rt.inv_T.shape[0]
+    v, t = likes[0].shape[-2], rt.inv_T.shape[0]
     # Cast before any sum: a token's cotangents (bfloat16 under bf16 compute) add up in the table's dtype.
-    g_TxFs = [jax.ops.segment_sum(g_bxlxf.reshape(t, -1).astype(like.dtype), rt.inv_T, num_segments=t)
-              for g_bxlxf, like in zip(gs, likes)]
+    sums = jax.vmap(lambda g_TxF: jax.ops.segment_sum(g_TxF, rt.inv_T, num_segments=t))
+    g_TxFs = [sums(g.reshape(-1, t, g.shape[-1]).astype(like.dtype)).reshape(*like.shape[:-2], t, -1)
+              for g, like in zip(gs, likes)]
     grads = send_back(g_TxFs, rt, axes, capacity, v, jnp.arange(v), v, likes[0].dtype)
     return tuple(grads), None
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from stem_jax import attention, sharding
+from stem_jax import attention, scanning, sharding
 from stem_jax.config import DTYPES, ModelConfig, moe_width, stem_indices
 from stem_jax.layers import DenseFFN, RMSNorm, matrix_std, param, project, rope
 from stem_jax.stem import LayerRows, RowEdit, RowLookup, StemFFN, StemRows, TableFFN, lookup_layers
@@ -27,6 +27,12 @@ REMAT_POLICIES = {
                                                      names_which_can_be_offloaded=["block_input"],
                                                      offload_src="device", offload_dst="pinned_host"),
 }
+# What a scanned repeat keeps for the backward under model.remat="none": the matmul outputs, recomputing the
+# rest (norms, activations, the attention kernel's forward). A scan stores every value its backward reads as
+# a stacked loop output, where the unrolled program recomputes elementwise ones in its fusions. stem_1b on
+# v5p-64 (2 microbatches): unrolled 79.2 GiB per chip; scanned, saving everything: out of memory (104.7 GB of
+# temporaries); saving the matmuls and the attention kernel's outputs: 97.4 GiB; this policy: 80.9 GiB.
+SCANNED_NO_REMAT = _cp.dots_saveable
 
 
 class Attention(nnx.Module):
@@ -145,8 +151,21 @@ class Transformer(nnx.Module):
         D, V = cfg.d_model, cfg.vocab_size
         self.embed = param(rngs, (V, D), ("vocab", "embed"), D ** -0.5)
         table_index = {layer: k for k, layer in enumerate(self.stem_layers)}
-        self.blocks = nnx.List([Block(cfg, table_index.get(i), rngs=rngs, platform=platform)
-                                for i in range(cfg.n_layers)])
+        # Built layer by layer in both layouts, so a scanned model starts from the per-layer model's weights.
+        blocks = [Block(cfg, table_index.get(i), rngs=rngs, platform=platform) for i in range(cfg.n_layers)]
+        self.plan = scanning.plan(cfg) if scanning.scanned(cfg) else None
+        if self.plan is None:
+            self.blocks = nnx.List(blocks)
+        else:
+            pl = self.plan
+            self.pre_blocks, self.post_blocks = nnx.List(blocks[:pl.pre]), nnx.List(blocks[pl.end:])
+            stacked = []
+            for p in range(pl.period):
+                block = scanning.stack_modules([blocks[pl.layer(p, j)] for j in range(pl.n_blocks)])
+                if isinstance(block.ffn, TableFFN):  # its entry among the table layers of one repeat
+                    block.ffn.table_index = sum(pl.layer(q, 0) in table_index for q in range(p))
+                stacked.append(block)
+            self.scan_blocks = nnx.List(stacked)
         self.final_norm = RMSNorm(D, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else param(rngs, (D, V), ("embed", "vocab"), D ** -0.5)
 
@@ -168,9 +187,49 @@ class Transformer(nnx.Module):
         x_BxLxD = self._embed(ids_BxL)
         packing = (segments_BxL, positions_BxL)
         rows = self._layer_rows(ids_BxL) if rows is None and edit is None else rows
+        if self.plan is not None:
+            return self._scanned(x_BxLxD, ids_BxL, rows, edit, packing)
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, ids_BxL, rows, edit, *packing) if self.cfg.remat == "none" else \
-                _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit, *packing)
+            x_BxLxD = self._apply(block, x_BxLxD, ids_BxL, rows, edit, packing)
+        return x_BxLxD
+
+    def _apply(self, block: Block, x_BxLxD, ids_BxL, rows, edit, packing) -> jax.Array:
+        if self.cfg.remat == "none":
+            return block(x_BxLxD, ids_BxL, rows, edit, *packing)
+        return _checkpointed(block, REMAT_POLICIES[self.cfg.remat], x_BxLxD, ids_BxL, rows, edit, *packing)
+
+    def _scanned(self, x_BxLxD, ids_BxL, rows: LayerRows | None, edit, packing) -> jax.Array:
+        """The scanned layout's forward: ``pre_blocks``, one ``lax.scan`` over the repeats of ``scan_blocks``
+        (each layer checkpointed as in the per-layer model), ``post_blocks``. ``rows`` (``_layer_rows``) holds
+        the pre blocks' rows, each scanned table's stacked [n_blocks, B, L, F] rows, then the post blocks'."""
+        if edit is not None or isinstance(rows, StemRows):
+            raise ValueError("row edits and pre-gathered rows need the per-layer layout (model.scan_layers=false; "
+                             "workdir.restore converts a scanned run)")
+        is_table = lambda b: isinstance(b.ffn, TableFFN)  # noqa: E731
+        n_pre, n_scan = sum(map(is_table, self.pre_blocks)), sum(map(is_table, self.scan_blocks))
+        per_repeat, pre_rows, post_rows = None, None, None
+        if rows is not None:
+            per_repeat = rows.per_layer[n_pre:n_pre + n_scan]
+            pre_rows = LayerRows(rows.per_layer[:n_pre])
+            # The post blocks' table_index counts every table layer before them.
+            before = n_pre + n_scan * self.plan.n_blocks
+            post_rows = LayerRows((None,) * before + rows.per_layer[n_pre + n_scan:])
+        for block in self.pre_blocks:
+            x_BxLxD = self._apply(block, x_BxLxD, ids_BxL, pre_rows, None, packing)
+        splits = [nnx.split(b, lambda _, v: isinstance(v.get_value(), jax.Array), ...) for b in self.scan_blocks]
+
+        def body(x_BxLxD, xs):
+            arrays, rows_repeat = xs
+            layer_rows = None if rows_repeat is None else LayerRows(rows_repeat)
+            for (graphdef, _, rest), a in zip(splits, arrays):
+                x_BxLxD = self._apply(nnx.merge(graphdef, a, rest), x_BxLxD, ids_BxL, layer_rows, None, packing)
+            return x_BxLxD, None
+
+        if self.cfg.remat == "none":
+            body = jax.checkpoint(body, policy=SCANNED_NO_REMAT, prevent_cse=False)
+        x_BxLxD, _ = jax.lax.scan(body, x_BxLxD, (tuple(a for _, a, _ in splits), per_repeat))
+        for block in self.post_blocks:
+            x_BxLxD = self._apply(block, x_BxLxD, ids_BxL, post_rows, None, packing)
         return x_BxLxD
 
     def decode(self, ids_BxT: jax.Array, cache: KVCache, rows: StemRows | None = None,
@@ -178,6 +237,9 @@ class Transformer(nnx.Module):
         """Logits of ``T`` new tokens given the cached ones (prefill: T = prompt length; decode: T = 1), and
         the cache with their keys/values written at ``cache.start``. ``last_only``: the last position's logits
         only ([B, 1, V]: all a prefill needs)."""
+        if self.plan is not None:
+            raise ValueError("decoding needs the per-layer layout (model.scan_layers=false; workdir.restore "
+                             "converts a scanned run)")
         x_BxTxD = self._embed(ids_BxT)
         rows = self._layer_rows(ids_BxT) if rows is None and edit is None else rows
         ks, vs = [], []
@@ -191,11 +253,13 @@ class Transformer(nnx.Module):
         """Every table layer's rows in one exchange, before the blocks and outside any remat (``lookup_layers``;
         None where each layer looks up its own)."""
         with jax.named_scope("stem_lookup"):
-            return lookup_layers([b.ffn for b in self.blocks if isinstance(b.ffn, TableFFN)], ids_BxL)
+            blocks = self.blocks if self.plan is None else [*self.pre_blocks, *self.scan_blocks, *self.post_blocks]
+            return lookup_layers([b.ffn for b in blocks if isinstance(b.ffn, TableFFN)], ids_BxL)
 
     def init_cache(self, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
         K = self.cfg.d_model // self.cfg.n_heads
-        zeros = lambda: tuple(jnp.zeros((batch, slots, self.cfg.n_kv_heads, K), dtype) for _ in self.blocks)
+        zeros = lambda: tuple(jnp.zeros((batch, slots, self.cfg.n_kv_heads, K), dtype)
+                              for _ in range(self.cfg.n_layers))
         return KVCache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32),
                        jnp.zeros((batch, 1), jnp.int32))
 

@@ -33,6 +33,7 @@ RULES: dict[str, Any] = {
     "stem_vocab": ("data", "fsdp"),  # STEM table rows: over every batch-parallel axis (see check below)
     "stem_dff": "tensor",            # STEM table columns line up with the tensor-parallel gate
     "experts": "data",               # Hash-MoE experts (embed/mlp as above): fully sharded over the mesh
+    "layers": None,                  # the repeats of a scanned block (scanning.py): every device holds all
     # activations
     "batch": ("data", "fsdp"),
     "length": None,

@@ -250,20 +250,23 @@ class StemFFN(TableFFN):
 def lookup_layers(ffns: list[TableFFN], ids_BxL: jax.Array) -> LayerRows | None:
     """Every table layer's token rows through one exchange (one route, one loop each way: the step's
     collectives do not grow with the number of STEM layers), or None where the layers look up their own
-    rows (no exchange on this mesh, or another lookup mode)."""
+    rows (no exchange on this mesh, or another lookup mode). A stacked table (a scanned model's repeats,
+    ``[n, V, F]``) is read with one gather and gives ``[n, B, L, F]`` rows."""
     mesh = jax.sharding.get_abstract_mesh()
     axes = _exchange_axes(ids_BxL.shape, mesh)
     if not ffns or ffns[0].rows_of.mode != "exchange" or axes is None:
         return None
     first = ffns[0]
-    if any(f.table.shape != first.table.shape or f.dtype != first.dtype for f in ffns):
+    tables = tuple(f.table[...] for f in ffns)
+    if any(t.shape[-2:] != tables[0].shape[-2:] or f.dtype != first.dtype for f, t in zip(ffns, tables)):
         return None
     rows_BxL = sharding.stored_rows(ids_BxL, first.vocab_size, first.rows_of.layout)
-    table_spec = sharding.spec(("stem_vocab", "stem_dff"))
+    lead = lambda t: (None,) * (t.ndim - 2)  # noqa: E731 - the stacked repeats: every device holds all
     ids_spec = sharding.fitted_spec(("batch", "length"), ids_BxL.shape, mesh)
-    out_spec = sharding.fitted_spec(("batch", "length", "stem_dff"), (*ids_BxL.shape, first.table.shape[1]), mesh)
-    tables = tuple(f.table[...] for f in ffns)
+    table_specs = tuple(sharding.spec((*lead(t), "stem_vocab", "stem_dff")) for t in tables)
+    out_specs = tuple(sharding.fitted_spec((*lead(t), "batch", "length", "stem_dff"),
+                                           (*t.shape[:-2], *ids_BxL.shape, t.shape[-1]), mesh) for t in tables)
     per_layer = jax.shard_map(lambda ts, i: exchange_rows(ts, i, axes, first.rows_of.capacity, first.dtype),
-                              in_specs=((table_spec,) * len(ffns), ids_spec), out_specs=(out_spec,) * len(ffns))(
-        tables, rows_BxL)
-    return LayerRows(tuple(sharding.constrain(u, ("batch", "length", "act_mlp")) for u in per_layer))
+                              in_specs=(table_specs, ids_spec), out_specs=out_specs)(tables, rows_BxL)
+    return LayerRows(tuple(sharding.constrain(u, (*lead(t), "batch", "length", "act_mlp"))
+                           for u, t in zip(per_layer, tables)))

@@ -92,11 +92,20 @@ def make_context(cfg: Config, mesh: Mesh, *, eos_id: int | None = None) -> StepC
     if cfg.model.stem_offload:
         state_shardings = sharding.tables_on_host(state_shardings)
     tables = sparse.split_tables(abstract_params)[0]
-    rows = sparse.table_list(tables)[0].shape[0] if sparse.table_list(tables) else 0  # none for hash_moe
+    rows = sparse.table_list(tables)[0].shape[-2] if sparse.table_list(tables) else 0  # none for hash_moe
     layout = TableLayout(tables, rows)
     return StepContext(cfg, mesh, graphdef, tx, abstract_state, state_shardings,
                        batch_sharding, layout, model.stem_layers,
                        accounting.count_params(abstract_params, cfg.model), eos_id)
+
+
+def other_layout(ctx: StepContext) -> tuple[dict, dict]:
+    """``(abstract state, shardings)`` of this run in the other layer layout (``model.scan_layers``): what a
+    checkpoint saved in it restores into before ``scanning.convert``."""
+    cfg = dataclasses.replace(ctx.cfg, model=dataclasses.replace(ctx.cfg.model,
+                                                                 scan_layers=not ctx.cfg.model.scan_layers))
+    other = make_context(cfg, ctx.mesh, eos_id=ctx.eos_id)
+    return other.abstract_state, other.state_shardings
 
 
 def init_fn(ctx: StepContext) -> Callable[[], dict]:

@@ -116,7 +116,8 @@ def _start(tr: Trainer, workdir: Path, meta: dict, batches) -> tuple[dict, int, 
     mngr, restored = None, None
     if checkpoint.directory(workdir).is_dir():
         mngr = checkpoint.manager(workdir, ctx.cfg.train.keep_checkpoints, create=False)
-        restored = checkpoint.restore_latest(mngr, check, ctx.abstract_state, ctx.state_shardings, batches, log)
+        restored = checkpoint.restore_latest(mngr, check, ctx.abstract_state, ctx.state_shardings, batches, log,
+                                             other_layout=lambda: steps.other_layout(ctx))
     if restored is None:
         if (workdir / "config.json").is_file():  # a run that died before its first checkpoint
             check({**meta, "config": json.loads((workdir / "config.json").read_text())})

@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tokenizers import Tokenizer
 
-from stem_jax import checkpoint, corpus, lock, offload, sharding
+from stem_jax import checkpoint, corpus, lock, offload, scanning, sharding
 from stem_jax.config import Config, from_dict, to_dict, validate
 from stem_jax.model import Transformer
 
@@ -122,7 +122,8 @@ def restore(workdir: str | Path, mesh_shape: Sequence[int] | str = "auto", step:
     see ``tool_mesh``) over ``devices`` (default: all). An unreadable newer checkpoint is skipped with a
     one-line warning. The model is the one saved with the checkpoint; a ``config.json`` that disagrees is
     reported. ``tables_on_host`` keeps the STEM tables in host memory (``pinned_host``); ``cfg`` overrides
-    the workdir's config.json (e.g. a different evaluation batch)."""
+    the workdir's config.json (e.g. a different evaluation batch). Parameters come in the per-layer layout
+    (``blocks[i]``) whatever layout the run trained in: a scanned checkpoint is converted on the devices."""
     workdir = Path(workdir)
     json_cfg = cfg or load_run_config(workdir)
     mesh = tool_mesh(mesh_shape, json_cfg.train.batch_size, devices)  # cfg.mesh stays the training run's
@@ -140,11 +141,15 @@ def restore(workdir: str | Path, mesh_shape: Sequence[int] | str = "auto", step:
                 log(f"warning: {workdir / 'config.json'} does not match checkpoint {step} ({'; '.join(changes)}); "
                     "using the checkpoint's model")
                 run_cfg = dataclasses.replace(json_cfg, model=saved.model)
-        chosen["cfg"], chosen["model"] = run_cfg, abstract_model(run_cfg, mesh, tables_on_host)
-        return chosen["model"][1:]
+        chosen["saved"] = abstract_model(run_cfg, mesh, tables_on_host)  # in the layout it was saved in
+        chosen["cfg"] = dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, scan_layers=False))
+        return chosen["saved"][1:]
 
     params, step, _ = checkpoint.restore_params(workdir, build, step, log)
-    return Run(workdir, chosen["cfg"], mesh, chosen["model"][0], params, step)
+    graphdef, abstract, shardings = abstract_model(chosen["cfg"], mesh, tables_on_host)
+    if scanning.is_scanned(chosen["saved"][1]):
+        params = scanning.convert_on_device(params, abstract, shardings, chosen["cfg"].model, to_scanned=False)
+    return Run(workdir, chosen["cfg"], mesh, graphdef, params, step)
 
 
 # --- writing a params-only workdir (imports, conversions, injections) ----------------------------------
@@ -208,6 +213,8 @@ def write_workdir(workdir: str | Path, cfg: Config, arrays: dict[ParamPath, np.n
     (``command`` names the holder), and a failed one removes what it wrote (the directory too, if it made it)."""
     workdir = Path(workdir)
     validate(cfg)
+    # ``arrays`` are per layer, and so is the written checkpoint; a run that resumes it may scan its layers.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
     check_new_workdir(workdir)
     mesh = one_device_mesh()
     _, abstract, shardings = abstract_model(cfg, mesh)

@@ -185,8 +185,8 @@ def restore_on_1(self, directory, args=None):
     if jax.process_index() == 1 and Path(directory).name == "16" and "params" in args:
         raise OSError("test: step 16 is unreadable here")
     return handler_restore(self, directory, args=args)
-def restore_latest_said(*args):
-    state, step = restore_latest(*args)
+def restore_latest_said(*args, **kwargs):
+    state, step = restore_latest(*args, **kwargs)
     print(f"process {jax.process_index()} restored step {step}", flush=True)
     return state, step
 ocp.CompositeCheckpointHandler.restore, checkpoint.restore_latest = restore_on_1, restore_latest_said
