@@ -3,6 +3,7 @@
     python benchmarks/step_time.py                   # tiny preset shape, fp32, all local devices
     python benchmarks/step_time.py --dtype bfloat16 --out benchmarks/step_time.md
     python benchmarks/step_time.py --against shard_map   # STEM-full, default lookup vs the masked gather
+    python benchmarks/step_time.py --against scanned     # STEM-full, per-layer vs scanned layers
     python benchmarks/step_time.py --shape d512          # d 512, 4 layers, d_ff 2048, batch 8 x 256
 
 Each pair times one dense step and one STEM-full step back to back (the order alternates from pair to pair),
@@ -53,8 +54,9 @@ def _define(fv: flags.FlagValues, _command) -> None:
                          "forward + backward.", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Model dtype.", flag_values=fv)
     flags.DEFINE_integer("vocab", 8192, "Vocabulary size.", flag_values=fv)
-    flags.DEFINE_enum("against", "dense", ["dense", "shard_map", "xla"], "The other side of each pair: the dense "
-                      "twin, or STEM-full with that lookup mode instead of the default.", flag_values=fv)
+    flags.DEFINE_enum("against", "dense", ["dense", "shard_map", "xla", "scanned"], "The other side of each pair: "
+                      "the dense twin, STEM-full with that lookup mode instead of the default, or STEM-full with "
+                      "its layers scanned (model.scan_layers).", flag_values=fv)
     flags.DEFINE_enum("optimizer", "dense", ["dense", "sparse"], "STEM-full's table optimizer (train.stem_optimizer; "
                       "the dense twin has no tables).", flag_values=fv)
     flags.DEFINE_string("out", "", "Also write the markdown table to this file (default: print it only).",
@@ -66,9 +68,12 @@ def main(argv: list[str] | None = None) -> None:
 
     base = shape_config(args.shape, args.dtype, args.vocab)
     stem_full = dataclasses.replace(base.model, ffn="stem", stem_layers="full")
-    other = (dataclasses.replace(base.model, ffn="dense") if args.against == "dense"
-             else dataclasses.replace(stem_full, stem_lookup=args.against))
-    other_name = "dense" if args.against == "dense" else f"stem-full, lookup={args.against}"
+    if args.against == "dense":
+        other, other_name = dataclasses.replace(base.model, ffn="dense"), "dense"
+    elif args.against == "scanned":
+        other, other_name = dataclasses.replace(stem_full, scan_layers=True), "stem-full, scanned"
+    else:
+        other, other_name = dataclasses.replace(stem_full, stem_lookup=args.against), f"stem-full, lookup={args.against}"
     variants = {other_name: other, "stem-full": stem_full}
     mesh = sharding.make_mesh(base.mesh.shape)
     rng = np.random.default_rng(0)

@@ -31,7 +31,7 @@ REMAT_POLICIES = {
 # rest (norms, activations, the attention kernel's forward). A scan stores every value its backward reads as
 # a stacked loop output, where the unrolled program recomputes elementwise ones in its fusions. stem_1b on
 # v5p-64 (2 microbatches): unrolled 79.2 GiB per chip; scanned, saving everything: out of memory (104.7 GB of
-# temporaries); saving the matmuls and the attention kernel's outputs: 97.4 GiB; this policy: 80.9 GiB.
+# temporaries); saving the matmuls and the attention kernel's outputs: 97.4 GiB; this policy: 79.3 GiB.
 SCANNED_NO_REMAT = _cp.dots_saveable
 
 

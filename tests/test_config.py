@@ -34,6 +34,14 @@ def test_bad_values_are_named(section, field, value, msg):
         validate(cfg)
 
 
+def test_the_sparse_table_optimizer_refuses_scanned_layers():
+    cfg = tiny_config(scan_layers=True)
+    cfg.train.stem_optimizer = "sparse"
+    with pytest.raises(ConfigError, match="does not work with model.scan_layers=true yet; set "
+                                          "--config.model.scan_layers=false"):
+        validate(cfg)
+
+
 def test_dense_ignores_stem_layers_and_round_trips():
     cfg = tiny_config(ffn="dense", stem_layers="whatever")
     assert validate(cfg) is cfg
