@@ -52,7 +52,7 @@ from stem_jax.config import Config, ModelConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = ("stem_350m", "dense_350m", "stem_1b", "dense_1b")
-TOPOLOGIES = ("v5p:4x4x2", "v5e:4x8")  # v5e:16x16 (256 chips) did not compile in 25 min here
+TOPOLOGIES = ("v5p:4x4x2", "v5e:4x8")  # v5e:16x16 (256 chips): a partial search in docs/performance.md
 REMAT_ORDER = ("none", "dots", "full", "offload")
 MESH = ("--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1")
 GiB = 1024 ** 3
