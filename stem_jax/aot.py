@@ -15,7 +15,6 @@ is reported and the others still compile; the run then exits 1 with one ``error:
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -52,7 +51,7 @@ from flax import nnx  # noqa: E402
 from jax.errors import JaxRuntimeError  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 
-from stem_jax import attention, checkpoint, cli, sampling, sharding, steps  # noqa: E402
+from stem_jax import attention, checkpoint, cli, sampling, scanning, sharding, steps  # noqa: E402
 from stem_jax.config import DTYPES, ConfigError  # noqa: E402
 
 PROGRAMS = ("init", "train", "eval", "prefill", "decode")
@@ -164,8 +163,8 @@ def lowerings(ctx: steps.StepContext, programs: tuple[str, ...], sample_batch: i
     cache_dtype = DTYPES[cfg.model.dtype]  # the Sampler's KV cache is in the model's compute dtype
 
     # The sampler runs in the tools' per-layer layout (workdir.restore converts a scanned run).
-    tool = ctx if not ctx.cfg.model.scan_layers else steps.make_context(
-        dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False)), mesh)
+    tool = steps.make_context(scanning.with_scan_layers(cfg, False), mesh) \
+        if scanning.is_scanned(ctx.abstract_state["params"]) else ctx
     tool_params = checkpoint.restore_target(tool.abstract_state, tool.state_shardings)["params"]
 
     def prefill(p, ids, valid):

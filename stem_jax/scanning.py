@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from stem_jax.config import ModelConfig, stem_indices
+from stem_jax.config import Config, ModelConfig, stem_indices
 
 PER_LAYER, PRE, SCAN, POST = "blocks", "pre_blocks", "scan_blocks", "post_blocks"
 LAYERS_AXIS = "layers"  # logical name of the stacked axis (replicated: every device holds all blocks)
@@ -66,6 +66,11 @@ def plan(m: ModelConfig) -> ScanPlan:
             if k >= MIN_BLOCKS and period * k > best.period * best.n_blocks:
                 best = ScanPlan(n, pre, period, k)
     return best
+
+
+def with_scan_layers(cfg: Config, on: bool) -> Config:
+    """``cfg`` with ``model.scan_layers`` set to ``on``."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=on))
 
 
 def scanned(m: ModelConfig) -> bool:

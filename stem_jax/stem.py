@@ -30,6 +30,7 @@ from stem_jax import sharding
 from stem_jax.config import EXCHANGE_CAPACITY, LOOKUP_MODES
 from stem_jax.exchange import exchange_rows
 from stem_jax.layers import matrix_std, param, project
+from stem_jax.scanning import LAYERS_AXIS
 
 
 @flax.struct.dataclass
@@ -261,7 +262,7 @@ def lookup_layers(ffns: list[TableFFN], ids_BxL: jax.Array) -> LayerRows | None:
     if any(t.shape[-2:] != tables[0].shape[-2:] or f.dtype != first.dtype for f, t in zip(ffns, tables)):
         return None
     rows_BxL = sharding.stored_rows(ids_BxL, first.vocab_size, first.rows_of.layout)
-    lead = lambda t: (None,) * (t.ndim - 2)  # noqa: E731 - the stacked repeats: every device holds all
+    lead = lambda t: (LAYERS_AXIS,) * (t.ndim - 2)  # noqa: E731 - a scanned model's stacked repeats
     ids_spec = sharding.fitted_spec(("batch", "length"), ids_BxL.shape, mesh)
     table_specs = tuple(sharding.spec((*lead(t), "stem_vocab", "stem_dff")) for t in tables)
     out_specs = tuple(sharding.fitted_spec((*lead(t), "batch", "length", "stem_dff"),

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from stem_jax import accounting, attention, data, sharding, sparse
+from stem_jax import accounting, attention, data, scanning, sharding, sparse
 from stem_jax.config import Config, ConfigError
 from stem_jax.model import Transformer, chunked_metrics, doc_segments
 from stem_jax.optim import group_norms, make_optimizer, schedule
@@ -102,9 +102,8 @@ def make_context(cfg: Config, mesh: Mesh, *, eos_id: int | None = None) -> StepC
 def other_layout(ctx: StepContext) -> tuple[dict, dict]:
     """``(abstract state, shardings)`` of this run in the other layer layout (``model.scan_layers``): what a
     checkpoint saved in it restores into before ``scanning.convert``."""
-    cfg = dataclasses.replace(ctx.cfg, model=dataclasses.replace(ctx.cfg.model,
-                                                                 scan_layers=not ctx.cfg.model.scan_layers))
-    other = make_context(cfg, ctx.mesh, eos_id=ctx.eos_id)
+    other = make_context(scanning.with_scan_layers(ctx.cfg, not ctx.cfg.model.scan_layers), ctx.mesh,
+                         eos_id=ctx.eos_id)
     return other.abstract_state, other.state_shardings
 
 

@@ -141,13 +141,14 @@ def restore(workdir: str | Path, mesh_shape: Sequence[int] | str = "auto", step:
                 log(f"warning: {workdir / 'config.json'} does not match checkpoint {step} ({'; '.join(changes)}); "
                     "using the checkpoint's model")
                 run_cfg = dataclasses.replace(json_cfg, model=saved.model)
-        chosen["saved"] = abstract_model(run_cfg, mesh, tables_on_host)  # in the layout it was saved in
-        chosen["cfg"] = dataclasses.replace(run_cfg, model=dataclasses.replace(run_cfg.model, scan_layers=False))
-        return chosen["saved"][1:]
+        chosen["model"] = abstract_model(run_cfg, mesh, tables_on_host)  # in the layout it was saved in
+        chosen["cfg"] = scanning.with_scan_layers(run_cfg, False)
+        return chosen["model"][1:]
 
     params, step, _ = checkpoint.restore_params(workdir, build, step, log)
-    graphdef, abstract, shardings = abstract_model(chosen["cfg"], mesh, tables_on_host)
-    if scanning.is_scanned(chosen["saved"][1]):
+    graphdef = chosen["model"][0]
+    if scanning.is_scanned(chosen["model"][1]):
+        graphdef, abstract, shardings = abstract_model(chosen["cfg"], mesh, tables_on_host)
         params = scanning.convert_on_device(params, abstract, shardings, chosen["cfg"].model, to_scanned=False)
     return Run(workdir, chosen["cfg"], mesh, graphdef, params, step)
 
@@ -214,7 +215,7 @@ def write_workdir(workdir: str | Path, cfg: Config, arrays: dict[ParamPath, np.n
     workdir = Path(workdir)
     validate(cfg)
     # ``arrays`` are per layer, and so is the written checkpoint; a run that resumes it may scan its layers.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    cfg = scanning.with_scan_layers(cfg, False)
     check_new_workdir(workdir)
     mesh = one_device_mesh()
     _, abstract, shardings = abstract_model(cfg, mesh)

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = [
     ("config",),
     ("sharding", "exchange"),
-    ("attention", "layers", "stem", "variants", "scanning", "model", "accounting", "sources", "store", "prep_pool", "corpus",
+    ("attention", "layers", "scanning", "stem", "variants", "model", "accounting", "sources", "store", "prep_pool", "corpus",
      "data"),
     ("optim", "sparse", "steps", "offload", "checkpoint", "lock", "preemption", "peers", "writer"),
     ("trainer", "cli"),
